@@ -1,0 +1,35 @@
+"""eventbus: in-process domain events with isolated, retried, recorded deliveries."""
+
+from eventbus._bus import EventBus
+from eventbus._event import DeadLetter, Delivery, Event
+from eventbus.exceptions import (
+    BusClosedError,
+    DrainInHandlerError,
+    DuplicateHandlerError,
+    EventBusError,
+    InvalidEventError,
+    InvalidEventNameError,
+    InvalidHandlerError,
+    UnknownDeadLetterError,
+    UnknownEventError,
+    UnknownHandlerError,
+)
+from eventbus.retry import RetryPolicy
+
+__all__ = [
+    "BusClosedError",
+    "DeadLetter",
+    "Delivery",
+    "DrainInHandlerError",
+    "DuplicateHandlerError",
+    "Event",
+    "EventBus",
+    "EventBusError",
+    "InvalidEventError",
+    "InvalidEventNameError",
+    "InvalidHandlerError",
+    "RetryPolicy",
+    "UnknownDeadLetterError",
+    "UnknownEventError",
+    "UnknownHandlerError",
+]

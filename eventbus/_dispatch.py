@@ -1,0 +1,116 @@
+"""Executors: where deliveries run. A pool of worker threads, and an inline one for tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from queue import Empty, SimpleQueue
+
+from eventbus.typing import Job
+
+__all__ = ["InlineExecutor", "WorkerPool"]
+
+
+class WorkerPool:
+    """``max_workers`` daemon threads taking jobs from one unbounded FIFO queue. Thread-safe.
+
+    Deliberately not a ``concurrent.futures.ThreadPoolExecutor``: it allocates a ``Future`` and a
+    work item per call, several times the cost of a plain queue hand-off, and the bus keeps its
+    own records so it needs no futures. A job that raises is reported to ``on_error`` and the
+    worker carries on. The threads are daemons so a forgotten bus cannot hang interpreter exit;
+    open buses are closed by an ``atexit`` hook instead (see ``EventBus``).
+    """
+
+    def __init__(
+        self,
+        max_workers: int,
+        *,
+        name: str = "eventbus",
+        on_error: Callable[[BaseException], None] = lambda exc: None,
+    ) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        self._queue: SimpleQueue[Job | None] = SimpleQueue()
+        self._on_error = on_error
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
+            for i in range(max_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def max_workers(self) -> int:
+        return len(self._threads)
+
+    def submit(self, job: Job) -> None:
+        """Queue *job* for a worker. Never blocks."""
+        self._queue.put(job)
+
+    def shutdown(self, timeout: float | None) -> list[Job]:
+        """Take back the jobs not yet started, stop the workers once their current job ends,
+        and wait up to *timeout* seconds for that. Returns the jobs taken back."""
+        not_started: list[Job] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except Empty:
+                break
+            if job is not None:
+                not_started.append(job)
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is current:  # closing from a handler: this worker stops after it returns
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not_started
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            job = get()
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001 - a worker must outlive any job
+                self._on_error(exc)
+
+
+class InlineExecutor:
+    """Runs each job on the submitting thread before ``submit()`` returns: for tests.
+
+    A job submitted from inside a running job (a handler that emits, a retry that comes due)
+    is queued and runs when the current one finishes, so chains never recurse and run in the
+    same breadth-first order as on a pool. If a job raises (a bug in eventbus, since deliveries
+    catch everything), the remaining jobs still run and the first error is re-raised.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def submit(self, job: Job) -> None:
+        pending: deque[Job] | None = getattr(self._local, "pending", None)
+        if pending is not None:
+            pending.append(job)
+            return
+        pending = self._local.pending = deque([job])
+        first_error: BaseException | None = None
+        try:
+            while pending:
+                try:
+                    pending.popleft()()
+                except BaseException as exc:  # noqa: BLE001 - finish the rest, then re-raise
+                    first_error = first_error or exc
+        finally:
+            self._local.pending = None
+        if first_error is not None:
+            raise first_error
+
+    def shutdown(self, timeout: float | None) -> list[Job]:
+        return []

@@ -1,0 +1,135 @@
+"""Delivery records in memory: where each delivery stands, retention of settled events, and
+the dead letters. Not thread-safe by itself: the bus calls it under its own lock."""
+
+from __future__ import annotations
+
+import contextvars
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from eventbus._event import DeadLetter, Delivery, Event
+from eventbus.typing import DeliveryState
+
+if TYPE_CHECKING:
+    from eventbus._registry import Subscription
+    from eventbus.retry import RetryPolicy
+
+__all__ = ["DeliveryRecord", "EventRecord", "Records"]
+
+
+class DeliveryRecord:
+    """One event's delivery to one handler, as it moves through its attempts (mutable).
+
+    Only the thread running the delivery writes to it, except the settle steps, which the bus
+    does under its lock.
+    """
+
+    __slots__ = (
+        "attempts",
+        "context",
+        "error",
+        "event",
+        "first_attempt_at",
+        "owner",
+        "policy",
+        "state",
+        "subscription",
+    )
+
+    def __init__(
+        self,
+        owner: EventRecord,
+        subscription: Subscription,
+        policy: RetryPolicy,
+        context: contextvars.Context,
+    ) -> None:
+        self.owner = owner
+        self.event = owner.event
+        self.subscription = subscription
+        self.policy = policy
+        self.context: contextvars.Context | None = context
+        self.state: DeliveryState = "pending"
+        self.attempts = 0
+        self.error: str | None = None
+        self.first_attempt_at = 0.0
+
+    @property
+    def handler(self) -> str:
+        return self.subscription.name
+
+    def snapshot(self) -> Delivery:
+        return Delivery(self.subscription.name, self.state, self.attempts, self.error)
+
+
+class EventRecord:
+    """An event and its deliveries; *unsettled* counts those not yet succeeded or dead."""
+
+    __slots__ = ("deliveries", "event", "unsettled")
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.deliveries: dict[str, DeliveryRecord] = {}
+        self.unsettled = 0
+
+
+class Records:
+    """Event records by id, bounded retention of settled ones, and the dead letters."""
+
+    def __init__(self, retention: int) -> None:
+        if isinstance(retention, bool) or not isinstance(retention, int) or retention < 0:
+            raise ValueError(f"status_retention must be an int >= 0, got {retention!r}")
+        self._retention = retention
+        self._events: dict[str, EventRecord] = {}
+        # Settled events, oldest first: the ones retention may evict.
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        # The delivery record rides along so that a replay continues the same status entry.
+        self._dead: dict[str, tuple[DeadLetter, DeliveryRecord]] = {}
+
+    def add(self, record: EventRecord) -> None:
+        self._events[record.event.id] = record
+        if record.unsettled == 0:
+            self._mark_settled(record.event.id)
+
+    def get(self, event_id: str) -> EventRecord | None:
+        return self._events.get(event_id)
+
+    def settle(self, delivery: DeliveryRecord, state: DeliveryState) -> None:
+        """Move *delivery* to a final state; its event becomes evictable once all are final."""
+        delivery.state = state
+        delivery.context = None  # the emitter's context may hold large objects: let them go
+        owner = delivery.owner
+        owner.unsettled -= 1
+        if owner.unsettled == 0:
+            self._mark_settled(owner.event.id)
+
+    def reopen(self, delivery: DeliveryRecord) -> None:
+        """Make a settled *delivery* pending again (a replay), re-adding its event if evicted."""
+        owner = delivery.owner
+        if owner.unsettled == 0:
+            self._settled.pop(owner.event.id, None)
+        owner.unsettled += 1
+        self._events[owner.event.id] = owner
+        delivery.state = "pending"
+
+    def _mark_settled(self, event_id: str) -> None:
+        self._settled[event_id] = None
+        while len(self._settled) > self._retention:
+            old, _ = self._settled.popitem(last=False)
+            del self._events[old]
+
+    def add_dead_letter(self, dead_letter: DeadLetter, delivery: DeliveryRecord) -> None:
+        self._dead[dead_letter.id] = (dead_letter, delivery)
+
+    def get_dead_letter(self, dead_letter_id: str) -> tuple[DeadLetter, DeliveryRecord] | None:
+        return self._dead.get(dead_letter_id)
+
+    def pop_dead_letter(self, dead_letter_id: str) -> None:
+        del self._dead[dead_letter_id]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [dead_letter for dead_letter, _ in self._dead.values()]
+
+    def purge_dead_letters(self) -> int:
+        count = len(self._dead)
+        self._dead.clear()
+        return count

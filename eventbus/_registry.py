@@ -1,0 +1,200 @@
+"""Subscriptions and the cached resolution of an event to its handlers. Thread-safe.
+
+Like pyee, one lock guards the registry and is held only for bookkeeping. Resolution of an
+(event name, event class) to its subscriptions is cached; every change replaces the cache under
+the lock, so a concurrent ``emit()`` sees either the old or the new set, never a torn one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from eventbus._matching import Pattern, compile_pattern, validate_name
+from eventbus.exceptions import DuplicateHandlerError, InvalidEventError, InvalidHandlerError
+
+if TYPE_CHECKING:
+    from eventbus.retry import RetryPolicy
+    from eventbus.typing import Handler
+
+__all__ = ["Registry", "Subscription", "event_name_of", "handler_name"]
+
+# An unbounded cache would grow with every distinct name an application makes up
+# (e.g. "user:123:updated"); past this many entries it starts again.
+_CACHE_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Subscription:
+    """One handler subscribed to one target (a pattern or an event class)."""
+
+    handler: Handler
+    name: str
+    target: Pattern | type[Any]
+    priority: int
+    retry: RetryPolicy | None
+    order: int
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (-self.priority, self.order)
+
+
+def handler_name(handler: Handler) -> str:
+    """The default name of a handler: ``module.qualname`` (of the function, for a method)."""
+    module = getattr(handler, "__module__", None) or type(handler).__module__
+    qualname = getattr(handler, "__qualname__", None) or type(handler).__qualname__
+    return f"{module}.{qualname}"
+
+
+def event_name_of(cls: type[Any]) -> str:
+    """The name a typed event class is emitted under: its ``event_name`` or the class name."""
+    name = getattr(cls, "event_name", None)
+    return validate_name(cls.__name__ if name is None else name)
+
+
+def check_handler(handler: object) -> None:
+    """Raise ``InvalidHandlerError`` unless *handler* can be called with one event."""
+    if not callable(handler):
+        raise InvalidHandlerError(f"handler must be callable, got {type(handler).__name__}")
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - a callable object's own method
+    ):
+        raise InvalidHandlerError(
+            f"{handler_name(handler)} is a coroutine function; eventbus runs handlers on threads "
+            "and would never await it"
+        )
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # some builtins have no signature: trust them
+        return
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise InvalidHandlerError(
+            f"{handler_name(handler)} must accept exactly one positional argument (the Event): "
+            f"{exc}"
+        ) from None
+
+
+def check_target(event: object) -> Pattern | type[Any]:
+    """Compile a subscription target: a name/pattern string or an event class."""
+    if isinstance(event, str):
+        return compile_pattern(event)
+    if isinstance(event, type) and (event.__module__ != "builtins" or event is object):
+        event_name_of(event)  # a class with a malformed event_name fails here, not at emit
+        return event
+    raise InvalidEventError(
+        f"subscribe to an event name, a pattern or an event class, got {event!r}"
+    )
+
+
+class Registry:
+    """Handlers by name, pattern and class, with cached resolution. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscriptions: list[Subscription] = []
+        self._by_name: dict[str, Handler] = {}
+        self._order = 0
+        self._cache: dict[tuple[str, type[Any] | None], tuple[Subscription, ...]] = {}
+
+    def add(
+        self,
+        target: Pattern | type[Any],
+        handler: Handler,
+        *,
+        name: str | None,
+        priority: int,
+        retry: RetryPolicy | None,
+    ) -> Subscription:
+        """Subscribe *handler*; raise ``DuplicateHandlerError`` on a name or target clash."""
+        name = handler_name(handler) if name is None else name
+        with self._lock:
+            existing = self._by_name.get(name)
+            if existing is not None and existing != handler:
+                raise DuplicateHandlerError(
+                    f"another handler is already subscribed as {name!r}; pass name= to tell "
+                    "them apart"
+                )
+            for sub in self._subscriptions:
+                if sub.handler == handler and sub.name != name:
+                    raise DuplicateHandlerError(
+                        f"this handler is already subscribed as {sub.name!r}; one handler has "
+                        "one name"
+                    )
+                if sub.name == name and _same_target(sub.target, target):
+                    raise DuplicateHandlerError(
+                        f"{name!r} is already subscribed to {_describe(target)}"
+                    )
+            self._order += 1
+            sub = Subscription(handler, name, target, priority, retry, self._order)
+            self._subscriptions.append(sub)
+            self._by_name[name] = handler
+            self._cache = {}
+        return sub
+
+    def remove(self, handler: Handler | str) -> int:
+        """Unsubscribe a handler (or a handler name) from everything; return how many
+        subscriptions were removed (0 if it was not subscribed)."""
+        with self._lock:
+            keep = [s for s in self._subscriptions if not _is(s, handler)]
+            removed = len(self._subscriptions) - len(keep)
+            if removed:
+                self._subscriptions = keep
+                self._by_name = {s.name: s.handler for s in keep}
+                self._cache = {}
+        return removed
+
+    def find(self, name: str) -> Subscription | None:
+        """The first subscription of the handler called *name* (for replays), if any."""
+        with self._lock:
+            return next((s for s in self._subscriptions if s.name == name), None)
+
+    def resolve(self, name: str, cls: type[Any] | None) -> tuple[Subscription, ...]:
+        """Subscriptions that receive event *name* (of class *cls*, for a typed event), in
+        start order (higher priority first, then registration order), one per handler."""
+        key = (name, cls)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._resolve(name, cls)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache = {}
+            self._cache[key] = found
+        return found
+
+    def _resolve(self, name: str, cls: type[Any] | None) -> tuple[Subscription, ...]:
+        mro = cls.__mro__ if cls is not None else ()
+        matching = sorted(
+            (
+                s
+                for s in self._subscriptions
+                if (s.target.matches(name) if isinstance(s.target, Pattern) else s.target in mro)
+            ),
+            key=lambda s: s.sort_key,
+        )
+        seen: set[str] = set()
+        unique = []
+        for sub in matching:  # a handler subscribed twice over receives the event once
+            if sub.name not in seen:
+                seen.add(sub.name)
+                unique.append(sub)
+        return tuple(unique)
+
+
+def _is(sub: Subscription, handler: Handler | str) -> bool:
+    return sub.name == handler if isinstance(handler, str) else sub.handler == handler
+
+
+def _same_target(a: Pattern | type[Any], b: Pattern | type[Any]) -> bool:
+    if isinstance(a, Pattern) and isinstance(b, Pattern):
+        return a.text == b.text
+    return a is b
+
+
+def _describe(target: Pattern | type[Any]) -> str:
+    return repr(target.text) if isinstance(target, Pattern) else target.__qualname__

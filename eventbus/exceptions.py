@@ -1,0 +1,61 @@
+"""Every error eventbus raises, under one base class.
+
+Each error also subclasses the built-in exception a caller would already catch for that kind of
+mistake (``ValueError`` for bad values, ``TypeError`` for wrong types, ``RuntimeError`` for calls
+made in the wrong state, ``KeyError`` for unknown ids), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusClosedError",
+    "DrainInHandlerError",
+    "DuplicateHandlerError",
+    "EventBusError",
+    "InvalidEventError",
+    "InvalidEventNameError",
+    "InvalidHandlerError",
+    "UnknownDeadLetterError",
+    "UnknownEventError",
+    "UnknownHandlerError",
+]
+
+
+class EventBusError(Exception):
+    """Base class of every error raised by eventbus."""
+
+
+class InvalidEventNameError(EventBusError, ValueError):
+    """An event name or subscription pattern is empty or malformed."""
+
+
+class InvalidHandlerError(EventBusError, TypeError):
+    """A handler is not callable, is a coroutine function, or cannot take one argument."""
+
+
+class InvalidEventError(EventBusError, TypeError):
+    """``emit()`` or ``on()`` got something that is neither a name nor an event class/instance."""
+
+
+class DuplicateHandlerError(EventBusError, ValueError):
+    """Two different handlers share a name, or one handler is subscribed twice to one pattern."""
+
+
+class BusClosedError(EventBusError, RuntimeError):
+    """The bus was closed; it accepts no more events."""
+
+
+class DrainInHandlerError(EventBusError, RuntimeError):
+    """``drain()`` was called from inside a handler, where it would wait for itself forever."""
+
+
+class UnknownEventError(EventBusError, KeyError):
+    """No delivery records exist for this event id (never emitted, or evicted by retention)."""
+
+
+class UnknownDeadLetterError(EventBusError, KeyError):
+    """The dead letter was already replayed or purged."""
+
+
+class UnknownHandlerError(EventBusError, KeyError):
+    """No handler with this name is subscribed (e.g. it was removed before a replay)."""
