@@ -27,6 +27,7 @@ from eventbus.exceptions import (
     BusClosedError,
     DrainInHandlerError,
     InvalidEventError,
+    QueueFullError,
     UnknownDeadLetterError,
     UnknownEventError,
     UnknownHandlerError,
@@ -68,6 +69,12 @@ class EventBus:
     * ``clock``: time source and timer for backoff, e.g. :class:`eventbus.testing.FakeClock`.
     * ``status_retention``: how many settled events :meth:`status` remembers (default 10,000;
       oldest evicted first; events with deliveries still in flight are never evicted).
+    * ``max_pending``: bound on deliveries queued or running (default ``None``: unbounded).
+      When the bound is reached, ``emit()`` blocks until there is room, for at most
+      ``block_timeout`` seconds (``None``: as long as it takes; ``0``: not at all), then raises
+      :class:`~eventbus.exceptions.QueueFullError` having queued nothing. Emits from inside a
+      handler never block (the handler might be waiting for itself) and may exceed the bound.
+      An event with more handlers than ``max_pending`` is admitted when nothing else is queued.
     * ``log_payloads``: add payloads and metadata, with secrets redacted, to log records.
     * ``redact_keys``: key fragments whose values are redacted when payloads are logged.
     * ``name``: used for thread names and as the structlog logger name.
@@ -81,12 +88,16 @@ class EventBus:
         executor: Executor | None = None,
         clock: Clock | None = None,
         status_retention: int = 10_000,
+        max_pending: int | None = None,
+        block_timeout: float | None = None,
         log_payloads: bool = False,
         redact_keys: Iterable[str] = DEFAULT_REDACT_KEYS,
         name: str = "eventbus",
     ) -> None:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if block_timeout is not None and block_timeout < 0:
+            raise ValueError(f"block_timeout must be >= 0 or None, got {block_timeout!r}")
         if executor is not None and max_workers is not None:
             raise TypeError("pass max_workers or executor, not both")
         self._retry = retry if retry is not None else RetryPolicy()
@@ -96,7 +107,12 @@ class EventBus:
         )
         self._registry = Registry()
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        # One condition for every waiter (drain, close, emit blocked on a full queue). It is
+        # notified only while someone waits, so the delivery hot path pays one comparison.
+        self._changed = threading.Condition(self._lock)
+        self._sleepers = 0
+        self._max_pending = _check_bound(max_pending, "max_pending")
+        self._block_timeout = block_timeout
         self._active = 0  # deliveries queued or running
         self._waiting = 0  # deliveries waiting in the retry queue
         self._closed = False  # no more emits
@@ -185,7 +201,9 @@ class EventBus:
 
         Raises ``BusClosedError`` after :meth:`close`, ``InvalidEventNameError`` for a
         malformed name, ``InvalidEventError`` for a payload next to an event instance or for a
-        plain value in place of an event, ``TypeError`` for non-string metadata.
+        plain value in place of an event, ``TypeError`` for non-string metadata, and
+        ``QueueFullError`` when ``max_pending`` is reached and ``block_timeout`` runs out. In
+        every error case nothing was queued.
         """
         if self._closed:
             raise BusClosedError("emit() after close(): this bus accepts no more events")
@@ -212,22 +230,47 @@ class EventBus:
         for sub in subscriptions:
             policy = sub.retry if sub.retry is not None else self._retry
             record.deliveries[sub.name] = DeliveryRecord(record, sub, policy, context)
-        record.unsettled = len(subscriptions)
+        count = record.unsettled = len(subscriptions)
         with self._lock:
             if self._closed:  # lost the race with close(): nothing was queued
                 raise BusClosedError("emit() after close(): this bus accepts no more events")
-            self._active += len(subscriptions)
+            limit = self._max_pending
+            if limit is not None and self._active + count > limit:
+                self._wait_for_room(count, limit)
+            self._active += count
             self._records.add(record)
-        if subscriptions:
-            self._outcomes.emitted(emitted, len(subscriptions))
-        else:
+        # Asked once per event, not per delivery: filtered-out successes then cost nothing.
+        record.verbose = self._outcomes.debug_enabled()
+        if not subscriptions:
             self._outcomes.unhandled(emitted)
+        elif record.verbose:
+            self._outcomes.emitted(emitted, count)
         if signals.has_receivers(signals.event_emitted):
             self._signal(signals.event_emitted, event=emitted)
         submit = self._executor.submit
         for delivery in record.deliveries.values():
             submit(self._job(delivery))
         return emitted
+
+    def _wait_for_room(self, count: int, limit: int) -> None:
+        """Under self._lock: wait until *count* more deliveries fit under *limit*."""
+        if getattr(self._in_handler, "active", False):
+            return
+        deadline = None if self._block_timeout is None else time.monotonic() + self._block_timeout
+        self._sleepers += 1
+        try:
+            while self._active > 0 and self._active + count > limit:
+                if self._closed:
+                    raise BusClosedError("the bus closed while emit() waited for room")
+                remaining = _remaining(deadline)
+                if remaining == 0.0:
+                    raise QueueFullError(
+                        f"{self._active} deliveries pending (max_pending={limit}); "
+                        f"waited {self._block_timeout} s for room"
+                    )
+                self._changed.wait(remaining)
+        finally:
+            self._sleepers -= 1
 
     # -- running one delivery ------------------------------------------------------------
 
@@ -241,7 +284,8 @@ class EventBus:
         assert context is not None  # only settled deliveries drop their context
         delivery.attempts += 1
         delivery.state = "running"
-        started = self._clock.monotonic()
+        verbose = delivery.owner.verbose
+        started = self._clock.monotonic() if verbose or delivery.attempts == 1 else 0.0
         if delivery.attempts == 1:
             delivery.first_attempt_at = started
         local = self._in_handler
@@ -255,17 +299,18 @@ class EventBus:
             self._failed(delivery, exc)
         else:
             local.active = False
-            self._succeeded(delivery, self._clock.monotonic() - started)
-
-    def _succeeded(self, delivery: DeliveryRecord, duration: float) -> None:
-        with self._lock:
-            self._records.settle(delivery, "succeeded")
-            self._finish_one()
-        self._outcomes.succeeded(delivery.event, delivery.handler, delivery.attempts, duration)
-        if signals.has_receivers(signals.handler_succeeded):
-            self._signal(
-                signals.handler_succeeded, event=delivery.event, delivery=delivery.snapshot()
-            )
+            with self._lock:
+                self._records.settle(delivery, "succeeded")
+                self._finish_one()
+            if verbose:
+                duration = self._clock.monotonic() - started
+                self._outcomes.succeeded(
+                    delivery.event, delivery.handler, delivery.attempts, duration
+                )
+            if signals.has_receivers(signals.handler_succeeded):
+                self._signal(
+                    signals.handler_succeeded, event=delivery.event, delivery=delivery.snapshot()
+                )
 
     def _failed(self, delivery: DeliveryRecord, error: BaseException) -> None:
         delivery.error = format_error(error)
@@ -343,10 +388,18 @@ class EventBus:
             self._signal(signals.dead_lettered, dead_letter=dead_letter)
 
     def _finish_one(self) -> None:
-        # Under self._lock. Waking waiters only at zero keeps the hot path to one comparison.
+        # Under self._lock.
         self._active -= 1
-        if self._active == 0:
-            self._idle.notify_all()
+        if self._sleepers:
+            self._changed.notify_all()
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        # Under self._lock.
+        self._sleepers += 1
+        try:
+            return self._changed.wait_for(predicate, timeout)
+        finally:
+            self._sleepers -= 1
 
     def _signal(self, signal: Any, **kwargs: Any) -> None:
         signals.send(signal, self, self._outcomes.receiver_failed, **kwargs)
@@ -360,8 +413,8 @@ class EventBus:
         wait for itself."""
         if getattr(self._in_handler, "active", False):
             raise DrainInHandlerError("drain() inside a handler would wait for itself forever")
-        with self._idle:
-            return self._idle.wait_for(lambda: self._active + self._waiting == 0, timeout)
+        with self._lock:
+            return self._wait(lambda: self._active + self._waiting == 0, timeout)
 
     def status(self, event_id: str) -> Mapping[str, Delivery]:
         """Where each delivery of the event stands, by handler name (a snapshot).
@@ -434,6 +487,7 @@ class EventBus:
             if self._closed:
                 return
             self._closed = True
+            self._changed.notify_all()  # emits blocked on a full queue give up now
         _open_buses.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._settle_due(deadline)
@@ -456,8 +510,8 @@ class EventBus:
         """Wait for the queue and running handlers to finish, and run due retries, until only
         retries that are not yet due remain (or the deadline passes)."""
         while True:
-            with self._idle:
-                if not self._idle.wait_for(lambda: self._active == 0, _remaining(deadline)):
+            with self._lock:
+                if not self._wait(lambda: self._active == 0, _remaining(deadline)):
                     return
             due = self._retries.take_due(self._clock.monotonic())
             if not due:
@@ -491,6 +545,12 @@ def _delivery_of(job: Job) -> DeliveryRecord:
     delivery = job.args[0]
     assert isinstance(delivery, DeliveryRecord)
     return delivery
+
+
+def _check_bound(value: int | None, what: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{what} must be an int >= 1 or None, got {value!r}")
+    return value
 
 
 def _remaining(deadline: float | None) -> float | None:

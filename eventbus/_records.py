@@ -64,12 +64,14 @@ class DeliveryRecord:
 class EventRecord:
     """An event and its deliveries; *unsettled* counts those not yet succeeded or dead."""
 
-    __slots__ = ("deliveries", "event", "unsettled")
+    __slots__ = ("deliveries", "event", "unsettled", "verbose")
 
     def __init__(self, event: Event) -> None:
         self.event = event
         self.deliveries: dict[str, DeliveryRecord] = {}
         self.unsettled = 0
+        # Whether debug-level outcomes (emitted, succeeded) are logged for this event.
+        self.verbose = True
 
 
 class Records:

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidEventError",
     "InvalidEventNameError",
     "InvalidHandlerError",
+    "QueueFullError",
     "UnknownDeadLetterError",
     "UnknownEventError",
     "UnknownHandlerError",
@@ -43,6 +44,10 @@ class DuplicateHandlerError(EventBusError, ValueError):
 
 class BusClosedError(EventBusError, RuntimeError):
     """The bus was closed; it accepts no more events."""
+
+
+class QueueFullError(EventBusError, RuntimeError):
+    """``max_pending`` deliveries are pending and ``emit()`` could not wait longer for room."""
 
 
 class DrainInHandlerError(EventBusError, RuntimeError):

@@ -23,7 +23,9 @@ __all__ = ["DEFAULT_WAIT", "RetryPolicy", "RetryQueue"]
 
 #: The default backoff: 0.5 s, 1 s, 2 s, 4 s ... doubling, capped at 30 s, plus up to 0.5 s of
 #: random jitter so that many deliveries failing together do not retry in lockstep.
-DEFAULT_WAIT: wait_base = tenacity.wait_exponential_jitter(initial=0.5, max=30, jitter=0.5)
+DEFAULT_WAIT: wait_base = tenacity.wait_exponential(multiplier=0.5, max=30) + tenacity.wait_random(
+    0, 0.5
+)
 
 
 def _exception_types(value: object) -> tuple[type[BaseException], ...]:
