@@ -115,6 +115,7 @@ class EventBus:
         self._block_timeout = block_timeout
         self._active = 0  # deliveries queued or running
         self._waiting = 0  # deliveries waiting in the retry queue
+        self._abandoned = 0  # dead letters made by close()
         self._closed = False  # no more emits
         self._stopped = False  # no more retries: every new failure is a final one
         self._in_handler = threading.local()
@@ -282,6 +283,13 @@ class EventBus:
     def _run(self, delivery: DeliveryRecord) -> None:
         context = delivery.context
         assert context is not None  # only settled deliveries drop their context
+        # A copy per attempt: handlers of one event run concurrently, and a Context can be
+        # entered by one thread at a time; it also keeps handlers' context changes apart.
+        # The outcome is recorded inside it too, so the emitter's structlog bindings (a
+        # request id) appear on handler.succeeded/failed records as well as in the handler.
+        context.copy().run(self._attempt, delivery)
+
+    def _attempt(self, delivery: DeliveryRecord) -> None:
         delivery.attempts += 1
         delivery.state = "running"
         verbose = delivery.owner.verbose
@@ -291,9 +299,7 @@ class EventBus:
         local = self._in_handler
         local.active = True
         try:
-            # A copy per attempt: handlers of one event run concurrently, and a Context can be
-            # entered by one thread at a time; it also keeps handlers' context changes apart.
-            context.copy().run(delivery.subscription.handler, delivery.event)
+            delivery.subscription.handler(delivery.event)
         except BaseException as exc:  # noqa: BLE001 - isolation: nothing reaches the emitter
             local.active = False
             self._failed(delivery, exc)
@@ -382,6 +388,8 @@ class EventBus:
         with self._lock:
             self._records.settle(delivery, "dead")
             self._records.add_dead_letter(dead_letter, delivery)
+            if reason == "abandoned":
+                self._abandoned += 1
             self._finish_one()
         self._outcomes.dead_lettered(dead_letter)
         if signals.has_receivers(signals.dead_lettered):
@@ -482,7 +490,12 @@ class EventBus:
         Retries not yet due, and (after a timeout) deliveries that never started, become dead
         letters with reason ``"abandoned"``; a ``bus.closed`` warning says how many. Handlers
         still running after a timeout finish on their own and are recorded as usual. Idempotent.
+        Raises ``DrainInHandlerError`` when called from a handler.
         """
+        if getattr(self._in_handler, "active", False):
+            raise DrainInHandlerError(
+                "close() inside a handler would wait for itself forever; close from outside"
+            )
         with self._lock:
             if self._closed:
                 return
@@ -490,6 +503,12 @@ class EventBus:
             self._changed.notify_all()  # emits blocked on a full queue give up now
         _open_buses.discard(self)
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._settle_due(deadline)
+        # Stop the timer before the last pass: once close() returns no callback is running, so
+        # a retry the timer was handing over at this moment is settled below, not abandoned.
+        # Retries failing from here on stay in the queue (the closed clock never fires them)
+        # and are run by _settle_due if they are due, else abandoned.
+        self._clock.close()
         self._settle_due(deadline)
         with self._lock:
             self._stopped = True
@@ -499,12 +518,12 @@ class EventBus:
         not_started = [_delivery_of(job) for job in self._executor.shutdown(_remaining(deadline))]
         for delivery in waiting + not_started:
             self._dead_letter(delivery, "abandoned", None)
-        self._clock.close()
         with self._lock:
             still_running = self._active
-        self._outcomes.closed(len(waiting) + len(not_started), still_running)
+            abandoned = self._abandoned
+        self._outcomes.closed(abandoned, still_running)
         if signals.has_receivers(signals.bus_closed):
-            self._signal(signals.bus_closed, abandoned=len(waiting) + len(not_started))
+            self._signal(signals.bus_closed, abandoned=abandoned)
 
     def _settle_due(self, deadline: float | None) -> None:
         """Wait for the queue and running handlers to finish, and run due retries, until only
@@ -548,8 +567,12 @@ def _delivery_of(job: Job) -> DeliveryRecord:
 
 
 def _check_bound(value: int | None, what: str) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{what} must be an int >= 1 or None, got {value!r}")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be at least 1, got {value!r}")
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
@@ -48,7 +49,7 @@ class SystemClock:
         handle = TimerHandle(callback)
         with self._cond:
             if self._closed:
-                raise RuntimeError("clock is closed")
+                return handle  # never fires: see close()
             heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), handle))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
@@ -57,6 +58,9 @@ class SystemClock:
         return handle
 
     def close(self) -> None:
+        """Stop the timer thread, waiting for a callback in progress to return. Callbacks not
+        yet run, and any scheduled afterwards, never fire: their owner collects them (the
+        retry queue's ``take_due``/``take_all``)."""
         with self._cond:
             self._closed = True
             self._heap.clear()
@@ -83,4 +87,5 @@ class SystemClock:
                 try:
                     handle.callback()
                 except BaseException as exc:  # noqa: BLE001 - the timer must survive any callback
-                    self.on_error(exc)
+                    with contextlib.suppress(BaseException):  # nowhere left to report to
+                        self.on_error(exc)

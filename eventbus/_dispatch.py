@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -30,8 +31,10 @@ class WorkerPool:
         name: str = "eventbus",
         on_error: Callable[[BaseException], None] = lambda exc: None,
     ) -> None:
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int, got {max_workers!r}")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers!r}")
         self._queue: SimpleQueue[Job | None] = SimpleQueue()
         self._on_error = on_error
         self._threads = [
@@ -79,7 +82,13 @@ class WorkerPool:
             try:
                 job()
             except BaseException as exc:  # noqa: BLE001 - a worker must outlive any job
-                self._on_error(exc)
+                _report(self._on_error, exc)
+
+
+def _report(on_error: Callable[[BaseException], None], error: BaseException) -> None:
+    # The reporter logs; if logging itself is broken, the thread must still survive.
+    with contextlib.suppress(BaseException):
+        on_error(error)
 
 
 class InlineExecutor:

@@ -13,6 +13,7 @@ __all__ = ["Pattern", "compile_pattern", "validate_name"]
 _SEGMENT = r"[A-Za-z0-9_.\-]+"
 _NAME = re.compile(rf"{_SEGMENT}(?::{_SEGMENT})*")
 _SEGMENT_ONLY = re.compile(_SEGMENT)
+# ASCII only, on purpose: names end up in log lines, metrics labels and Redis stream keys.
 _RULES = (
     "names are ':'-separated segments of letters, digits, '_', '-' and '.', e.g. 'order:created'"
 )

@@ -85,7 +85,10 @@ def _redact(value: Any, fragments: tuple[str, ...], depth: int) -> Any:
 
 def format_error(error: BaseException) -> str:
     """``"TypeName: message"``, the form used in logs, delivery records and dead letters."""
-    message = str(error)
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the outcome
+        message = f"<unprintable {type(error).__name__} object>"
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 

@@ -7,6 +7,7 @@ the lock, so a concurrent ``emit()`` sees either the old or the new set, never a
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from dataclasses import dataclass
@@ -43,7 +44,10 @@ class Subscription:
 
 
 def handler_name(handler: Handler) -> str:
-    """The default name of a handler: ``module.qualname`` (of the function, for a method)."""
+    """The default name of a handler: ``module.qualname`` (of the function, for a method; of
+    the wrapped function, for a ``functools.partial``)."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
     module = getattr(handler, "__module__", None) or type(handler).__module__
     qualname = getattr(handler, "__qualname__", None) or type(handler).__qualname__
     return f"{module}.{qualname}"

@@ -51,7 +51,8 @@ class QueueFullError(EventBusError, RuntimeError):
 
 
 class DrainInHandlerError(EventBusError, RuntimeError):
-    """``drain()`` was called from inside a handler, where it would wait for itself forever."""
+    """``drain()`` or ``close()`` was called from inside a handler, where it would wait for
+    itself forever."""
 
 
 class UnknownEventError(EventBusError, KeyError):

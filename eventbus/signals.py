@@ -71,5 +71,5 @@ def send(
     for receiver in signal.receivers_for(sender):
         try:
             receiver(sender, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - isolation is the point
+        except BaseException as exc:  # noqa: BLE001 - isolated like a handler, BaseException too
             on_error(signal.name, exc)

@@ -49,4 +49,5 @@ class Clock(Protocol):
         """Call *callback* once, *delay* seconds from now, on a thread of the clock's choosing."""
 
     def close(self) -> None:
-        """Stop the clock's timer; callbacks not yet due are dropped (their owner cancels them)."""
+        """Stop the clock's timer: once this returns, no callback runs or ever will (callbacks
+        scheduled afterwards are accepted and never called; their owner collects them)."""
