@@ -1,0 +1,128 @@
+"""The use cases: validate, save, emit, return. Side effects belong to the handlers.
+
+``create_order`` and ``ship_order`` return as soon as the event is emitted: the caller gets
+the saved order and the event (whose id it can use to follow the handlers through
+``bus.status``) while emails, stock and the warehouse are still being dealt with.
+
+Saving and emitting are two steps: if the process dies between them the order exists but its
+handlers never run. A durable outbox closes that gap (a later eventbus issue); here the
+service at least refuses to save when the bus is already closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from eventbus import BusClosedError, Event, EventBus
+from examples.order_service.domain import (
+    Order,
+    OrderCreated,
+    OrderShipped,
+    new_order_id,
+    new_tracking_number,
+    parse_new_order,
+)
+from examples.order_service.repository import SqliteOrderRepository
+
+__all__ = ["Accepted", "OrderNotFoundError", "OrderService", "OrderStateError"]
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("order_service.service")
+
+
+class OrderNotFoundError(LookupError):
+    """No order has this id."""
+
+
+class OrderStateError(Exception):
+    """The order is not in a state that allows this (e.g. shipping it twice)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """An order as saved, and the event emitted about it."""
+
+    order: Order
+    event: Event
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class OrderService:
+    """Places and ships orders. Thread-safe (the repository and the bus are)."""
+
+    def __init__(
+        self,
+        repository: SqliteOrderRepository,
+        bus: EventBus,
+        *,
+        now: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._repository = repository
+        self._bus = bus
+        self._now = now
+
+    def create_order(self, data: object, *, metadata: Mapping[str, str] | None = None) -> Accepted:
+        """Validate *data* (decoded JSON), save the order, emit :class:`OrderCreated` with
+        *metadata* (e.g. the request id, which then stays with the event, dead letters too).
+
+        Raises :class:`~examples.order_service.domain.ValidationError` (nothing is saved or
+        emitted) and ``BusClosedError`` while shutting down.
+        """
+        request = parse_new_order(data)
+        self._refuse_if_closed()
+        order = Order(
+            id=new_order_id(),
+            customer_email=request.customer_email,
+            items=request.items,
+            status="placed",
+            created_at=self._now(),
+        )
+        self._repository.add(order)
+        event = self._bus.emit(
+            OrderCreated(order_id=order.id, customer_email=order.customer_email, items=order.items),
+            metadata=metadata,
+        )
+        log.info("order.created", order_id=order.id, event_id=event.id)
+        return Accepted(order, event)
+
+    def ship_order(self, order_id: str, *, metadata: Mapping[str, str] | None = None) -> Accepted:
+        """Book the shipment of a placed order and emit :class:`OrderShipped` (with *metadata*).
+
+        Raises :class:`OrderNotFoundError`, :class:`OrderStateError` if it is not ``placed``
+        (already shipping or shipped), and ``BusClosedError`` while shutting down.
+        """
+        self._refuse_if_closed()
+        tracking_number = new_tracking_number()
+        if not self._repository.mark_shipping(order_id, tracking_number):
+            order = self._repository.get(order_id)
+            if order is None:
+                raise OrderNotFoundError(order_id)
+            raise OrderStateError(f"order {order_id} is already {order.status}")
+        order = self.get_order(order_id)
+        event = self._bus.emit(
+            OrderShipped(
+                order_id=order.id,
+                customer_email=order.customer_email,
+                tracking_number=tracking_number,
+            ),
+            metadata=metadata,
+        )
+        log.info("order.shipping", order_id=order.id, event_id=event.id)
+        return Accepted(order, event)
+
+    def get_order(self, order_id: str) -> Order:
+        """The order with this id; raises :class:`OrderNotFoundError`."""
+        order = self._repository.get(order_id)
+        if order is None:
+            raise OrderNotFoundError(order_id)
+        return order
+
+    def _refuse_if_closed(self) -> None:
+        if self._bus.closed:
+            raise BusClosedError("the service is shutting down")

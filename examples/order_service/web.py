@@ -1,0 +1,272 @@
+"""The HTTP API (Flask): a thin layer that parses requests, calls ``OrderService`` and the bus,
+and maps errors to status codes.
+
+=========================================== ====== =============================================
+route                                       status body
+=========================================== ====== =============================================
+``POST /api/orders``                        201    ``{order, event_id, status_url}``, at once
+``GET  /api/orders/<id>``                   200    ``{order, audit}``
+``POST /api/orders/<id>/ship``              202    ``{order, event_id, status_url}``
+``GET  /api/events/<event_id>``             200    each handler's ``state``/``attempts``/``error``
+``GET  /api/dead-letters``                  200    ``{dead_letters: [...]}``
+``POST /api/dead-letters/<id>/replay``      202    ``{replayed, event_id, status_url}``
+``GET  /api/health``                        200    ``{status: "ok"}`` (503 once shutting down)
+``POST /api/fakes/warehouse/(down|up)``     200    only with ``fake_controls=True``
+=========================================== ====== =============================================
+
+Errors are ``{"error": message}`` (plus ``"fields"`` for validation): 400 for a body that is
+not a JSON object or misses a field (nothing is saved or emitted), 404 for unknown ids, 409 for
+a state conflict, 503 while shutting down.
+
+Each request gets a request id (the ``X-Request-ID`` header if it is sane, else a new one),
+bound with ``structlog.contextvars``: it appears in this request's log lines *and* in the log
+lines of every handler of the events it emits, since eventbus runs handlers in a copy of the
+emitter's context. It is echoed in the ``X-Request-ID`` response header.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from flask import Flask, Response, g, request, url_for
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from eventbus import (
+    BusClosedError,
+    DeadLetter,
+    Delivery,
+    UnknownDeadLetterError,
+    UnknownEventError,
+    UnknownHandlerError,
+)
+from examples.order_service.domain import Order, ValidationError
+from examples.order_service.repository import AuditEntry
+from examples.order_service.service import Accepted, OrderNotFoundError, OrderStateError
+from examples.order_service.wiring import OrderApp
+
+__all__ = ["create_app"]
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("order_service.web")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+_SETTLED = frozenset({"succeeded", "dead"})
+
+
+class BadRequestBody(Exception):
+    """The request body is not JSON."""
+
+
+def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
+    """The Flask app serving *orders_app*. The caller keeps ownership of *orders_app* (and
+    closes it). *fake_controls* adds routes that take the fake warehouse down and up."""
+    app = Flask("order_service")
+    app.extensions["order_service"] = orders_app
+    bus, orders = orders_app.bus, orders_app.orders
+
+    # -- request id and access log -------------------------------------------------------
+
+    @app.before_request
+    def bind_request_id() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        g.started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=g.request_id)
+
+    @app.after_request
+    def access_log(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.request_id
+        log.info(
+            "http.request",
+            method=request.method,
+            path=request.path,
+            status=response.status_code,
+            duration_ms=round((time.perf_counter() - g.started) * 1000, 1),
+        )
+        return response
+
+    @app.teardown_request
+    def unbind_request_id(_: BaseException | None) -> None:
+        structlog.contextvars.clear_contextvars()
+
+    # -- orders --------------------------------------------------------------------------
+
+    @app.post("/api/orders")
+    def create_order() -> ResponseReturnValue:
+        accepted = orders.create_order(_json_body(), metadata=_correlation())
+        headers = {"Location": url_for("get_order", order_id=accepted.order.id)}
+        return _accepted(accepted), 201, headers
+
+    @app.get("/api/orders/<order_id>")
+    def get_order(order_id: str) -> ResponseReturnValue:
+        order = orders.get_order(order_id)
+        audit = orders_app.repository.audit_trail(order_id)
+        return {"order": _order(order), "audit": [_audit(entry) for entry in audit]}
+
+    @app.post("/api/orders/<order_id>/ship")
+    def ship_order(order_id: str) -> ResponseReturnValue:
+        return _accepted(orders.ship_order(order_id, metadata=_correlation())), 202
+
+    # -- events and dead letters ---------------------------------------------------------
+
+    @app.get("/api/events/<event_id>")
+    def event_status(event_id: str) -> ResponseReturnValue:
+        deliveries = bus.status(event_id)
+        return {
+            "event_id": event_id,
+            "settled": all(d.state in _SETTLED for d in deliveries.values()),
+            "handlers": {name: _delivery(d) for name, d in deliveries.items()},
+        }
+
+    @app.get("/api/dead-letters")
+    def list_dead_letters() -> ResponseReturnValue:
+        return {"dead_letters": [_dead_letter(d) for d in bus.dead_letters()]}
+
+    @app.post("/api/dead-letters/<dead_letter_id>/replay")
+    def replay_dead_letter(dead_letter_id: str) -> ResponseReturnValue:
+        found = next((d for d in bus.dead_letters() if d.id == dead_letter_id), None)
+        if found is None:
+            raise UnknownDeadLetterError(dead_letter_id)
+        bus.replay(found)
+        log.info("dead_letter.replayed", dead_letter_id=found.id, handler=found.handler)
+        return {
+            "replayed": found.id,
+            "handler": found.handler,
+            "event_id": found.event.id,
+            "status_url": url_for("event_status", event_id=found.event.id),
+        }, 202
+
+    @app.get("/api/health")
+    def health() -> ResponseReturnValue:
+        if bus.closed:
+            return {"status": "shutting down"}, 503
+        return {"status": "ok"}
+
+    if fake_controls:
+        warehouse = orders_app.warehouse
+
+        @app.post("/api/fakes/warehouse/down")
+        def warehouse_down() -> ResponseReturnValue:
+            warehouse.down()
+            log.warning("fake.warehouse_down")
+            return {"warehouse": "down"}
+
+        @app.post("/api/fakes/warehouse/up")
+        def warehouse_up() -> ResponseReturnValue:
+            warehouse.up()
+            log.info("fake.warehouse_up")
+            return {"warehouse": "up"}
+
+    # -- errors --------------------------------------------------------------------------
+
+    @app.errorhandler(BadRequestBody)
+    def bad_body(error: BadRequestBody) -> ResponseReturnValue:
+        return {"error": str(error)}, 400
+
+    @app.errorhandler(ValidationError)
+    def invalid(error: ValidationError) -> ResponseReturnValue:
+        return {"error": f"invalid order: {error}", "fields": error.errors}, 400
+
+    @app.errorhandler(OrderNotFoundError)
+    def order_not_found(error: OrderNotFoundError) -> ResponseReturnValue:
+        return {"error": f"no order with id {error.args[0]!r}"}, 404
+
+    @app.errorhandler(OrderStateError)
+    def conflict(error: OrderStateError) -> ResponseReturnValue:
+        return {"error": str(error)}, 409
+
+    @app.errorhandler(UnknownEventError)
+    def event_not_found(error: UnknownEventError) -> ResponseReturnValue:
+        return {"error": f"no event with id {error.args[0]!r} (or its record has expired)"}, 404
+
+    @app.errorhandler(UnknownDeadLetterError)
+    def dead_letter_not_found(error: UnknownDeadLetterError) -> ResponseReturnValue:
+        return {"error": f"no dead letter with id {error.args[0]!r}"}, 404
+
+    @app.errorhandler(UnknownHandlerError)
+    def handler_gone(error: UnknownHandlerError) -> ResponseReturnValue:
+        return {"error": error.args[0]}, 409
+
+    @app.errorhandler(BusClosedError)
+    def shutting_down(_: BusClosedError) -> ResponseReturnValue:
+        return {"error": "the service is shutting down; try again shortly"}, 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> ResponseReturnValue:
+        return {"error": error.description}, error.code or 500
+
+    return app
+
+
+def _correlation() -> dict[str, str]:
+    # Travels with the event (and so with its dead letters); the contextvars binding only
+    # lives as long as the request and its handlers' context.
+    return {"request_id": g.request_id}
+
+
+def _json_body() -> Any:
+    if not request.is_json:
+        raise BadRequestBody("send the order as JSON, with Content-Type: application/json")
+    try:
+        return json.loads(request.get_data(cache=False))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadRequestBody(f"request body is not valid JSON: {exc}") from None
+
+
+def _accepted(accepted: Accepted) -> dict[str, Any]:
+    return {
+        "order": _order(accepted.order),
+        "event_id": accepted.event.id,
+        "status_url": url_for("event_status", event_id=accepted.event.id),
+    }
+
+
+def _order(order: Order) -> dict[str, Any]:
+    return {
+        "id": order.id,
+        "email": order.customer_email,
+        "items": [{"sku": i.sku, "quantity": i.quantity} for i in order.items],
+        "status": order.status,
+        "created_at": order.created_at.isoformat(),
+        "tracking_number": order.tracking_number,
+        "shipped_at": None if order.shipped_at is None else order.shipped_at.isoformat(),
+    }
+
+
+def _audit(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "event_id": entry.event_id,
+        "event_name": entry.event_name,
+        "occurred_at": entry.occurred_at.isoformat(),
+        "request_id": entry.request_id,
+    }
+
+
+def _delivery(delivery: Delivery) -> dict[str, Any]:
+    return {"state": delivery.state, "attempts": delivery.attempts, "error": delivery.error}
+
+
+def _dead_letter(dead_letter: DeadLetter) -> dict[str, Any]:
+    event = dead_letter.event
+    return {
+        "id": dead_letter.id,
+        "handler": dead_letter.handler,
+        "event": {
+            "id": event.id,
+            "name": event.name,
+            "occurred_at": event.occurred_at.isoformat(),
+            "order_id": getattr(event.payload, "order_id", None),
+            "metadata": dict(event.metadata),
+        },
+        "attempts": dead_letter.attempts,
+        "error": dead_letter.error,
+        "reason": dead_letter.reason,
+        "failed_at": dead_letter.failed_at.isoformat(),
+        "replay_url": url_for("replay_dead_letter", dead_letter_id=dead_letter.id),
+    }

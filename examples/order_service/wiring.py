@@ -1,0 +1,176 @@
+"""Settings, and the container that builds the service around one bus (and closes it).
+
+Everything is built here and handed down explicitly: no module-level bus, database or
+service, so a test builds a fresh, isolated app in a temporary folder with zero latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import structlog
+import tenacity
+
+from eventbus import DeadLetter, EventBus, RetryPolicy
+from examples.order_service.handlers import WaitStrategy, register_handlers
+from examples.order_service.repository import SqliteOrderRepository
+from examples.order_service.service import OrderService
+from examples.order_service.services import (
+    AnalyticsService,
+    InventoryService,
+    Mailer,
+    OutboxMailer,
+    Services,
+    WarehouseService,
+)
+
+__all__ = ["VAR_DIR", "OrderApp", "Settings", "ShutdownReport", "build_app"]
+
+#: Where the database and the outbox go by default (git-ignored).
+VAR_DIR = Path(__file__).resolve().parent / "var"
+
+# The fakes' typical latency in seconds, multiplied by ``Settings.latency``.
+MAILER_LATENCY = 0.15
+INVENTORY_LATENCY = 0.05
+WAREHOUSE_LATENCY = 0.2
+ANALYTICS_LATENCY = 0.02
+
+
+def _server_backoff() -> WaitStrategy:
+    # 0.5 s, 1 s, 2 s, ... capped at 10 s: what a service talking to real systems wants.
+    return tenacity.wait_exponential(multiplier=0.5, max=10)
+
+
+def _contended_skus() -> dict[str, int]:
+    # Reservations of the monitor hit a hot stock row: two lock timeouts, then it goes through.
+    return {"MN-303": 2}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """How to build the service. The defaults are the server's."""
+
+    db_path: Path | str = VAR_DIR / "orders.sqlite3"
+    outbox_dir: Path = VAR_DIR / "outbox"
+    #: Scales the fakes' latency: ``1.0`` is realistic, ``0`` is instant (tests).
+    latency: float = 1.0
+    #: Backoff between attempts of a failing handler (any tenacity wait strategy).
+    retry_wait: WaitStrategy = field(default_factory=_server_backoff)
+    #: Attempts per delivery, the first included, for handlers without their own policy.
+    max_attempts: int = 3
+    max_workers: int = 8
+    #: SKU -> how many transient failures each reservation touching it suffers first.
+    contended_skus: Mapping[str, int] = field(default_factory=_contended_skus)
+    #: How long shutdown waits for running handlers.
+    close_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownReport:
+    """What was left when the app closed."""
+
+    abandoned: list[DeadLetter]
+    dead_letters: list[DeadLetter]
+    still_running: bool
+
+
+@dataclass(slots=True, kw_only=True)
+class OrderApp:
+    """The assembled service: one bus, the repository, the fakes, and ``OrderService``.
+
+    Closing it closes the bus (letting running handlers finish) and then the database. Use it
+    as a context manager, or call :meth:`close`.
+    """
+
+    settings: Settings
+    bus: EventBus
+    repository: SqliteOrderRepository
+    services: Services
+    orders: OrderService
+    _report: ShutdownReport | None = field(default=None, init=False, repr=False)
+
+    @property
+    def inventory(self) -> InventoryService:
+        return self.services.inventory
+
+    @property
+    def warehouse(self) -> WarehouseService:
+        return self.services.warehouse
+
+    @property
+    def analytics(self) -> AnalyticsService:
+        return self.services.analytics
+
+    def close(self, timeout: float | None = None) -> ShutdownReport:
+        """Close the bus (up to *timeout*, default ``settings.close_timeout``), then the
+        database, and log what was left. Idempotent: later calls return the first report."""
+        if self._report is not None:
+            return self._report
+        log = structlog.get_logger("order_service")
+        self.bus.close(timeout=self.settings.close_timeout if timeout is None else timeout)
+        dead_letters = self.bus.dead_letters()
+        abandoned = [d for d in dead_letters if d.abandoned]
+        # After close(), drain(0) answers "is any handler still running?" without waiting.
+        still_running = not self.bus.drain(timeout=0)
+        if not still_running:
+            self.repository.close()
+        report = self._report = ShutdownReport(abandoned, dead_letters, still_running)
+        level = log.warning if dead_letters or still_running else log.info
+        level(
+            "app.closed",
+            abandoned=len(abandoned),
+            dead_letters=len(dead_letters),
+            still_running=still_running,
+            lost=[f"{d.handler}:{d.event.id}" for d in dead_letters],
+        )
+        return report
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def build_app(
+    settings: Settings | None = None,
+    *,
+    bus: EventBus | None = None,
+    mailer: Mailer | None = None,
+) -> OrderApp:
+    """Build the service from *settings*. Tests may pass their own *bus* (e.g. from
+    ``eventbus.testing.inline_bus()``) or *mailer*; the app owns and closes them."""
+    settings = settings or Settings()
+    repository = SqliteOrderRepository(settings.db_path)
+    if bus is None:
+        bus = EventBus(
+            max_workers=settings.max_workers,
+            retry=RetryPolicy(max_attempts=settings.max_attempts, wait=settings.retry_wait),
+            name="orders",
+        )
+    scale = settings.latency
+    services = Services(
+        mailer=mailer or OutboxMailer(settings.outbox_dir, latency=MAILER_LATENCY * scale),
+        inventory=InventoryService(
+            contended_skus=settings.contended_skus, latency=INVENTORY_LATENCY * scale
+        ),
+        warehouse=WarehouseService(latency=WAREHOUSE_LATENCY * scale),
+        analytics=AnalyticsService(latency=ANALYTICS_LATENCY * scale),
+    )
+    register_handlers(bus, repository=repository, services=services, retry_wait=settings.retry_wait)
+    return OrderApp(
+        settings=settings,
+        bus=bus,
+        repository=repository,
+        services=services,
+        orders=OrderService(repository, bus),
+    )
