@@ -344,8 +344,8 @@ class EventBus:
             else:
                 stopped = False
                 delivery.state = "retrying"
-                self._active -= 1
                 self._waiting += 1
+                self._finish_one()  # wakes close(), which waits for _active == 0
         if stopped:
             self._dead_letter(delivery, "abandoned", _traceback(error))
             return
@@ -393,7 +393,7 @@ class EventBus:
             self._finish_one()
         self._outcomes.dead_lettered(dead_letter)
         if signals.has_receivers(signals.dead_lettered):
-            self._signal(signals.dead_lettered, dead_letter=dead_letter)
+            self._signal(signals.dead_lettered, event=dead_letter.event, dead_letter=dead_letter)
 
     def _finish_one(self) -> None:
         # Under self._lock.
@@ -469,6 +469,7 @@ class EventBus:
             delivery.error = None
             self._records.reopen(delivery)
             self._active += 1
+        self._outcomes.replayed(letter)
         self._executor.submit(self._job(delivery))
 
     def purge_dead_letters(self) -> int:

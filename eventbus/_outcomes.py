@@ -11,6 +11,7 @@ event                       level    extra keys
 ``handler.failed``          warning  ``error``, ``exc_info`` (the traceback), ``will_retry``
 ``handler.retry_scheduled`` info     ``delay``
 ``handler.dead_lettered``   error    ``error``, ``reason``, ``dead_letter_id``
+``handler.replayed``        info     ``dead_letter_id`` (no ``attempt``: the count restarts)
 ``bus.closed``              info     ``abandoned``, ``still_running`` (warning if either > 0)
 =========================== ======== ==========================================================
 
@@ -171,6 +172,15 @@ class OutcomeRecorder:
             reason=dead_letter.reason,
             dead_letter_id=dead_letter.id,
             **self._event_keys(dead_letter.event),
+        )
+
+    def replayed(self, dead_letter: DeadLetter) -> None:
+        self._log.info(
+            "handler.replayed",
+            event_id=dead_letter.event.id,
+            event_name=dead_letter.event.name,
+            handler=dead_letter.handler,
+            dead_letter_id=dead_letter.id,
         )
 
     def closed(self, abandoned: int, still_running: int) -> None:

@@ -15,7 +15,7 @@ Keyword arguments, by signal:
 * ``handler_succeeded``: ``event``, ``delivery``
 * ``handler_failed``: ``event``, ``delivery``, ``error`` (the exception)
 * ``retry_scheduled``: ``event``, ``delivery``, ``delay`` (seconds)
-* ``dead_lettered``: ``dead_letter``
+* ``dead_lettered``: ``event``, ``dead_letter``
 * ``bus_closed``: ``abandoned`` (how many deliveries became dead letters at shutdown)
 
 Receivers run on the thread where the outcome happened (a worker, for handler outcomes) and

@@ -351,3 +351,27 @@ def test_handler_failing_after_close_timeout_is_abandoned_not_retried(single):
     assert (dead.event, dead.reason, dead.attempts) == (event, "abandoned", 1)
     assert dead.error == "ConnectionError: down"
     assert single.status(event.id)["late"].state == "dead"
+
+
+def test_close_does_not_wait_for_a_backoff_that_starts_while_it_waits():
+    """An attempt failing while close() waits for it turns into an abandoned retry at once."""
+    started = threading.Event()
+    release = threading.Event()
+    clock = FakeClock()
+    bus = EventBus(max_workers=1, clock=clock, retry=RetryPolicy(wait=tenacity.wait_fixed(3600)))
+
+    @bus.on("job:run")
+    def fails_when_released(event: Event) -> None:
+        started.set()
+        assert release.wait(5)
+        raise ConnectionError("down")
+
+    bus.emit("job:run")
+    assert started.wait(5)
+    closer = threading.Thread(target=bus.close)
+    closer.start()
+    release.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    [dead] = bus.dead_letters()
+    assert dead.reason == "abandoned"

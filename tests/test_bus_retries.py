@@ -357,7 +357,7 @@ def test_retry_scheduled_signal_carries_event_delivery_and_delay(inline):
 
 
 def test_dead_lettered_signal_carries_the_dead_letter(inline):
-    """``dead_lettered`` is sent with the bus and the dead letter as it is listed."""
+    """``dead_lettered`` is sent with the bus, the event and the dead letter as it is listed."""
     bus, _ = inline
     bus.subscribe("order:created", Flaky(), name="broken", retry=RetryPolicy(max_attempts=1))
     calls: list[tuple[object, dict[str, Any]]] = []
@@ -370,7 +370,8 @@ def test_dead_lettered_signal_carries_the_dead_letter(inline):
         bus.emit("order:created")
     finally:
         signals.dead_lettered.disconnect(receiver, sender=bus)
-    assert calls == [(bus, {"dead_letter": bus.dead_letters()[0]})]
+    [dead] = bus.dead_letters()
+    assert calls == [(bus, {"event": dead.event, "dead_letter": dead})]
 
 
 # -- dead letters: replay and purge ---------------------------------------------------------------
