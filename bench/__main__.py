@@ -1,0 +1,83 @@
+"""``python -m bench``: every scenario, in one process and one run; prints the table and the
+target checks of issue 4. See ``docs/benchmarks.md``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+from bench._harness import FULL, QUICK, Check, Row, Section, Sizes, configure_structlog
+
+
+def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
+    """Every scenario, in the order of the report."""
+    from bench import dispatch, latency, memory, retry_storm, subscriptions
+
+    return [
+        ("thread dispatch, 1 handler", lambda s: dispatch.thread_dispatch(s, 1)),
+        ("thread dispatch, 4 handlers", lambda s: dispatch.thread_dispatch(s, 4)),
+        ("emit() latency", latency.emit_latency),
+        ("emit cost vs subscriptions", subscriptions.subscription_growth),
+        ("inline mode", dispatch.inline),
+        ("retry storm", retry_storm.retry_storm),
+        ("memory", memory.memory),
+        ("handler weight (info)", dispatch.latch_sensitivity),
+    ]
+
+
+#: Run first, while this process is small (its child's ru_maxrss starts at our RSS).
+RUN_FIRST = ("memory",)
+
+
+def run(sizes: Sizes, progress: Callable[[str], None]) -> tuple[list[Row], list[Check]]:
+    configure_structlog()
+    ordered = scenarios()
+    order = sorted(range(len(ordered)), key=lambda i: ordered[i][0] not in RUN_FIRST)
+    sections: dict[int, Section] = {}
+    for i in order:
+        title, scenario = ordered[i]
+        start = time.perf_counter()
+        sections[i] = scenario(sizes)
+        progress(f"  {title}: {time.perf_counter() - start:.1f} s")
+    rows: list[Row] = []
+    checks: list[Check] = []
+    for i in range(len(ordered)):
+        rows += sections[i].rows
+        checks += sections[i].checks
+    return rows, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (< 5 s)")
+    parser.add_argument("--json", metavar="PATH", help="write machine-readable results here")
+    parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    args = parser.parse_args(argv)
+
+    from bench import report
+
+    sizes = QUICK if args.quick else FULL
+    info = report.machine()
+    mode = "quick smoke run: numbers are NOT meaningful" if args.quick else "full run"
+    print(f"running every scenario ({mode}) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    rows, checks = run(sizes, lambda line: print(line, file=sys.stderr, flush=True))
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    info["sizes"] = vars(sizes)
+    print(report.text_report(info, rows, checks))
+    print(f"\n{mode}; took {info['seconds']} s")
+    if args.json:
+        report.write_json(args.json, info, rows, checks, args.quick)
+    if args.markdown:
+        report.write_markdown(args.markdown, info, rows, checks)
+    if args.chart:
+        skipped = report.write_chart(args.chart, rows)
+        print(skipped or f"chart written to {args.chart}")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

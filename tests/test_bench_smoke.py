@@ -1,0 +1,138 @@
+"""Smoke test of the benchmark suite: `python -m bench --quick` runs every scenario and reports
+a complete, well-formed result. No timing assertions: only structure and counts."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCENARIOS = (
+    "thread dispatch, 1 handler",
+    "thread dispatch, 4 handlers",
+    "emit() latency p50, 4 handlers, workers busy",
+    "emit() latency p99, 4 handlers, workers busy",
+    "emit cost vs subscriptions, 4 matching",
+    "inline (sync), 4 handlers",
+    "retry storm, 4 handlers, zero backoff",
+    "memory, 20,000 events x 4 handlers",
+    "info: thread dispatch, 4 handlers taking a lock",
+)
+THREAD_DISPATCHERS = {
+    "plain loop (sync floor)",
+    "pyee EventEmitter.emit (sync)",
+    "blinker Signal.send (sync)",
+    "SimpleQueue + 8 threads (thread floor)",
+    "ThreadPoolExecutor.submit per handler",
+    "pyee ExecutorEventEmitter",
+    "eventbus EventBus(max_workers=8)",
+}
+
+
+def _bench(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    code = f"{prelude}import sys\nfrom bench.__main__ import main\nsys.exit(main({list(args)!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    result_path, chart_path = out / "results.json", out / "chart.png"
+    proc = _bench("--quick", "--json", str(result_path), "--chart", str(chart_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(result_path.read_text()), proc.stdout, chart_path
+
+
+def test_every_scenario_is_reported(quick: tuple[dict[str, Any], str, Path]) -> None:
+    doc, stdout, _ = quick
+    assert doc["quick"] is True
+    scenarios = {row["scenario"] for row in doc["results"]}
+    for scenario in SCENARIOS:
+        assert scenario in scenarios
+        assert scenario in stdout
+    for k in (1, 4):
+        name = f"thread dispatch, {k} handler{'s' if k > 1 else ''}"
+        assert {r["dispatcher"] for r in doc["results"] if r["scenario"] == name} == (
+            THREAD_DISPATCHERS
+        )
+
+
+def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = quick
+    for row in doc["results"]:
+        assert math.isfinite(row["value"]), row
+        assert row["value"] > 0, row
+        assert row["ok"] is True, row
+        if row["ratio"] is not None:
+            assert math.isfinite(row["ratio"]), row
+            assert row["ratio"] > 0, row
+        detail = row["detail"]
+        if "expected" in detail:
+            assert detail["handled"] == detail["expected"] > 0, row
+    memory = next(r for r in doc["results"] if r["scenario"].startswith("memory"))["detail"]
+    assert memory["emitted"] == memory["events"] == 20_000
+    assert memory["handled_deliveries"] == memory["expected_deliveries"] == 4 * 20_000
+    assert memory["mode"] in {"max_pending", "batches+drain"}
+    subs = next(
+        r
+        for r in doc["results"]
+        if r["scenario"].startswith("emit cost vs") and "400 subscriptions" in r["dispatcher"]
+    )
+    assert subs["detail"]["non_matching_handler_calls"] == 0
+    storm = next(r for r in doc["results"] if r["dispatcher"].endswith("fails once"))
+    assert storm["detail"]["dead_letters"] == 0
+
+
+def test_targets_and_machine_are_reported(quick: tuple[dict[str, Any], str, Path]) -> None:
+    doc, stdout, _ = quick
+    targets = [c["target"] for c in doc["checks"]]
+    assert len(targets) == 10
+    for check in doc["checks"]:
+        assert isinstance(check["passed"], bool)
+        assert math.isfinite(check["measured"])
+        assert ("PASS  " if check["passed"] else "MISS  ") + check["target"] in stdout
+    lost = next(c for c in doc["checks"] if "nothing lost" in c["target"])
+    assert lost["passed"] is True
+    machine = doc["machine"]
+    assert machine["nproc"] >= 1
+    assert machine["cpu"]
+    assert machine["python"]
+    assert machine["date"]
+    assert "make_filtering_bound_logger(logging.WARNING)" in machine["structlog"]
+    assert "WARNING" in stdout
+
+
+def test_chart_is_written_or_skipped_with_a_message(
+    quick: tuple[dict[str, Any], str, Path],
+) -> None:
+    _, stdout, chart = quick
+    if "chart skipped" in stdout:
+        assert "matplotlib" in stdout
+        assert not chart.exists()
+    else:
+        assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_without_matplotlib_is_skipped(tmp_path: Path) -> None:
+    chart = tmp_path / "chart.png"
+    # The quick run again, with matplotlib made unimportable.
+    proc = _bench(
+        "--quick", "--chart", str(chart), prelude="import sys\nsys.modules['matplotlib'] = None\n"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "chart skipped: matplotlib is not installed" in proc.stdout
+    assert not chart.exists()
