@@ -11,6 +11,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
 from typing import Any, Self, overload
@@ -224,7 +225,13 @@ class EventBus:
                 )
             name = event_name_of(cls)
             payload = event
-        emitted = Event(name=name, payload=payload, metadata=freeze_metadata(metadata))
+        emitted = Event(
+            name=name,
+            payload=payload,
+            metadata=freeze_metadata(metadata),
+            id=new_id(),
+            occurred_at=datetime.now(UTC),
+        )
         subscriptions = self._registry.resolve(name, cls)
         context = contextvars.copy_context()
         record = EventRecord(emitted)

@@ -117,7 +117,12 @@ class Records:
         self._settled[event_id] = None
         while len(self._settled) > self._retention:
             old, _ = self._settled.popitem(last=False)
-            del self._events[old]
+            record = self._events.pop(old)
+            # Break the record <-> delivery reference cycle so the evicted event is freed at
+            # once rather than by the cyclic collector (which was half of emit's cost under
+            # load). Dead deliveries keep their record: a replay re-adds it.
+            if not any(d.state == "dead" for d in record.deliveries.values()):
+                record.deliveries = {}
 
     def add_dead_letter(self, dead_letter: DeadLetter, delivery: DeliveryRecord) -> None:
         self._dead[dead_letter.id] = (dead_letter, delivery)
