@@ -264,21 +264,17 @@ class EventBus:
         """Under self._lock: wait until *count* more deliveries fit under *limit*."""
         if getattr(self._in_handler, "active", False):
             return
-        deadline = None if self._block_timeout is None else time.monotonic() + self._block_timeout
-        self._sleepers += 1
-        try:
-            while self._active > 0 and self._active + count > limit:
-                if self._closed:
-                    raise BusClosedError("the bus closed while emit() waited for room")
-                remaining = _remaining(deadline)
-                if remaining == 0.0:
-                    raise QueueFullError(
-                        f"{self._active} deliveries pending (max_pending={limit}); "
-                        f"waited {self._block_timeout} s for room"
-                    )
-                self._changed.wait(remaining)
-        finally:
-            self._sleepers -= 1
+
+        def fits() -> bool:
+            return self._active == 0 or self._active + count <= limit
+
+        if not self._wait(lambda: self._closed or fits(), self._block_timeout):
+            raise QueueFullError(
+                f"{self._active} deliveries pending (max_pending={limit}); "
+                f"waited {self._block_timeout} s for room"
+            )
+        if self._closed:
+            raise BusClosedError("the bus closed while emit() waited for room")
 
     # -- running one delivery ------------------------------------------------------------
 
@@ -367,7 +363,8 @@ class EventBus:
             )
 
     def _retry_due(self, delivery: DeliveryRecord) -> None:
-        # Called by the retry queue's timer: back onto the executor, unless the bus stopped.
+        # Called by the retry queue's timer (and by close() for retries already due): back
+        # onto the executor, unless the bus stopped.
         with self._lock:
             self._waiting -= 1
             self._active += 1
@@ -543,13 +540,8 @@ class EventBus:
             due = self._retries.take_due(self._clock.monotonic())
             if not due:
                 return
-            with self._lock:
-                self._waiting -= len(due)
-                self._active += len(due)
-                for delivery in due:
-                    delivery.state = "pending"
             for delivery in due:
-                self._executor.submit(self._job(delivery))
+                self._retry_due(delivery)
 
     def __enter__(self) -> Self:
         return self
