@@ -34,7 +34,7 @@ from eventbus.exceptions import (
     UnknownHandlerError,
 )
 from eventbus.retry import RetryPolicy, RetryQueue
-from eventbus.typing import Clock, Executor, Handler, HandlerT, Job
+from eventbus.typing import Cancellable, Clock, Executor, Handler, HandlerT, Job, Store
 
 __all__ = ["EventBus"]
 
@@ -79,6 +79,10 @@ class EventBus:
     * ``log_payloads``: add payloads and metadata, with secrets redacted, to log records.
     * ``redact_keys``: key fragments whose values are redacted when payloads are logged.
     * ``name``: used for thread names and as the structlog logger name.
+    * ``store``: a :class:`~eventbus.typing.Store` that keeps every delivery's state, e.g.
+      :class:`eventbus.stores.SQLiteStore`, so that work survives a crash (see
+      :meth:`recover`). Without one, records live in this process's memory only. The bus
+      opens the store and closes it in :meth:`close`; one store serves one open bus.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class EventBus:
         log_payloads: bool = False,
         redact_keys: Iterable[str] = DEFAULT_REDACT_KEYS,
         name: str = "eventbus",
+        store: Store | None = None,
     ) -> None:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
@@ -134,6 +139,12 @@ class EventBus:
                 on_error=lambda exc: self._outcomes.internal_error("worker", exc),
             )
         self._executor = executor
+        self._store = store
+        self._warned_unknown: set[str] = set()
+        self._poll: Cancellable | None = None
+        self._left_in_store = 0  # deliveries close() left unfinished in the store
+        if store is not None:
+            store.open()
         _open_buses.add(self)
 
     # -- subscriptions -------------------------------------------------------------------
@@ -160,6 +171,8 @@ class EventBus:
         def decorator(handler: HandlerT) -> HandlerT:
             check_handler(handler)
             self._registry.add(target, handler, name=name, priority=priority, retry=retry)
+            if isinstance(target, type):
+                self._register_type(target)
             return handler
 
         return decorator
@@ -186,45 +199,50 @@ class EventBus:
 
     @overload
     def emit(
-        self, event: str, payload: Any = None, *, metadata: Mapping[str, str] | None = None
+        self,
+        event: str,
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key: str | None = None,
     ) -> Event: ...
 
     @overload
-    def emit(self, event: object, *, metadata: Mapping[str, str] | None = None) -> Event: ...
+    def emit(
+        self, event: object, *, metadata: Mapping[str, str] | None = None, key: str | None = None
+    ) -> Event: ...
 
     def emit(
-        self, event: object, payload: Any = None, *, metadata: Mapping[str, str] | None = None
+        self,
+        event: object,
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key: str | None = None,
     ) -> Event:
         """Publish an event and return it at once; handlers run later, on the executor.
 
         *event* is a name, with an optional *payload*, or an instance of an event class (the
         instance is then the payload). The emitter's context variables are visible in every
-        handler of this event. Never blocks on handlers.
+        handler of this event. Never blocks on handlers. With a store, returns once the event
+        and its deliveries are committed.
+
+        *key* makes the emit idempotent: while the event first emitted under that key is
+        retained (``status_retention``, or the store's retention), emitting again with the
+        same key delivers nothing and returns that first event.
 
         Raises ``BusClosedError`` after :meth:`close`, ``InvalidEventNameError`` for a
         malformed name, ``InvalidEventError`` for a payload next to an event instance or for a
-        plain value in place of an event, ``TypeError`` for non-string metadata, and
-        ``QueueFullError`` when ``max_pending`` is reached and ``block_timeout`` runs out. In
-        every error case nothing was queued.
+        plain value in place of an event, ``TypeError`` for non-string metadata, a non-string
+        key or (with a store) a payload the store cannot encode, ``ValueError`` for an empty
+        key, and ``QueueFullError`` when ``max_pending`` is reached and ``block_timeout`` runs
+        out. In every error case nothing was queued or stored.
         """
         if self._closed:
             raise BusClosedError("emit() after close(): this bus accepts no more events")
-        if isinstance(event, str):
-            cls = None
-            name = validate_name(event)
-        else:
-            cls = type(event)
-            if payload is not None:
-                raise InvalidEventError(
-                    "an event instance is its own payload: call emit(instance), not "
-                    "emit(instance, payload)"
-                )
-            if isinstance(event, type) or cls.__module__ == "builtins":
-                raise InvalidEventError(
-                    f"emit() takes an event name or an event instance, got {event!r}"
-                )
-            name = event_name_of(cls)
-            payload = event
+        name, cls, payload = _resolve_event(event, payload)
+        if key is not None:
+            _check_key(key)
         emitted = Event(
             name=name,
             payload=payload,
@@ -234,19 +252,14 @@ class EventBus:
         )
         subscriptions = self._registry.resolve(name, cls)
         context = contextvars.copy_context()
-        record = EventRecord(emitted)
+        record = EventRecord(emitted, key if self._store is None else None)
         for sub in subscriptions:
             policy = sub.retry if sub.retry is not None else self._retry
             record.deliveries[sub.name] = DeliveryRecord(record, sub, policy, context)
         count = record.unsettled = len(subscriptions)
-        with self._lock:
-            if self._closed:  # lost the race with close(): nothing was queued
-                raise BusClosedError("emit() after close(): this bus accepts no more events")
-            limit = self._max_pending
-            if limit is not None and self._active + count > limit:
-                self._wait_for_room(count, limit)
-            self._active += count
-            self._records.add(record)
+        first = self._admit(record, key)
+        if first is not None:
+            return first
         # Asked once per event, not per delivery: filtered-out successes then cost nothing.
         record.verbose = self._outcomes.debug_enabled()
         if not subscriptions:
@@ -259,6 +272,55 @@ class EventBus:
         for delivery in record.deliveries.values():
             submit(self._job(delivery))
         return emitted
+
+    def _admit(self, record: EventRecord, key: str | None) -> Event | None:
+        """Count the event's deliveries as active (waiting for room if the bus is full) and
+        record it, in the store if there is one. Returns the first event emitted under *key*
+        instead, having admitted nothing, when there is one."""
+        store = self._store
+        count = record.unsettled
+        with self._lock:
+            if self._closed:  # lost the race with close(): nothing was queued
+                raise BusClosedError("emit() after close(): this bus accepts no more events")
+            if key is not None and store is None:
+                first = self._records.find_key(key)
+                if first is not None:
+                    return first
+            limit = self._max_pending
+            if limit is not None and self._active + count > limit:
+                self._wait_for_room(count, limit)
+            self._active += count
+            if store is None:
+                self._records.add(record)
+                return None
+        return self._store_event(store, record, key)
+
+    def _store_event(self, store: Store, record: EventRecord, key: str | None) -> Event | None:
+        """Commit the event (its deliveries already counted as active), or give the counted
+        room back when the store refuses it or already holds the key's first event."""
+        count = record.unsettled
+        try:
+            first = store.add(record.event, list(record.deliveries), key)
+        except BaseException:
+            self._release_room(count)
+            raise
+        if first is not None:
+            self._release_room(count)
+            return first
+        with self._lock:
+            self._records.add(record)
+        return None
+
+    def _release_room(self, count: int) -> None:
+        with self._lock:
+            self._active -= count
+            if self._sleepers:
+                self._changed.notify_all()
+
+    def _register_type(self, cls: type[Any]) -> None:
+        register = getattr(self._store, "codec", None)
+        if register is not None:
+            register.register(cls)
 
     def _wait_for_room(self, count: int, limit: int) -> None:
         """Under self._lock: wait until *count* more deliveries fit under *limit*."""
@@ -299,15 +361,20 @@ class EventBus:
         started = self._clock.monotonic() if verbose or delivery.attempts == 1 else 0.0
         if delivery.attempts == 1:
             delivery.first_attempt_at = started
+        store = self._store
         local = self._in_handler
         local.active = True
         try:
+            if store is not None:  # committed first: a crash in the handler counts as an attempt
+                store.started(delivery.event.id, delivery.handler, delivery.attempts)
             delivery.subscription.handler(delivery.event)
         except BaseException as exc:  # noqa: BLE001 - isolation: nothing reaches the emitter
             local.active = False
             self._failed(delivery, exc)
         else:
             local.active = False
+            if store is not None:
+                self._persist(store.succeeded, delivery.event.id, delivery.handler)
             with self._lock:
                 self._records.settle(delivery, "succeeded")
                 self._finish_one()
@@ -341,6 +408,16 @@ class EventBus:
             )
             self._dead_letter(delivery, reason, _traceback(error))
             return
+        if self._store is not None:
+            due_at = time.time() + delay  # wall-clock: the next process reads it too
+            self._persist(
+                self._store.retrying,
+                delivery.event.id,
+                delivery.handler,
+                delivery.attempts,
+                delivery.error,
+                due_at,
+            )
         with self._lock:
             if self._stopped:  # closed: there is no retry queue to wait in any more
                 stopped = True
@@ -350,7 +427,7 @@ class EventBus:
                 self._waiting += 1
                 self._finish_one()  # wakes close(), which waits for _active == 0
         if stopped:
-            self._dead_letter(delivery, "abandoned", _traceback(error))
+            self._abandon([delivery], _traceback(error))
             return
         self._retries.schedule(delivery, delay)
         self._outcomes.retry_scheduled(delivery.event, delivery.handler, delivery.attempts, delay)
@@ -372,7 +449,7 @@ class EventBus:
             if not stopped:
                 delivery.state = "pending"
         if stopped:
-            self._dead_letter(delivery, "abandoned", None)
+            self._abandon([delivery], None)
         else:
             self._executor.submit(self._job(delivery))
 
@@ -389,15 +466,46 @@ class EventBus:
             reason=reason,
             traceback=trace,
         )
+        store = self._store
+        if store is not None:
+            self._persist(store.dead, dead_letter)
         with self._lock:
             self._records.settle(delivery, "dead")
-            self._records.add_dead_letter(dead_letter, delivery)
+            if store is None:
+                self._records.add_dead_letter(dead_letter, delivery)
             if reason == "abandoned":
                 self._abandoned += 1
             self._finish_one()
         self._outcomes.dead_lettered(dead_letter)
         if signals.has_receivers(signals.dead_lettered):
             self._signal(signals.dead_lettered, event=dead_letter.event, dead_letter=dead_letter)
+
+    def _abandon(self, deliveries: list[DeliveryRecord], trace: str | None) -> None:
+        """Settle active deliveries the stopped bus will not run: dead letters ("abandoned")
+        without a store; with one, they stay unfinished in it for the next process."""
+        store = self._store
+        if store is None:
+            for delivery in deliveries:
+                self._dead_letter(delivery, "abandoned", trace)
+            return
+        if deliveries:
+            self._persist(store.release, [(d.event.id, d.handler) for d in deliveries])
+        for delivery in deliveries:
+            self._outcomes.left_in_store(delivery.event, delivery.handler, delivery.state)
+        with self._lock:
+            self._left_in_store += len(deliveries)
+            self._active -= len(deliveries)
+            if self._sleepers:
+                self._changed.notify_all()
+
+    def _persist(self, write: Callable[..., object], *args: Any) -> None:
+        # A store write after the fact (a success, a failure): if it fails the delivery's
+        # in-memory outcome stands and the store still holds the earlier state, so a later
+        # recovery runs it again (at least once). Say so loudly; never lose the worker.
+        try:
+            write(*args)
+        except Exception as exc:  # noqa: BLE001 - reported, and the delivery goes on
+            self._outcomes.internal_error("store", exc)
 
     def _finish_one(self) -> None:
         # Under self._lock.
@@ -429,18 +537,26 @@ class EventBus:
             return self._wait(lambda: self._active + self._waiting == 0, timeout)
 
     def status(self, event_id: str) -> Mapping[str, Delivery]:
-        """Where each delivery of the event stands, by handler name (a snapshot).
+        """Where each delivery of the event stands, by handler name (a snapshot). With a store,
+        events of other processes and earlier runs are found there.
 
-        Raises ``UnknownEventError`` (a ``KeyError``) for an id never emitted on this bus or
-        already evicted by ``status_retention``."""
+        Raises ``UnknownEventError`` (a ``KeyError``) for an id never emitted on this bus (or
+        its store) or already evicted by retention."""
+        # With a store, its rows are the base (other processes' deliveries, earlier runs) and
+        # this bus's in-memory records, fresher for what runs here, are laid over them.
+        stored = None if self._store is None else self._store.status(event_id)
         with self._lock:
             record = self._records.get(event_id)
-            if record is None:
+            if record is None and stored is None:
                 raise UnknownEventError(event_id)
-            return {name: d.snapshot() for name, d in record.deliveries.items()}
+            here = {} if record is None else record.deliveries
+            return {**(stored or {}), **{name: d.snapshot() for name, d in here.items()}}
 
     def dead_letters(self) -> list[DeadLetter]:
-        """The dead letters, oldest first. They stay until replayed or purged."""
+        """The dead letters, oldest first (with a store: all of the store's). They stay until
+        replayed or purged."""
+        if self._store is not None:
+            return self._store.dead_letters()
         with self._lock:
             return self._records.dead_letters()
 
@@ -453,6 +569,9 @@ class EventBus:
         (the dead letter then stays), and ``BusClosedError`` after close."""
         dead_letter_id = dead_letter if isinstance(dead_letter, str) else dead_letter.id
         context = contextvars.copy_context()
+        if self._store is not None:
+            self._replay_stored(self._store, dead_letter_id, context)
+            return
         with self._lock:
             if self._closed:
                 raise BusClosedError("replay() after close()")
@@ -476,10 +595,122 @@ class EventBus:
         self._outcomes.replayed(letter)
         self._executor.submit(self._job(delivery))
 
+    def _replay_stored(
+        self, store: Store, dead_letter_id: str, context: contextvars.Context
+    ) -> None:
+        if self._closed:
+            raise BusClosedError("replay() after close()")
+        letter = store.dead_letter(dead_letter_id)
+        if letter is None:
+            raise UnknownDeadLetterError(dead_letter_id)
+        subscription = self._registry.find(letter.handler)
+        if subscription is None:
+            raise UnknownHandlerError(
+                f"no handler named {letter.handler!r} is subscribed; the dead letter stays"
+            )
+        if store.replay_dead_letter(dead_letter_id, claim=True) is None:
+            raise UnknownDeadLetterError(dead_letter_id)  # replayed elsewhere meanwhile
+        policy = subscription.retry if subscription.retry else self._retry
+        with self._lock:
+            delivery = self._records.adopt(letter.event, subscription, policy, context)
+            assert delivery is not None  # it was dead, so not in flight
+            delivery.first_attempt_at = self._clock.monotonic()
+            self._active += 1
+        self._outcomes.replayed(letter)
+        self._executor.submit(self._job(delivery))
+
     def purge_dead_letters(self) -> int:
         """Delete every dead letter; return how many there were."""
+        if self._store is not None:
+            return self._store.purge_dead_letters()
         with self._lock:
             return self._records.purge_dead_letters()
+
+    # -- recovering from a store ---------------------------------------------------------
+
+    def recover(self) -> int:
+        """Take over the store's unfinished deliveries (those of an earlier run or a crashed
+        process) and queue them; return how many. Call it once handlers are subscribed.
+
+        Pending and interrupted deliveries are queued now, retries at their due time. A
+        delivery whose process died during its last allowed attempt becomes a dead letter
+        (``"exhausted"``), so a handler that kills the process cannot loop across restarts.
+        Deliveries for handler names not subscribed here are left pending in the store for
+        a process that has the handler, with one ``delivery.unknown_handler`` warning per
+        name. Rows that cannot be decoded become dead letters. Afterwards the bus keeps
+        looking every ``store.poll_interval`` seconds, so replays made from the command line
+        and the work of a process that dies later are picked up while it runs.
+
+        Raises ``RuntimeError`` without a store and ``BusClosedError`` after close.
+        """
+        if self._store is None:
+            raise RuntimeError("recover() needs a store: EventBus(store=SQLiteStore(...))")
+        if self._closed:
+            raise BusClosedError("recover() after close()")
+        count = self._take_over(self._store)
+        with self._lock:
+            if self._poll is None and not self._closed:
+                self._poll = self._clock.call_later(self._store.poll_interval, self._poll_store)
+        return count
+
+    def _poll_store(self) -> None:
+        store = self._store
+        assert store is not None
+        if self._closed:
+            return
+        try:
+            self._take_over(store)
+        except Exception as exc:  # noqa: BLE001 - keep polling; the next look may work
+            self._outcomes.internal_error("store", exc)
+        with self._lock:
+            if not self._closed:
+                self._poll = self._clock.call_later(store.poll_interval, self._poll_store)
+
+    def _take_over(self, store: Store) -> int:
+        claim = store.claim(self._registry.names())
+        for letter in claim.quarantined:
+            self._outcomes.dead_lettered(letter)
+        for handler, count in claim.unknown.items():
+            if handler not in self._warned_unknown:
+                self._warned_unknown.add(handler)
+                self._outcomes.unknown_handler(handler, count)
+        now = time.time()
+        queued = 0
+        for stored in claim.deliveries:
+            subscription = self._registry.find(stored.handler)
+            if subscription is None:  # unsubscribed since the claim: give it back
+                store.release([(stored.event.id, stored.handler)])
+                continue
+            policy = subscription.retry if subscription.retry else self._retry
+            with self._lock:
+                delivery = self._records.adopt(
+                    stored.event, subscription, policy, contextvars.copy_context()
+                )
+                if delivery is None:
+                    continue
+                delivery.attempts = stored.attempts
+                delivery.error = stored.error
+                delivery.first_attempt_at = self._clock.monotonic()
+                self._active += 1
+            if stored.state == "running" and stored.attempts >= policy.max_attempts:
+                delivery.error = (
+                    f"ProcessLost: the process stopped during attempt {stored.attempts}"
+                )
+                self._dead_letter(delivery, "exhausted", None)
+                continue
+            queued += 1
+            delay = 0.0 if stored.due_at is None else stored.due_at - now
+            if stored.state == "retrying" and delay > 0:
+                with self._lock:
+                    delivery.state = "retrying"
+                    self._waiting += 1
+                    self._finish_one()
+                self._retries.schedule(delivery, delay)
+            else:
+                self._executor.submit(self._job(delivery))
+        if claim.deliveries or claim.quarantined:
+            self._outcomes.recovered(queued, len(claim.quarantined))
+        return queued
 
     # -- shutting down -------------------------------------------------------------------
 
@@ -493,9 +724,12 @@ class EventBus:
         then stop the workers. Blocks up to *timeout* seconds (``None``: until done).
 
         Retries not yet due, and (after a timeout) deliveries that never started, become dead
-        letters with reason ``"abandoned"``; a ``bus.closed`` warning says how many. Handlers
-        still running after a timeout finish on their own and are recorded as usual. Idempotent.
-        Raises ``DrainInHandlerError`` when called from a handler.
+        letters with reason ``"abandoned"``; with a store they stay unfinished in it instead,
+        for :meth:`recover` to pick up. A ``bus.closed`` record says how many of each. Handlers
+        still running after a timeout finish on their own and are recorded as usual (with a
+        store, a handler still running when the store closes is run again after recovery).
+        The store is closed last. Idempotent. Raises ``DrainInHandlerError`` when called from
+        a handler.
         """
         if getattr(self._in_handler, "active", False):
             raise DrainInHandlerError(
@@ -521,12 +755,14 @@ class EventBus:
             self._waiting -= len(waiting)
             self._active += len(waiting)
         not_started = [_delivery_of(job) for job in self._executor.shutdown(_remaining(deadline))]
-        for delivery in waiting + not_started:
-            self._dead_letter(delivery, "abandoned", None)
+        self._abandon(waiting + not_started, None)
         with self._lock:
             still_running = self._active
             abandoned = self._abandoned
-        self._outcomes.closed(abandoned, still_running)
+            left_in_store = None if self._store is None else self._left_in_store
+        if self._store is not None:
+            self._persist(self._store.close)
+        self._outcomes.closed(abandoned, still_running, left_in_store)
         if signals.has_receivers(signals.bus_closed):
             self._signal(signals.bus_closed, abandoned=abandoned)
 
@@ -564,6 +800,27 @@ def _delivery_of(job: Job) -> DeliveryRecord:
     delivery = job.args[0]
     assert isinstance(delivery, DeliveryRecord)
     return delivery
+
+
+def _resolve_event(event: object, payload: Any) -> tuple[str, type[Any] | None, Any]:
+    """emit()'s arguments as (event name, event class or None, payload); raises as emit() says."""
+    if isinstance(event, str):
+        return validate_name(event), None, payload
+    cls = type(event)
+    if payload is not None:
+        raise InvalidEventError(
+            "an event instance is its own payload: call emit(instance), not emit(instance, payload)"
+        )
+    if isinstance(event, type) or cls.__module__ == "builtins":
+        raise InvalidEventError(f"emit() takes an event name or an event instance, got {event!r}")
+    return event_name_of(cls), cls, event
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {type(key).__name__}")
+    if not key:
+        raise ValueError("key must not be empty")
 
 
 def _check_bound(value: int | None, what: str) -> int | None:

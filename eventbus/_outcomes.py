@@ -183,9 +183,31 @@ class OutcomeRecorder:
             dead_letter_id=dead_letter.id,
         )
 
-    def closed(self, abandoned: int, still_running: int) -> None:
+    def left_in_store(self, event: Event, handler: str, state: str) -> None:
+        self._log.info(
+            "handler.left_in_store",
+            event_id=event.id,
+            event_name=event.name,
+            handler=handler,
+            state=state,
+        )
+
+    def unknown_handler(self, handler: str, deliveries: int) -> None:
+        self._log.warning(
+            "delivery.unknown_handler",
+            handler=handler,
+            deliveries=deliveries,
+            action="left pending in the store for a process that subscribes it",
+        )
+
+    def recovered(self, queued: int, quarantined: int) -> None:
+        self._log.info("bus.recovered", queued=queued, quarantined=quarantined)
+
+    def closed(self, abandoned: int, still_running: int, left_in_store: int | None) -> None:
+        """*left_in_store* is ``None`` for a bus without a store (the key is then left out)."""
         level = self._log.warning if abandoned or still_running else self._log.info
-        level("bus.closed", abandoned=abandoned, still_running=still_running)
+        extra = {} if left_in_store is None else {"left_in_store": left_in_store}
+        level("bus.closed", abandoned=abandoned, still_running=still_running, **extra)
 
     def receiver_failed(self, signal: str, error: BaseException) -> None:
         self._log.error(

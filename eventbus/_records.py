@@ -64,10 +64,11 @@ class DeliveryRecord:
 class EventRecord:
     """An event and its deliveries; *unsettled* counts those not yet succeeded or dead."""
 
-    __slots__ = ("deliveries", "event", "unsettled", "verbose")
+    __slots__ = ("deliveries", "event", "key", "unsettled", "verbose")
 
-    def __init__(self, event: Event) -> None:
+    def __init__(self, event: Event, key: str | None = None) -> None:
         self.event = event
+        self.key = key
         self.deliveries: dict[str, DeliveryRecord] = {}
         self.unsettled = 0
         # Whether debug-level outcomes (emitted, succeeded) are logged for this event.
@@ -86,11 +87,44 @@ class Records:
         self._settled: OrderedDict[str, None] = OrderedDict()
         # The delivery record rides along so that a replay continues the same status entry.
         self._dead: dict[str, tuple[DeadLetter, DeliveryRecord]] = {}
+        # Idempotency keys of retained events (a bus without a store answers for them).
+        self._keys: dict[str, EventRecord] = {}
 
     def add(self, record: EventRecord) -> None:
         self._events[record.event.id] = record
+        if record.key is not None:
+            self._keys[record.key] = record
         if record.unsettled == 0:
             self._mark_settled(record.event.id)
+
+    def find_key(self, key: str) -> Event | None:
+        """The retained event emitted under idempotency *key*, if any."""
+        record = self._keys.get(key)
+        return None if record is None else record.event
+
+    def adopt(
+        self,
+        event: Event,
+        subscription: Subscription,
+        policy: RetryPolicy,
+        context: contextvars.Context,
+    ) -> DeliveryRecord | None:
+        """An unsettled delivery record for *event* to *subscription*'s handler, for work taken
+        over from a store: the event's record is reused (re-added if evicted) or created.
+        ``None`` if that delivery is already in flight here."""
+        record = self._events.get(event.id)
+        if record is None:
+            record = EventRecord(event)
+            self._events[event.id] = record
+        delivery = record.deliveries.get(subscription.name)
+        if delivery is not None and delivery.state not in ("succeeded", "dead"):
+            return None
+        if record.unsettled == 0:
+            self._settled.pop(event.id, None)
+        record.unsettled += 1
+        delivery = DeliveryRecord(record, subscription, policy, context)
+        record.deliveries[subscription.name] = delivery
+        return delivery
 
     def get(self, event_id: str) -> EventRecord | None:
         return self._events.get(event_id)
@@ -118,6 +152,8 @@ class Records:
         while len(self._settled) > self._retention:
             old, _ = self._settled.popitem(last=False)
             record = self._events.pop(old)
+            if record.key is not None:
+                self._keys.pop(record.key, None)
             # Break the record <-> delivery reference cycle so the evicted event is freed at
             # once rather than by the cyclic collector (which was half of emit's cost under
             # load). Dead deliveries keep their record: a replay re-adds it.

@@ -157,6 +157,11 @@ class Registry:
         with self._lock:
             return next((s for s in self._subscriptions if s.name == name), None)
 
+    def names(self) -> frozenset[str]:
+        """The names of every subscribed handler."""
+        with self._lock:
+            return frozenset(self._by_name)
+
     def resolve(self, name: str, cls: type[Any] | None) -> tuple[Subscription, ...]:
         """Subscriptions that receive event *name* (of class *cls*, for a typed event), in
         start order (higher priority first, then registration order), one per handler."""

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
-    from eventbus._event import Event
+    from eventbus._event import DeadLetter, Delivery, Event
+    from eventbus.stores._model import Claim
 
-__all__ = ["Cancellable", "Clock", "DeliveryState", "Executor", "Handler", "HandlerT", "Job"]
+__all__ = [
+    "Cancellable",
+    "Clock",
+    "DeliveryState",
+    "Executor",
+    "Handler",
+    "HandlerT",
+    "Job",
+    "Store",
+]
 
 #: A handler takes the :class:`~eventbus.Event` and returns nothing useful.
 Handler: TypeAlias = "Callable[[Event], object]"
@@ -51,3 +61,62 @@ class Clock(Protocol):
     def close(self) -> None:
         """Stop the clock's timer: once this returns, no callback runs or ever will (callbacks
         scheduled afterwards are accepted and never called; their owner collects them)."""
+
+
+class Store(Protocol):
+    """Where a bus keeps every delivery's state so that it survives the process.
+
+    The bus keeps in-flight deliveries in memory either way; a store is told of each state
+    change and answers for what is not in memory (another process's work, dead letters, old
+    events). Implementations are thread-safe. Writes return once they are committed. See
+    :class:`eventbus.stores.SQLiteStore` and :class:`eventbus.stores.MemoryStore`.
+    """
+
+    #: Seconds between a recovered bus's looks for deliveries to take over.
+    poll_interval: float
+
+    def open(self) -> str:
+        """Start one bus's session; return its owner id. ``RuntimeError`` if already open."""
+
+    def close(self) -> None:
+        """End the session: this owner's unfinished deliveries become claimable by others."""
+
+    def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
+        """Commit the event with a pending delivery per handler; or return the event already
+        stored under *key* and write nothing. ``TypeError`` for an unstorable payload."""
+
+    def started(self, event_id: str, handler: str, attempts: int) -> None:
+        """Commit that attempt *attempts* starts now (before the handler runs)."""
+
+    def succeeded(self, event_id: str, handler: str) -> None:
+        """Commit a success."""
+
+    def retrying(
+        self, event_id: str, handler: str, attempts: int, error: str, due_at: float
+    ) -> None:
+        """Commit a failure to be retried at wall-clock time *due_at*."""
+
+    def dead(self, dead_letter: DeadLetter) -> None:
+        """Commit a dead letter."""
+
+    def release(self, deliveries: Collection[tuple[str, str]]) -> None:
+        """Leave (event id, handler) deliveries unfinished and unowned, for the next claim."""
+
+    def claim(self, handlers: Collection[str]) -> Claim:
+        """Take over unfinished deliveries for *handlers* that no live session owns."""
+
+    def status(self, event_id: str) -> Mapping[str, Delivery] | None:
+        """Each delivery of the event by handler, or ``None`` for an unknown event."""
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+
+    def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter, or ``None``."""
+
+    def replay_dead_letter(self, dead_letter_id: str, *, claim: bool = False) -> DeadLetter | None:
+        """Remove the dead letter and make its delivery pending (owned by this session with
+        *claim*, else by whoever claims next). ``None`` if there is no such letter."""
+
+    def purge_dead_letters(self, ids: Collection[str] | None = None) -> int:
+        """Delete dead letters (all when *ids* is ``None``); return how many."""

@@ -325,7 +325,7 @@ def test_dead_lettered_record(recorder: OutcomeRecorder, event: Event) -> None:
 def test_clean_close_is_info(recorder: OutcomeRecorder) -> None:
     """bus.closed with nothing abandoned or still running is an info record."""
     with capture_logs() as logs:
-        recorder.closed(0, 0)
+        recorder.closed(0, 0, None)
     assert _one(logs) == {
         "event": "bus.closed",
         "log_level": "info",
@@ -340,7 +340,7 @@ def test_unclean_close_is_a_warning(
 ) -> None:
     """bus.closed is a warning when deliveries were abandoned or are still running."""
     with capture_logs() as logs:
-        recorder.closed(abandoned, still_running)
+        recorder.closed(abandoned, still_running, None)
     assert _one(logs) == {
         "event": "bus.closed",
         "log_level": "warning",

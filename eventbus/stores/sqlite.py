@@ -1,0 +1,557 @@
+"""SQLiteStore: every delivery's state in an SQLite file, so nothing is lost across crashes.
+
+Thread-safe: one connection per store, used under a lock; other processes sharing the file are
+serialised by SQLite itself (WAL, ``busy_timeout``, ``BEGIN IMMEDIATE`` for every write).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from eventbus._event import DeadLetter, Delivery, Event, new_id
+from eventbus.codec import JsonCodec
+from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
+
+__all__ = ["SQLiteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    payload_type TEXT,
+    payload TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    occurred_at TEXT NOT NULL,
+    key TEXT UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_id TEXT NOT NULL,
+    handler TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    due_at REAL,
+    owner TEXT,
+    PRIMARY KEY (event_id, handler)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (state)
+    WHERE state IN ('pending', 'running', 'retrying');
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    handler TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    traceback TEXT,
+    failed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS owners (
+    owner TEXT PRIMARY KEY,
+    heartbeat REAL NOT NULL
+);
+"""
+
+_OPEN_STATES = "('pending', 'running', 'retrying')"
+_EVENT_COLUMNS = "e.id, e.name, e.payload_type, e.payload, e.metadata, e.occurred_at"
+
+#: How often old succeeded events are pruned, in emits.
+_PRUNE_EVERY = 1000
+
+
+class SQLiteStore:
+    """Deliveries, dead letters and idempotency keys in an SQLite database file.
+
+    Options:
+
+    * ``synchronous``: ``"NORMAL"`` (default) survives a crash of the process at any moment,
+      since every commit reaches the write-ahead log before ``emit()`` returns; a power loss or
+      OS crash may lose the last transactions. ``"FULL"`` also survives those, at the cost of an
+      fsync per commit (several times slower on most disks).
+    * ``busy_timeout``: seconds a write waits for another process's write lock. Writes that
+      still find the database locked are retried until ``busy_timeout`` has passed three
+      times over, then raise ``sqlite3.OperationalError``.
+    * ``lease``: seconds without a heartbeat after which another process may take over a
+      bus's unfinished deliveries. An owner on this host whose process is gone is taken over
+      at once. The heartbeat runs every ``lease / 3`` seconds.
+    * ``poll_interval``: how often a recovered bus looks for deliveries to take over (replays
+      made from the command line, work of a crashed process).
+    * ``retention`` / ``retention_seconds``: succeeded events are pruned once more than
+      ``retention`` events are stored or they are older than ``retention_seconds``. Events
+      with a dead letter or an unfinished delivery are never pruned. Idempotency keys live as
+      long as their event.
+    * ``codec``: how payloads become JSON (:class:`eventbus.codec.JsonCodec` by default).
+
+    The file and its ``-wal``/``-shm`` companions are created readable by the owner only.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        busy_timeout: float = 5.0,
+        lease: float = 30.0,
+        poll_interval: float = 1.0,
+        retention: int = 100_000,
+        retention_seconds: float = 7 * 24 * 3600,
+        codec: JsonCodec | None = None,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        for what, value in (("busy_timeout", busy_timeout), ("lease", lease)):
+            if value <= 0:
+                raise ValueError(f"{what} must be > 0, got {value!r}")
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self.path = Path(path)
+        self.codec = codec if codec is not None else JsonCodec()
+        self.poll_interval = poll_interval
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._lease = lease
+        self._retention = retention
+        self._retention_seconds = retention_seconds
+        self._lock = threading.Lock()
+        self._owner: str | None = None
+        self._emits = 0
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = self._connect()
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if str(self.path) != ":memory:" and not self.path.exists():
+            # Created owner-only here; SQLite gives -wal and -shm the database file's mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        db = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+        with self._write(db):
+            _create_schema(db)
+        return db
+
+    @contextmanager
+    def _write(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction: ``BEGIN IMMEDIATE`` takes the write lock up front, so a
+        transaction never fails half-way on a lock; "database is locked" is retried."""
+        conn = db if db is not None else self._db
+        if conn is None:
+            raise RuntimeError("the store is closed")
+        deadline = time.monotonic() + 3 * self._busy_timeout
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def open(self) -> str:
+        """Start a session for one bus: register an owner and start its heartbeat. Returns
+        the owner id. Raises ``RuntimeError`` if the store is already open."""
+        with self._lock:
+            if self._owner is not None:
+                raise RuntimeError("this store is already used by an open bus")
+            if self._db is None:
+                self._db = self._connect()
+            self._owner = owner = new_owner()
+            with self._write() as db:
+                db.execute("INSERT OR REPLACE INTO owners VALUES (?, ?)", (owner, time.time()))
+        self._stop.clear()
+        self._heartbeat = threading.Thread(
+            target=self._beat, name="eventbus-store-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
+        return owner
+
+    def _beat(self) -> None:
+        # Event.wait, not sleep: close() ends the wait at once.
+        while not self._stop.wait(self._lease / 3):
+            with self._lock:
+                if self._owner is None:
+                    return
+                with self._write() as db:
+                    db.execute(
+                        "UPDATE owners SET heartbeat = ? WHERE owner = ?",
+                        (time.time(), self._owner),
+                    )
+
+    def close(self) -> None:
+        """End the session: unfinished deliveries of this owner become anyone's (they stay in
+        the file, pending or waiting for their retry), and the connection is closed.
+        Idempotent; the store can be opened again."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+        with self._lock:
+            owner, self._owner = self._owner, None
+            if owner is not None:
+                with self._write() as db:
+                    db.execute(
+                        f"UPDATE deliveries SET owner = NULL, "
+                        f"state = CASE state WHEN 'running' THEN 'pending' ELSE state END "
+                        f"WHERE owner = ? AND state IN {_OPEN_STATES}",
+                        (owner,),
+                    )
+                    db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # -- the bus's writes ----------------------------------------------------------------
+
+    def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
+        """Commit *event* and one pending delivery per handler, owned by this session.
+
+        Returns ``None``, or the event first stored under *key* (then nothing is written).
+        Raises ``TypeError`` for a payload the codec cannot encode, before writing anything.
+        """
+        type_name, payload = self.codec.encode(event.payload)
+        metadata = json.dumps(dict(event.metadata))
+        with self._lock:
+            owner = self._require_owner()
+            with self._write() as db:
+                if key is not None:
+                    row = db.execute(
+                        f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.key = ?", (key,)
+                    ).fetchone()
+                    if row is not None:
+                        return self._event_from_row(row)
+                db.execute(
+                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.id,
+                        event.name,
+                        type_name,
+                        payload,
+                        metadata,
+                        event.occurred_at.isoformat(),
+                        key,
+                        time.time(),
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO deliveries (event_id, handler, state, owner) "
+                    "VALUES (?, ?, 'pending', ?)",
+                    [(event.id, handler, owner) for handler in handlers],
+                )
+            self._emits += 1
+            if self._emits % _PRUNE_EVERY == 0:
+                self._prune()
+        return None
+
+    def started(self, event_id: str, handler: str, attempts: int) -> None:
+        """Commit that attempt number *attempts* is starting (before the handler runs, so a
+        crash inside it still counts)."""
+        self._update(
+            "UPDATE deliveries SET state = 'running', attempts = ? WHERE event_id = ? "
+            "AND handler = ?",
+            (attempts, event_id, handler),
+        )
+
+    def succeeded(self, event_id: str, handler: str) -> None:
+        """Commit a success."""
+        self._update(
+            "UPDATE deliveries SET state = 'succeeded', error = NULL, due_at = NULL, "
+            "owner = NULL WHERE event_id = ? AND handler = ?",
+            (event_id, handler),
+        )
+
+    def retrying(
+        self, event_id: str, handler: str, attempts: int, error: str, due_at: float
+    ) -> None:
+        """Commit a failed attempt that will be retried at wall-clock time *due_at*."""
+        self._update(
+            "UPDATE deliveries SET state = 'retrying', attempts = ?, error = ?, due_at = ? "
+            "WHERE event_id = ? AND handler = ?",
+            (attempts, error, due_at, event_id, handler),
+        )
+
+    def dead(self, dead_letter: DeadLetter) -> None:
+        """Commit a dead letter and mark its delivery dead."""
+        with self._lock, self._write() as db:
+            _insert_dead_letter(db, dead_letter)
+
+    def release(self, deliveries: Collection[tuple[str, str]]) -> None:
+        """Give up (event id, handler) deliveries this session will not run: they stay
+        pending (or waiting for their retry) for whichever bus claims them next."""
+        with self._lock, self._write() as db:
+            db.executemany(
+                "UPDATE deliveries SET owner = NULL, "
+                "state = CASE state WHEN 'running' THEN 'pending' ELSE state END "
+                "WHERE event_id = ? AND handler = ?",
+                list(deliveries),
+            )
+
+    def _update(self, sql: str, params: tuple[Any, ...]) -> None:
+        with self._lock, self._write() as db:
+            db.execute(sql, params)
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def claim(self, handlers: Collection[str]) -> Claim:
+        """Take over every unfinished delivery nobody alive owns (released ones, replays
+        from the command line, those of a crashed process), for the given handler names.
+
+        Deliveries for other handler names are left alone and counted in ``unknown``; rows
+        whose event cannot be decoded become dead letters (``quarantined``). Two processes
+        claiming at once never get the same delivery: the claim is one write transaction.
+        """
+        claim = Claim()
+        with self._lock:
+            owner = self._require_owner()
+            with self._write() as db:
+                dead_owners = self._dead_owners(db)
+                rows = db.execute(
+                    f"SELECT d.handler, d.state, d.attempts, d.error, d.due_at, d.owner, "
+                    f"{_EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id "
+                    f"WHERE d.state IN {_OPEN_STATES} "
+                    f"ORDER BY e.created"
+                ).fetchall()
+                for handler, state, attempts, error, due_at, held_by, *event_row in rows:
+                    if held_by is not None and held_by not in dead_owners:
+                        continue
+                    if handler not in handlers:
+                        claim.unknown[handler] = claim.unknown.get(handler, 0) + 1
+                        continue
+                    try:
+                        event = self._event_from_row(event_row)
+                    except Exception as exc:  # noqa: BLE001 - any decoding error quarantines
+                        claim.quarantined.append(_quarantine(db, event_row, handler, attempts, exc))
+                        continue
+                    db.execute(
+                        "UPDATE deliveries SET owner = ? WHERE event_id = ? AND handler = ?",
+                        (owner, event.id, handler),
+                    )
+                    claim.deliveries.append(
+                        StoredDelivery(event, handler, state, attempts, error, due_at)
+                    )
+        return claim
+
+    def _dead_owners(self, db: sqlite3.Connection) -> set[str]:
+        """Owners whose lease ran out or whose process on this host is gone (and forget them)."""
+        stale = time.time() - self._lease
+        dead = {
+            owner
+            for owner, heartbeat in db.execute("SELECT owner, heartbeat FROM owners")
+            if heartbeat < stale or owner_is_dead(owner)
+        }
+        db.executemany("DELETE FROM owners WHERE owner = ?", [(o,) for o in dead])
+        # Owners with no row at all (deleted as dead earlier) are dead too.
+        live = {owner for (owner,) in db.execute("SELECT owner FROM owners")}
+        orphans = {
+            owner
+            for (owner,) in db.execute(
+                f"SELECT DISTINCT owner FROM deliveries WHERE owner IS NOT NULL "
+                f"AND state IN {_OPEN_STATES}"
+            )
+            if owner not in live
+        }
+        return dead | orphans
+
+    # -- queries (the bus, the command line) ----------------------------------------------
+
+    def status(self, event_id: str) -> Mapping[str, Delivery] | None:
+        """Each delivery of the event, by handler name; ``None`` if the event is unknown."""
+        with self._lock:
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT handler, state, attempts, error FROM deliveries WHERE event_id = ?",
+                    (event_id,),
+                )
+                .fetchall()
+            )
+        if not rows:
+            return None
+        return {h: Delivery(h, state, attempts, error) for h, state, attempts, error in rows}
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first. A dead letter whose event cannot be decoded is
+        shown with the payload ``None``."""
+        with self._lock:
+            rows = (
+                self._read()
+                .execute(
+                    f"SELECT x.id, x.handler, x.attempts, x.error, x.reason, x.traceback, "
+                    f"x.failed_at, {_EVENT_COLUMNS} FROM dead_letters x "
+                    f"JOIN events e ON e.id = x.event_id ORDER BY x.failed_at, x.rowid"
+                )
+                .fetchall()
+            )
+        return [self._dead_letter_from_row(row) for row in rows]
+
+    def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter by id, or ``None``."""
+        return next((d for d in self.dead_letters() if d.id == dead_letter_id), None)
+
+    def replay_dead_letter(self, dead_letter_id: str, *, claim: bool = False) -> DeadLetter | None:
+        """Delete the dead letter and make its delivery pending again with a fresh attempt
+        count. With *claim*, this session owns it (the bus runs it now); without, the next
+        bus to claim runs it (a replay from the command line). ``None`` if no such letter."""
+        with self._lock, self._write() as db:
+            owner = self._require_owner() if claim else None
+            found = db.execute(
+                f"SELECT x.id, x.handler, x.attempts, x.error, x.reason, x.traceback, "
+                f"x.failed_at, {_EVENT_COLUMNS} FROM dead_letters x "
+                f"JOIN events e ON e.id = x.event_id WHERE x.id = ?",
+                (dead_letter_id,),
+            ).fetchone()
+            if found is None:
+                return None
+            letter = self._dead_letter_from_row(found)
+            db.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+            db.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, error = NULL, "
+                "due_at = NULL, owner = ? WHERE event_id = ? AND handler = ?",
+                (owner, letter.event.id, letter.handler),
+            )
+        return letter
+
+    def purge_dead_letters(self, ids: Collection[str] | None = None) -> int:
+        """Delete the given dead letters (all of them when *ids* is ``None``); return how many
+        were deleted. Their deliveries stay recorded as dead."""
+        with self._lock, self._write() as db:
+            if ids is None:
+                return db.execute("DELETE FROM dead_letters").rowcount
+            return sum(
+                db.execute("DELETE FROM dead_letters WHERE id = ?", (i,)).rowcount for i in ids
+            )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _read(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the store is closed")
+        return self._db
+
+    def _require_owner(self) -> str:
+        if self._owner is None:
+            raise RuntimeError("the store is not open: pass it to an EventBus first")
+        return self._owner
+
+    def _prune(self) -> None:
+        """Under self._lock: drop old events whose every delivery succeeded."""
+        cutoff = time.time() - self._retention_seconds
+        with self._write() as db:
+            newest = db.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
+            doomed = [
+                event_id
+                for (event_id,) in db.execute(
+                    "SELECT id FROM events e WHERE (e.created < ? OR e.rowid <= ?) AND NOT EXISTS "
+                    "(SELECT 1 FROM deliveries d WHERE d.event_id = e.id "
+                    "AND d.state != 'succeeded')",
+                    (cutoff, newest - self._retention),
+                )
+            ]
+            db.executemany("DELETE FROM deliveries WHERE event_id = ?", [(i,) for i in doomed])
+            db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in doomed])
+
+    def _event_from_row(self, row: Any) -> Event:
+        event_id, name, type_name, payload, metadata, occurred_at = row
+        return Event(
+            name=name,
+            payload=self.codec.decode(type_name, payload),
+            metadata=MappingProxyType(json.loads(metadata)),
+            id=event_id,
+            occurred_at=datetime.fromisoformat(occurred_at),
+        )
+
+    def _dead_letter_from_row(self, row: Any) -> DeadLetter:
+        letter_id, handler, attempts, error, reason, trace, failed_at, *event_row = row
+        try:
+            event = self._event_from_row(event_row)
+        except Exception:  # noqa: BLE001 - show the letter even if its payload is unreadable
+            event = _undecoded_event(event_row)
+        return DeadLetter(
+            id=letter_id,
+            event=event,
+            handler=handler,
+            attempts=attempts,
+            error=error,
+            reason=reason,
+            traceback=trace,
+            failed_at=datetime.fromisoformat(failed_at),
+        )
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {str(self.path)!r}>"
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc)
+    return "locked" in message or "busy" in message
+
+
+def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter) -> None:
+    db.execute(
+        "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            dead_letter.id,
+            dead_letter.event.id,
+            dead_letter.handler,
+            dead_letter.attempts,
+            dead_letter.error,
+            dead_letter.reason,
+            dead_letter.traceback,
+            dead_letter.failed_at.isoformat(),
+        ),
+    )
+    db.execute(
+        "UPDATE deliveries SET state = 'dead', attempts = ?, error = ?, due_at = NULL, "
+        "owner = NULL WHERE event_id = ? AND handler = ?",
+        (dead_letter.attempts, dead_letter.error, dead_letter.event.id, dead_letter.handler),
+    )
+
+
+def _undecoded_event(row: Any) -> Event:
+    event_id, name, _, _, _, occurred_at = row
+    return Event(
+        name=name, payload=None, id=event_id, occurred_at=datetime.fromisoformat(occurred_at)
+    )
+
+
+def _quarantine(
+    db: sqlite3.Connection, event_row: Any, handler: str, attempts: int, error: Exception
+) -> DeadLetter:
+    letter = DeadLetter(
+        id=new_id(),
+        event=_undecoded_event(event_row),
+        handler=handler,
+        attempts=attempts,
+        error=f"cannot decode the stored event: {type(error).__name__}: {error}",
+        reason="not_retryable",
+    )
+    _insert_dead_letter(db, letter)
+    return letter
