@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import enum
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
-from typing import Any, Self, overload
+from typing import Any, Literal, Self, overload
 
 from eventbus import signals
 from eventbus._clock import SystemClock
@@ -37,6 +38,16 @@ from eventbus.retry import RetryPolicy, RetryQueue
 from eventbus.typing import Cancellable, Clock, Executor, Handler, HandlerT, Job, Store
 
 __all__ = ["EventBus"]
+
+#: The default ``max_pending`` of a bus with a store.
+DURABLE_MAX_PENDING = 10_000
+
+
+class _Default(enum.Enum):
+    """A default that depends on other options (so ``None`` keeps its own meaning)."""
+
+    TOKEN = enum.auto()
+
 
 #: How long the interpreter-exit hook lets a forgotten bus finish its work.
 EXIT_TIMEOUT = 10.0
@@ -70,7 +81,9 @@ class EventBus:
     * ``clock``: time source and timer for backoff, e.g. :class:`eventbus.testing.FakeClock`.
     * ``status_retention``: how many settled events :meth:`status` remembers (default 10,000;
       oldest evicted first; events with deliveries still in flight are never evicted).
-    * ``max_pending``: bound on deliveries queued or running (default ``None``: unbounded).
+    * ``max_pending``: bound on deliveries queued or running. Default: unbounded without a
+      store; :data:`DURABLE_MAX_PENDING` (10,000) with one, where an unbounded queue would
+      hide a backlog that recovery then has to replay (pass ``None`` to ask for unbounded).
       When the bound is reached, ``emit()`` blocks until there is room, for at most
       ``block_timeout`` seconds (``None``: as long as it takes; ``0``: not at all), then raises
       :class:`~eventbus.exceptions.QueueFullError` having queued nothing. Emits from inside a
@@ -93,7 +106,7 @@ class EventBus:
         executor: Executor | None = None,
         clock: Clock | None = None,
         status_retention: int = 10_000,
-        max_pending: int | None = None,
+        max_pending: int | Literal[_Default.TOKEN] | None = _Default.TOKEN,
         block_timeout: float | None = None,
         log_payloads: bool = False,
         redact_keys: Iterable[str] = DEFAULT_REDACT_KEYS,
@@ -117,6 +130,8 @@ class EventBus:
         # notified only while someone waits, so the delivery hot path pays one comparison.
         self._changed = threading.Condition(self._lock)
         self._sleepers = 0
+        if max_pending is _Default.TOKEN:
+            max_pending = None if store is None else DURABLE_MAX_PENDING
         self._max_pending = _check_bound(max_pending, "max_pending")
         self._block_timeout = block_timeout
         self._active = 0  # deliveries queued or running
@@ -144,6 +159,7 @@ class EventBus:
         self._poll: Cancellable | None = None
         self._left_in_store = 0  # deliveries close() left unfinished in the store
         if store is not None:
+            store.on_error = lambda exc: self._outcomes.internal_error("store", exc)
             store.open()
         _open_buses.add(self)
 
@@ -528,13 +544,16 @@ class EventBus:
 
     def drain(self, timeout: float | None = None) -> bool:
         """Block until no delivery is queued, running or waiting for a retry, including those
-        of events emitted meanwhile (by handlers, too). Returns ``False`` if *timeout* seconds
-        passed first. Raises ``DrainInHandlerError`` when called from a handler, where it would
-        wait for itself."""
+        of events emitted meanwhile (by handlers, too), and, with a store, until their outcomes
+        are committed. Returns ``False`` if *timeout* seconds passed first. Raises
+        ``DrainInHandlerError`` when called from a handler, where it would wait for itself."""
         if getattr(self._in_handler, "active", False):
             raise DrainInHandlerError("drain() inside a handler would wait for itself forever")
         with self._lock:
-            return self._wait(lambda: self._active + self._waiting == 0, timeout)
+            drained = self._wait(lambda: self._active + self._waiting == 0, timeout)
+        if drained and self._store is not None:
+            self._store.flush()  # so the store, read from anywhere, says what drain() saw
+        return drained
 
     def status(self, event_id: str) -> Mapping[str, Delivery]:
         """Where each delivery of the event stands, by handler name (a snapshot). With a store,
@@ -659,7 +678,8 @@ class EventBus:
         if self._closed:
             return
         try:
-            self._take_over(store)
+            if store.needs_claim():
+                self._take_over(store)
         except Exception as exc:  # noqa: BLE001 - keep polling; the next look may work
             self._outcomes.internal_error("store", exc)
         with self._lock:

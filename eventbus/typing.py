@@ -74,6 +74,8 @@ class Store(Protocol):
 
     #: Seconds between a recovered bus's looks for deliveries to take over.
     poll_interval: float
+    #: Called with errors of the store's background work; the bus sets it to its logger.
+    on_error: Callable[[BaseException], None]
 
     def open(self) -> str:
         """Start one bus's session; return its owner id. ``RuntimeError`` if already open."""
@@ -101,6 +103,12 @@ class Store(Protocol):
 
     def release(self, deliveries: Collection[tuple[str, str]]) -> None:
         """Leave (event id, handler) deliveries unfinished and unowned, for the next claim."""
+
+    def needs_claim(self) -> bool:
+        """Cheap: whether :meth:`claim` might find anything new (asked before each poll)."""
+
+    def flush(self) -> None:
+        """Commit deferred writes (successes) now; return once they are committed."""
 
     def claim(self, handlers: Collection[str]) -> Claim:
         """Take over unfinished deliveries for *handlers* that no live session owns."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from eventbus._event import DeadLetter, Delivery, Event, new_id
@@ -39,6 +39,8 @@ class MemoryStore:
 
     def __init__(self, *, retention: int = 100_000, poll_interval: float = 1.0) -> None:
         self.poll_interval = poll_interval
+        #: Background errors: MemoryStore does no background work, so it is never called.
+        self.on_error: Callable[[BaseException], None] = lambda exc: None
         self._retention = retention
         self._lock = threading.Lock()
         self._owner: str | None = None
@@ -46,6 +48,7 @@ class MemoryStore:
         self._keys: dict[str, str] = {}
         self._rows: dict[str, dict[str, _Row]] = {}
         self._dead: dict[str, DeadLetter] = {}
+        self._dirty = False  # something became claimable since the last claim
 
     def open(self) -> str:
         """Start a bus's session; ``RuntimeError`` if one is open already."""
@@ -59,6 +62,7 @@ class MemoryStore:
         """End the session; its unfinished deliveries become claimable. Idempotent."""
         with self._lock:
             self._owner = None
+            self._dirty = True
             for rows in self._rows.values():
                 for row in rows.values():
                     if row.state in _OPEN:
@@ -111,11 +115,19 @@ class MemoryStore:
     def release(self, deliveries: Collection[tuple[str, str]]) -> None:
         """Leave the deliveries unfinished and unowned."""
         with self._lock:
+            self._dirty = True
             for event_id, handler in deliveries:
                 row = self._rows[event_id][handler]
                 row.owner = None
                 if row.state == "running":
                     row.state = "pending"
+
+    def needs_claim(self) -> bool:
+        """Whether anything became claimable since the last claim (a release, a replay)."""
+        return self._dirty
+
+    def flush(self) -> None:
+        """Nothing is deferred in memory: a no-op."""
 
     def claim(self, handlers: Collection[str]) -> Claim:
         """Take over unowned unfinished deliveries of the given handlers (nothing in memory
@@ -123,6 +135,7 @@ class MemoryStore:
         claim = Claim()
         with self._lock:
             owner = self._require_owner()
+            self._dirty = False
             for event_id, rows in self._rows.items():
                 for handler, row in rows.items():
                     if row.state not in _OPEN or row.owner is not None:
@@ -166,6 +179,7 @@ class MemoryStore:
                 row = self._rows[letter.event.id][letter.handler]
                 row.state, row.attempts, row.error, row.due_at = "pending", 0, None, None
                 row.owner = owner
+                self._dirty = self._dirty or owner is None
             return letter
 
     def purge_dead_letters(self, ids: Collection[str] | None = None) -> int:

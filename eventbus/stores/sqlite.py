@@ -9,20 +9,25 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+import traceback
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
 from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
 
 __all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -45,8 +50,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
     owner TEXT,
     PRIMARY KEY (event_id, handler)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (state)
-    WHERE state IN ('pending', 'running', 'retrying');
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY,
     event_id TEXT NOT NULL,
@@ -65,6 +68,9 @@ CREATE TABLE IF NOT EXISTS owners (
 
 _OPEN_STATES = "('pending', 'running', 'retrying')"
 _EVENT_COLUMNS = "e.id, e.name, e.payload_type, e.payload, e.metadata, e.occurred_at"
+
+#: How long the background thread lets a deferred write wait for a ride (seconds).
+_LINGER = 0.002
 
 #: How often old succeeded events are pruned, in emits.
 _PRUNE_EVERY = 1000
@@ -124,10 +130,17 @@ class SQLiteStore:
         self._retention = retention
         self._retention_seconds = retention_seconds
         self._lock = threading.Lock()
+        self._queue: deque[_Write] = deque()
         self._owner: str | None = None
         self._emits = 0
+        self._claimed_version = -1
+        self._next_full_claim = 0.0
         self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
+        self._wake = threading.Event()  # set when a deferred write is queued
+        self._background: threading.Thread | None = None
+        #: Called with errors of background work (a deferred commit, a heartbeat). The bus
+        #: sets it to log ``eventbus.internal_error``.
+        self.on_error: Callable[[BaseException], None] = _print_error
         self._db: sqlite3.Connection | None = self._connect()
 
     # -- connection ----------------------------------------------------------------------
@@ -182,18 +195,44 @@ class SQLiteStore:
             with self._write() as db:
                 db.execute("INSERT OR REPLACE INTO owners VALUES (?, ?)", (owner, time.time()))
         self._stop.clear()
-        self._heartbeat = threading.Thread(
-            target=self._beat, name="eventbus-store-heartbeat", daemon=True
+        self._background = threading.Thread(
+            target=self._work_in_background, name="eventbus-store", daemon=True
         )
-        self._heartbeat.start()
+        self._background.start()
         return owner
 
+    def _work_in_background(self) -> None:
+        """Commit deferred writes promptly, and renew this owner's heartbeat.
+
+        Waits on events, not sleep: close() ends every wait at once."""
+        interval = self._lease / 3
+        next_beat = time.monotonic() + interval
+        while not self._stop.is_set():
+            if self._wake.wait(max(0.0, next_beat - time.monotonic())):
+                self._wake.clear()
+                # Linger a moment: a worker's next commit usually carries the deferred write
+                # in its own transaction, which is cheaper than one more commit here.
+                self._stop.wait(_LINGER)
+                self._guard(self.flush)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + interval
+                self._guard(self._beat)
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - reported; the next round tries again
+            self.on_error(exc)
+
+    def flush(self) -> None:
+        """Commit deferred writes (successes) now; return once they are committed."""
+        with self._lock:
+            self._drain_queue()
+        self._recheck_queue()
+
     def _beat(self) -> None:
-        # Event.wait, not sleep: close() ends the wait at once.
-        while not self._stop.wait(self._lease / 3):
-            with self._lock:
-                if self._owner is None:
-                    return
+        with self._lock:
+            if self._owner is not None:
                 with self._write() as db:
                     db.execute(
                         "UPDATE owners SET heartbeat = ? WHERE owner = ?",
@@ -205,10 +244,12 @@ class SQLiteStore:
         the file, pending or waiting for their retry), and the connection is closed.
         Idempotent; the store can be opened again."""
         self._stop.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join()
-            self._heartbeat = None
+        self._wake.set()
+        if self._background is not None:
+            self._background.join()
+            self._background = None
         with self._lock:
+            self._drain_queue()  # deferred successes: committed before the session ends
             owner, self._owner = self._owner, None
             if owner is not None:
                 with self._write() as db:
@@ -233,37 +274,35 @@ class SQLiteStore:
         """
         type_name, payload = self.codec.encode(event.payload)
         metadata = json.dumps(dict(event.metadata))
-        with self._lock:
+        row = (
+            event.id,
+            event.name,
+            type_name,
+            payload,
+            metadata,
+            event.occurred_at.isoformat(),
+            key,
+            time.time(),
+        )
+
+        def write(db: sqlite3.Connection) -> Event | None:
+            if key is not None:
+                found = db.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.key = ?", (key,)
+                ).fetchone()
+                if found is not None:
+                    return self._event_from_row(found)
             owner = self._require_owner()
-            with self._write() as db:
-                if key is not None:
-                    row = db.execute(
-                        f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.key = ?", (key,)
-                    ).fetchone()
-                    if row is not None:
-                        return self._event_from_row(row)
-                db.execute(
-                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        event.id,
-                        event.name,
-                        type_name,
-                        payload,
-                        metadata,
-                        event.occurred_at.isoformat(),
-                        key,
-                        time.time(),
-                    ),
-                )
-                db.executemany(
-                    "INSERT INTO deliveries (event_id, handler, state, owner) "
-                    "VALUES (?, ?, 'pending', ?)",
-                    [(event.id, handler, owner) for handler in handlers],
-                )
+            db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            db.executemany(
+                "INSERT INTO deliveries (event_id, handler, state, owner) "
+                "VALUES (?, ?, 'pending', ?)",
+                [(event.id, handler, owner) for handler in handlers],
+            )
             self._emits += 1
-            if self._emits % _PRUNE_EVERY == 0:
-                self._prune()
-        return None
+            return None
+
+        return self._commit(write, several_statements=True)
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
         """Commit that attempt number *attempts* is starting (before the handler runs, so a
@@ -275,12 +314,20 @@ class SQLiteStore:
         )
 
     def succeeded(self, event_id: str, handler: str) -> None:
-        """Commit a success."""
-        self._update(
-            "UPDATE deliveries SET state = 'succeeded', error = NULL, due_at = NULL, "
-            "owner = NULL WHERE event_id = ? AND handler = ?",
-            (event_id, handler),
-        )
+        """Record a success without waiting for its commit: it rides with the next
+        transaction of any thread (a worker's next ``started``, an ``emit``), or is committed
+        by the background thread within a couple of milliseconds. Writes commit in order, so
+        a worker's next attempt never starts before its previous success is committed: a
+        crash re-runs at most one finished delivery per worker (at least once allows it)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deliveries SET state = 'succeeded', error = NULL, due_at = NULL, "
+                "owner = NULL WHERE event_id = ? AND handler = ?",
+                (event_id, handler),
+            )
+
+        self._commit_later(write)
 
     def retrying(
         self, event_id: str, handler: str, attempts: int, error: str, due_at: float
@@ -294,25 +341,108 @@ class SQLiteStore:
 
     def dead(self, dead_letter: DeadLetter) -> None:
         """Commit a dead letter and mark its delivery dead."""
-        with self._lock, self._write() as db:
+
+        def write(db: sqlite3.Connection) -> None:
             _insert_dead_letter(db, dead_letter)
+
+        self._commit(write, several_statements=True)
 
     def release(self, deliveries: Collection[tuple[str, str]]) -> None:
         """Give up (event id, handler) deliveries this session will not run: they stay
         pending (or waiting for their retry) for whichever bus claims them next."""
-        with self._lock, self._write() as db:
+        rows = list(deliveries)
+
+        def write(db: sqlite3.Connection) -> None:
             db.executemany(
                 "UPDATE deliveries SET owner = NULL, "
                 "state = CASE state WHEN 'running' THEN 'pending' ELSE state END "
                 "WHERE event_id = ? AND handler = ?",
-                list(deliveries),
+                rows,
             )
 
+        self._commit(write, several_statements=True)
+
     def _update(self, sql: str, params: tuple[Any, ...]) -> None:
-        with self._lock, self._write() as db:
+        def write(db: sqlite3.Connection) -> None:
             db.execute(sql, params)
 
+        self._commit(write)
+
+    def _commit(
+        self, write: Callable[[sqlite3.Connection], T], *, several_statements: bool = False
+    ) -> T:
+        """Run *write* in a committed transaction, batched with other threads' writes.
+
+        Group commit: a writer queues its write, then takes the connection; whoever holds it
+        runs every queued write in one transaction, and keeps going until the queue is
+        empty, so eight workers waiting to commit pay for one commit between them. Each
+        returns once its own write is committed. A write of several statements runs inside a
+        savepoint so that, if it fails, none of it is committed with the others.
+        """
+        op = _Write(write, several_statements)
+        self._queue.append(op)
+        while not op.done:
+            with self._lock:
+                self._drain_queue()
+            self._recheck_queue()
+        if op.error is not None:
+            raise op.error
+        return cast(T, op.result)
+
+    def _commit_later(self, write: Callable[[sqlite3.Connection], None]) -> None:
+        """Queue *write* without waiting: the next transaction of any thread commits it,
+        or the background thread does within a couple of milliseconds."""
+        self._queue.append(_Write(write, several_statements=False))
+        self._wake.set()
+
+    def _recheck_queue(self) -> None:
+        # A write queued while the holder was releasing the lock would otherwise wait for the
+        # next writer: whoever finds the queue non-empty after releasing drains it.
+        while self._queue and self._lock.acquire(blocking=False):
+            try:
+                self._drain_queue()
+            finally:
+                self._lock.release()
+
+    def _drain_queue(self) -> None:
+        # Under self._lock.
+        while self._queue:
+            self._run_queued()
+
+    def _run_queued(self) -> None:
+        # Under self._lock.
+        batch: list[_Write] = []
+        while self._queue:
+            batch.append(self._queue.popleft())
+        try:
+            with self._write() as db:
+                for op in batch:
+                    op.run(db)
+        except BaseException as exc:
+            # The transaction failed as a whole, so every write in it did. Hand the error to
+            # each writer (they are waiting on op.done), and re-raise only what is not an
+            # ordinary error (KeyboardInterrupt) in this thread too.
+            for op in batch:
+                op.error = op.error or exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for op in batch:
+                op.done = True
+        if self._emits >= _PRUNE_EVERY:
+            self._emits = 0
+            self._prune()
+
     # -- recovery ------------------------------------------------------------------------
+
+    def needs_claim(self) -> bool:
+        """Whether a claim might find something: another connection committed since the
+        last claim (``PRAGMA data_version``: a replay from the command line, another bus), or
+        a lease has run out since (a crashed process). Cheap; the bus asks before polling."""
+        with self._lock:
+            version = self._read().execute("PRAGMA data_version").fetchone()[0]
+            due = time.monotonic() >= self._next_full_claim
+            return due or version != self._claimed_version
 
     def claim(self, handlers: Collection[str]) -> Claim:
         """Take over every unfinished delivery nobody alive owns (released ones, replays
@@ -326,6 +456,8 @@ class SQLiteStore:
         with self._lock:
             owner = self._require_owner()
             with self._write() as db:
+                self._claimed_version = db.execute("PRAGMA data_version").fetchone()[0]
+                self._next_full_claim = time.monotonic() + self._lease
                 dead_owners = self._dead_owners(db)
                 rows = db.execute(
                     f"SELECT d.handler, d.state, d.attempts, d.error, d.due_at, d.owner, "
@@ -501,6 +633,40 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r}>"
+
+
+class _Write:
+    """One thread's queued write and, once run, its result or error."""
+
+    __slots__ = ("done", "error", "result", "several_statements", "write")
+
+    def __init__(
+        self, write: Callable[[sqlite3.Connection], Any], several_statements: bool
+    ) -> None:
+        self.write = write
+        self.several_statements = several_statements
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, db: sqlite3.Connection) -> None:
+        if not self.several_statements:  # one statement is atomic on its own
+            try:
+                self.result = self.write(db)
+            except Exception as exc:  # noqa: BLE001 - handed to the thread that queued it
+                self.error = exc
+            return
+        db.execute("SAVEPOINT write")
+        try:
+            self.result = self.write(db)
+        except Exception as exc:  # noqa: BLE001 - handed to the thread that queued it
+            db.execute("ROLLBACK TO write")
+            self.error = exc
+        db.execute("RELEASE write")
+
+
+def _print_error(error: BaseException) -> None:
+    traceback.print_exception(error, file=sys.stderr)
 
 
 def _create_schema(db: sqlite3.Connection) -> None:
