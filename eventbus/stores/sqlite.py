@@ -163,9 +163,7 @@ class SQLiteStore:
     def _write(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """A write transaction: ``BEGIN IMMEDIATE`` takes the write lock up front, so a
         transaction never fails half-way on a lock; "database is locked" is retried."""
-        conn = db if db is not None else self._db
-        if conn is None:
-            raise RuntimeError("the store is closed")
+        conn = db if db is not None else self._read()
         deadline = time.monotonic() + 3 * self._busy_timeout
         while True:
             try:
@@ -578,8 +576,10 @@ class SQLiteStore:
     # -- helpers -------------------------------------------------------------------------
 
     def _read(self) -> sqlite3.Connection:
+        # Under self._lock. After close() the store still answers queries (a closed bus's
+        # status() and dead_letters(), the command line): the connection is opened again.
         if self._db is None:
-            raise RuntimeError("the store is closed")
+            self._db = self._connect()
         return self._db
 
     def _require_owner(self) -> str:

@@ -1,7 +1,10 @@
-"""Command line: ``python -m examples.order_service {demo,serve} [options]`` (from the repo root).
+"""Command line: ``python -m examples.order_service COMMAND [options]`` (from the repo root).
 
 * ``demo``: place orders, ship some, drain, print a per-handler summary and the dead letters.
-* ``serve``: the HTTP API (``--port``, default 8000) until Ctrl-C or SIGTERM.
+* ``serve``: the HTTP API (``--port``, default 8000) until Ctrl-C or SIGTERM; durable: its
+  event store is ``var/events.sqlite3`` and a restart picks up what a crash left.
+* ``burst``: place a burst of orders through a running server (``--orders``, ``--url``).
+* ``check``: where the burst's handlers stand, read from the event store (``--wait``).
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from examples.order_service.demo import DEMO_BACKOFF, demo_settings, run_demo
+from examples.order_service.burst import check, load_burst, place_burst, save_burst
+from examples.order_service.demo import DEMO_BACKOFF, demo_settings, remove_store, run_demo
 from examples.order_service.logging_setup import configure_logging
 from examples.order_service.server import serve
-from examples.order_service.wiring import VAR_DIR, Settings, build_app
+from examples.order_service.wiring import EVENTS_FILE, VAR_DIR, Settings, build_app
+
+BURST_FILE = VAR_DIR / "burst.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,20 +61,65 @@ def _parser() -> argparse.ArgumentParser:
     server = commands.add_parser("serve", parents=[common], help="serve the HTTP API")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    server.add_argument(
+        "--events",
+        type=Path,
+        default=None,
+        help=f"the event store, an SQLite file (default: {EVENTS_FILE} beside --db)",
+    )
+    server.add_argument(
+        "--no-store",
+        action="store_true",
+        help="no event store: deliveries live in memory and a crash loses them",
+    )
+    burst = commands.add_parser("burst", help="place a burst of orders through a running server")
+    burst.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    burst.add_argument("--orders", type=int, default=20, help="how many (default 20)")
+    burst.add_argument(
+        "--save", type=Path, default=BURST_FILE, help="where the order and event ids go"
+    )
+    checker = commands.add_parser(
+        "check", help="where the handlers of the burst's orders stand, from the event store"
+    )
+    checker.add_argument(
+        "--events", type=Path, default=VAR_DIR / EVENTS_FILE, help="the event store"
+    )
+    checker.add_argument("--burst", type=Path, default=BURST_FILE, help="the file burst saved")
+    checker.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="look again until every delivery settled, up to SECONDS (default: look once)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "burst":
+        print(f"Placing {args.orders} orders through {args.url}:", flush=True)
+        orders = place_burst(args.url, args.orders, sys.stdout)
+        save_burst(args.save, orders)
+        print(f"{len(orders)} orders placed; their ids are in {args.save}", flush=True)
+        return 0
+    if args.command == "check":
+        return 0 if check(args.events, load_burst(args.burst), sys.stdout, wait=args.wait) else 1
     configure_logging(json=args.json, level=args.log_level, tracebacks=args.tracebacks)
     if args.command == "demo":
         settings = demo_settings(
             db_path=args.db, outbox_dir=args.outbox, latency=args.latency, backoff=args.backoff
         )
+        remove_store(settings)  # each run starts from an empty event store: same story
         with build_app(settings) as app:
             result = run_demo(app, sys.stdout)
         return 0 if result.drained else 1
-    settings = Settings(db_path=args.db, outbox_dir=args.outbox, latency=args.latency)
+    settings = Settings(
+        db_path=args.db,
+        outbox_dir=args.outbox,
+        latency=args.latency,
+        events_path=args.events,
+        durable=not args.no_store,
+    )
     return serve(settings, host=args.host, port=args.port)
 
 

@@ -15,6 +15,12 @@ letters, and the emails written to the outbox. Log lines go to stderr, the repor
 
 The backoff between attempts is a short ``tenacity.wait_fixed(0.1)`` so the demo finishes in
 a couple of seconds; the server uses an exponential backoff instead (see ``wiring.Settings``).
+
+The demo's bus is durable like the server's, with its own event store, ``demo-events.sqlite3``
+beside the orders database, which the command empties before each run (``remove_store``) so
+every run tells the same story; afterwards ``python -m eventbus dead-letters list --store``
+on that file shows the demo's dead letters. It recovers nothing: that is the ``serve``,
+``burst`` and ``check`` story (README).
 """
 
 from __future__ import annotations
@@ -37,16 +43,20 @@ from examples.order_service.wiring import OrderApp, Settings
 
 __all__ = [
     "DEMO_BACKOFF",
+    "DEMO_EVENTS_FILE",
     "DemoResult",
     "HandlerStats",
     "demo_settings",
     "format_table",
+    "remove_store",
     "run_demo",
     "summarise",
 ]
 
 #: Seconds between attempts in the demo.
 DEMO_BACKOFF = 0.1
+#: The demo's event store, beside its orders database (the server's is ``events.sqlite3``).
+DEMO_EVENTS_FILE = "demo-events.sqlite3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,14 +117,28 @@ def demo_settings(
     latency: float = 1.0,
     backoff: float = DEMO_BACKOFF,
 ) -> Settings:
-    """The demo's settings: the server's, with a short fixed backoff."""
+    """The demo's settings: the server's, with a short fixed backoff and its own event store
+    (``demo-events.sqlite3`` beside the orders database), from which it recovers nothing."""
     defaults = Settings()
+    db = db_path or defaults.db_path
     return Settings(
-        db_path=db_path or defaults.db_path,
+        db_path=db,
         outbox_dir=outbox_dir or defaults.outbox_dir,
+        events_path=":memory:" if str(db) == ":memory:" else Path(db).parent / DEMO_EVENTS_FILE,
+        recover=False,
         latency=latency,
         retry_wait=tenacity.wait_fixed(backoff),
     )
+
+
+def remove_store(settings: Settings) -> None:
+    """Delete the event store of *settings* (with SQLite's ``-wal`` and ``-shm`` files), so
+    that the next app starts from an empty one. Only for a store no process has open."""
+    path = settings.events_file()
+    if path is None or str(path) == ":memory:":
+        return
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult:
@@ -145,6 +169,7 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
 
     _say(out, "eventbus order-service demo")
     _say(out, f"  database  {app.settings.db_path}")
+    _say(out, f"  events    {app.events_path or 'in memory (no store)'}")
     _say(out, f"  outbox    {app.settings.outbox_dir}")
     _say(out, f"  backoff   {_describe(app.settings.retry_wait)} between attempts")
     _say(out, "")
@@ -184,6 +209,7 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
         dead_letters=dead_letters,
         emails=emails,
         outbox=app.settings.outbox_dir,
+        events=app.events_path,
     )
     _say(out, "")
     _say(out, "Orders, as stored in SQLite:")
@@ -238,6 +264,7 @@ def _report(
     dead_letters: list[DeadLetter],
     emails: list[Path],
     outbox: Path,
+    events: Path | str | None,
 ) -> None:
     _say(out, "")
     _say(out, "Deliveries per handler (from bus.status; retried = needed more than one attempt):")
@@ -259,6 +286,11 @@ def _report(
         _say(out, f"  {d.handler:<17} {order_id}  {tries:<10}  {d.reason:<13}  {d.error}")
     if dead_letters:
         _say(out, "  Replay one through the API: POST /api/dead-letters/<id>/replay (README).")
+    if dead_letters and events is not None and str(events) != ":memory:":
+        _say(
+            out,
+            f"  Or from the command line: python -m eventbus dead-letters list --store {events}",
+        )
     _say(out, "")
     _say(out, f"Emails ({len(emails)}) written to {outbox}:")
     parser = BytesParser(policy=policy.default)

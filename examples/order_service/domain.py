@@ -1,7 +1,10 @@
 """Orders, the typed domain events they raise, and validation of incoming order data.
 
 Pure: no I/O, no eventbus import. The events are plain frozen dataclasses; ``event_name`` is
-what name- and pattern-subscribers (``"order:created"``, ``"order:*"``) see.
+what name- and pattern-subscribers (``"order:created"``, ``"order:*"``) see. They are stored as
+JSON by the event store (``eventbus.codec.JsonCodec``) and rebuilt from their annotations after
+a restart, so every field is annotated with a type the codec rebuilds (``str``, ``int``,
+dataclasses, ``list[...]``).
 """
 
 from __future__ import annotations
@@ -61,13 +64,18 @@ class Order:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OrderCreated:
-    """An order was placed and saved."""
+    """An order was placed and saved.
+
+    ``items`` is a ``list``, not a tuple like ``Order.items``: the event store's JSON codec
+    rebuilds ``list[LineItem]`` from JSON, while a ``tuple[...]`` field would come back from
+    the store as a list of plain dicts.
+    """
 
     event_name: ClassVar[str] = "order:created"
 
     order_id: str
     customer_email: str
-    items: tuple[LineItem, ...]
+    items: list[LineItem]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -122,6 +122,20 @@ class SqliteOrderRepository:
             row = self._db.execute("SELECT COUNT(*) FROM orders").fetchone()
         return int(row[0])
 
+    def unaudited(self) -> tuple[list[Order], list[Order]]:
+        """Orders whose ``order:created`` event the audit trail lacks, and orders being shipped
+        (``shipping``) whose ``order:shipped`` event it lacks, oldest first."""
+        query = (
+            "SELECT * FROM orders o WHERE {where} AND NOT EXISTS (SELECT 1 FROM audit_log a"
+            " WHERE a.order_id = o.id AND a.event_name = ?) ORDER BY o.created_at, o.rowid"
+        )
+        with self._lock:
+            created = self._db.execute(query.format(where="1"), ("order:created",)).fetchall()
+            shipping = self._db.execute(
+                query.format(where="o.status = 'shipping'"), ("order:shipped",)
+            ).fetchall()
+        return [_order(row) for row in created], [_order(row) for row in shipping]
+
     # -- audit trail ---------------------------------------------------------------------
 
     def record_audit(self, entry: AuditEntry) -> bool:

@@ -4,9 +4,12 @@
 the saved order and the event (whose id it can use to follow the handlers through
 ``bus.status``) while emails, stock and the warehouse are still being dealt with.
 
-Saving and emitting are two steps: if the process dies between them the order exists but its
-handlers never run. A durable outbox closes that gap (a later eventbus issue); here the
-service at least refuses to save when the bus is already closed.
+Saving and emitting are two steps, in two SQLite files (the orders, the bus's event store). If
+the process dies between them the order exists but its event does not. :meth:`OrderService.
+resend_unsent` closes that gap at startup: it emits again the events of orders the audit trail
+has not seen. Every emit carries an idempotency key derived from the order
+(``order-<id>-created``, ``order-<id>-shipped``), so an event the store already holds is not
+delivered a second time. The service also refuses to save when the bus is already closed.
 """
 
 from __future__ import annotations
@@ -84,10 +87,7 @@ class OrderService:
             created_at=self._now(),
         )
         self._repository.add(order)
-        event = self._bus.emit(
-            OrderCreated(order_id=order.id, customer_email=order.customer_email, items=order.items),
-            metadata=metadata,
-        )
+        event = self._emit_created(order, metadata)
         log.info("order.created", order_id=order.id, event_id=event.id)
         return Accepted(order, event)
 
@@ -105,16 +105,51 @@ class OrderService:
                 raise OrderNotFoundError(order_id)
             raise OrderStateError(f"order {order_id} is already {order.status}")
         order = self.get_order(order_id)
-        event = self._bus.emit(
+        event = self._emit_shipped(order, metadata)
+        log.info("order.shipping", order_id=order.id, event_id=event.id)
+        return Accepted(order, event)
+
+    def resend_unsent(self) -> int:
+        """Emit the events of orders whose event was never emitted (the process died between
+        saving and emitting); return how many were emitted now.
+
+        Candidates are the orders whose event the audit trail lacks. The idempotency key makes
+        the emit a no-op for every event the bus's store still holds (one whose audit entry is
+        merely pending, retrying or dead-lettered): ``emit`` then returns that earlier event,
+        so only events that were really lost fan out. Call it at startup, after
+        ``bus.recover()``.
+        """
+        started = datetime.now(UTC)  # the bus's clock for occurred_at, not self._now
+        created, shipping = self._repository.unaudited()
+        events = [self._emit_created(order, None) for order in created]
+        events += [self._emit_shipped(order, None) for order in shipping]
+        # An event the store already held was emitted by an earlier process, before we started.
+        resent = [event for event in events if event.occurred_at >= started]
+        for event in resent:
+            order_id = getattr(event.payload, "order_id", None)
+            log.warning("order.event_resent", order_id=order_id, event_id=event.id, name=event.name)
+        return len(resent)
+
+    def _emit_created(self, order: Order, metadata: Mapping[str, str] | None) -> Event:
+        return self._bus.emit(
+            OrderCreated(
+                order_id=order.id, customer_email=order.customer_email, items=list(order.items)
+            ),
+            metadata=metadata,
+            key=f"order-{order.id}-created",
+        )
+
+    def _emit_shipped(self, order: Order, metadata: Mapping[str, str] | None) -> Event:
+        assert order.tracking_number is not None  # booked by mark_shipping
+        return self._bus.emit(
             OrderShipped(
                 order_id=order.id,
                 customer_email=order.customer_email,
-                tracking_number=tracking_number,
+                tracking_number=order.tracking_number,
             ),
             metadata=metadata,
+            key=f"order-{order.id}-shipped",
         )
-        log.info("order.shipping", order_id=order.id, event_id=event.id)
-        return Accepted(order, event)
 
     def get_order(self, order_id: str) -> Order:
         """The order with this id; raises :class:`OrderNotFoundError`."""

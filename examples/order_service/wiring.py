@@ -2,6 +2,12 @@
 
 Everything is built here and handed down explicitly: no module-level bus, database or
 service, so a test builds a fresh, isolated app in a temporary folder with zero latency.
+
+The bus is durable by default: an ``eventbus.stores.SQLiteStore`` in ``events.sqlite3`` beside
+the orders database keeps every delivery's state. At startup :func:`build_app` registers the
+handlers, then ``bus.recover()`` takes over what a crashed (or stopped) process left unfinished,
+and ``OrderService.resend_unsent()`` emits events saved orders never got; ``app.recovered``
+logs both numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import structlog
 import tenacity
 
 from eventbus import DeadLetter, EventBus, RetryPolicy
+from eventbus.stores import SQLiteStore
 from examples.order_service.handlers import WaitStrategy, register_handlers
 from examples.order_service.repository import SqliteOrderRepository
 from examples.order_service.service import OrderService
@@ -28,10 +35,12 @@ from examples.order_service.services import (
     WarehouseService,
 )
 
-__all__ = ["VAR_DIR", "OrderApp", "Settings", "ShutdownReport", "build_app"]
+__all__ = ["EVENTS_FILE", "VAR_DIR", "OrderApp", "Settings", "ShutdownReport", "build_app"]
 
 #: Where the database and the outbox go by default (git-ignored).
 VAR_DIR = Path(__file__).resolve().parent / "var"
+#: The event store's file name, beside the orders database unless ``Settings.events_path``.
+EVENTS_FILE = "events.sqlite3"
 
 # The fakes' typical latency in seconds, multiplied by ``Settings.latency``.
 MAILER_LATENCY = 0.15
@@ -56,6 +65,14 @@ class Settings:
 
     db_path: Path | str = VAR_DIR / "orders.sqlite3"
     outbox_dir: Path = VAR_DIR / "outbox"
+    #: The event store (SQLite). ``None``: ``events.sqlite3`` beside ``db_path``.
+    events_path: Path | str | None = None
+    #: ``False``: no event store; deliveries live in memory and die with the process (what
+    #: the tests that bring their own in-memory bus, and ``serve --no-store``, use).
+    durable: bool = True
+    #: At startup, take over the store's unfinished deliveries (``bus.recover()``) and emit the
+    #: events saved orders never got (``OrderService.resend_unsent()``).
+    recover: bool = True
     #: Scales the fakes' latency: ``1.0`` is realistic, ``0`` is instant (tests).
     latency: float = 1.0
     #: Backoff between attempts of a failing handler (any tenacity wait strategy).
@@ -68,10 +85,23 @@ class Settings:
     #: How long shutdown waits for running handlers.
     close_timeout: float = 10.0
 
+    def events_file(self) -> Path | str | None:
+        """Where the event store is: ``None`` without one, ``":memory:"`` beside an in-memory
+        orders database, else ``events_path`` or ``events.sqlite3`` beside ``db_path``."""
+        if not self.durable:
+            return None
+        if self.events_path is not None:
+            return self.events_path
+        if str(self.db_path) == ":memory:":
+            return ":memory:"
+        return Path(self.db_path).parent / EVENTS_FILE
+
 
 @dataclass(frozen=True, slots=True)
 class ShutdownReport:
-    """What was left when the app closed."""
+    """What was left when the app closed. With an event store nothing is abandoned: retries
+    not yet due stay in the store for the next start (``bus.closed`` logs ``left_in_store``),
+    and ``dead_letters`` are the store's, kept for ``python -m eventbus dead-letters``."""
 
     abandoned: list[DeadLetter]
     dead_letters: list[DeadLetter]
@@ -91,6 +121,8 @@ class OrderApp:
     repository: SqliteOrderRepository
     services: Services
     orders: OrderService
+    #: The event store's file, ``None`` when the bus has no store.
+    events_path: Path | str | None = None
     _report: ShutdownReport | None = field(default=None, init=False, repr=False)
 
     @property
@@ -111,8 +143,12 @@ class OrderApp:
         if self._report is not None:
             return self._report
         log = structlog.get_logger("order_service")
+        # With a store, the dead letters are read while it is open (close() closes it; it
+        # makes no dead letters then, it leaves unfinished work in the store). Without one,
+        # after close(), which turns retries not yet due into "abandoned" dead letters.
+        kept = self.bus.dead_letters() if self.events_path is not None else []
         self.bus.close(timeout=self.settings.close_timeout if timeout is None else timeout)
-        dead_letters = self.bus.dead_letters()
+        dead_letters = kept if self.events_path is not None else self.bus.dead_letters()
         abandoned = [d for d in dead_letters if d.abandoned]
         # After close(), drain(0) answers "is any handler still running?" without waiting.
         still_running = not self.bus.drain(timeout=0)
@@ -120,6 +156,14 @@ class OrderApp:
             self.repository.close()
         report = self._report = ShutdownReport(abandoned, dead_letters, still_running)
         level = log.warning if dead_letters or still_running else log.info
+        if self.events_path is not None:  # nothing is lost: it is all in the store
+            log.info(
+                "app.closed",
+                dead_letters=len(dead_letters),
+                still_running=still_running,
+                events=str(self.events_path),
+            )
+            return report
         level(
             "app.closed",
             abandoned=len(abandoned),
@@ -147,15 +191,25 @@ def build_app(
     bus: EventBus | None = None,
     mailer: Mailer | None = None,
 ) -> OrderApp:
-    """Build the service from *settings*. Tests may pass their own *bus* (e.g. from
-    ``eventbus.testing.inline_bus()``) or *mailer*; the app owns and closes them."""
+    """Build the service from *settings* and recover what an earlier process left (see the
+    module docstring). Tests may pass their own *bus* (e.g. from
+    ``eventbus.testing.inline_bus()``; it is used as it is, without a store or recovery) or
+    *mailer*; the app owns and closes them."""
     settings = settings or Settings()
     repository = SqliteOrderRepository(settings.db_path)
+    events_path = None
     if bus is None:
+        events_path = settings.events_file()
+        store = None
+        if events_path is not None:
+            if str(events_path) != ":memory:":
+                Path(events_path).parent.mkdir(parents=True, exist_ok=True)
+            store = SQLiteStore(events_path)
         bus = EventBus(
             max_workers=settings.max_workers,
             retry=RetryPolicy(max_attempts=settings.max_attempts, wait=settings.retry_wait),
             name="orders",
+            store=store,
         )
     scale = settings.latency
     services = Services(
@@ -167,10 +221,22 @@ def build_app(
         analytics=AnalyticsService(latency=ANALYTICS_LATENCY * scale),
     )
     register_handlers(bus, repository=repository, services=services, retry_wait=settings.retry_wait)
-    return OrderApp(
+    app = OrderApp(
         settings=settings,
         bus=bus,
         repository=repository,
         services=services,
         orders=OrderService(repository, bus),
+        events_path=events_path,
     )
+    if events_path is not None and settings.recover:
+        try:
+            recovered = bus.recover()  # handlers are registered: their deliveries can run
+            resent = app.orders.resend_unsent()
+        except BaseException:
+            app.close()
+            raise
+        structlog.get_logger("order_service").info(
+            "app.recovered", recovered=recovered, resent=resent, events=str(events_path)
+        )
+    return app

@@ -1,0 +1,170 @@
+"""The ``burst`` and ``check`` commands: a crash and recovery you can watch.
+
+* ``burst`` places a burst of orders through a running server's HTTP API and saves each
+  order's id and event id to a file (default ``var/burst.json``). Every fifth order asks for
+  an unknown SKU (a dead letter), every fifth hits the hot stock row (retries).
+* ``check`` reads that file and the event store (the SQLite file itself, so it works while
+  the server is down) and prints where each order's handlers stand. With ``--wait SECONDS``
+  it looks again until every delivery has settled (succeeded or dead) or the time is up; it
+  exits 0 once everything has settled, 1 otherwise.
+
+The story: ``serve --latency 10`` (slow fakes), ``burst``, ``kill -9`` the server while the
+handlers run, ``check`` (deliveries stuck ``running``/``pending``), start ``serve`` again
+(``app.recovered`` says how many it took over), ``check --wait 60``, then
+``python -m eventbus dead-letters list --store examples/order_service/var/events.sqlite3``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from eventbus import Delivery
+from eventbus.stores import SQLiteStore
+from examples.order_service.handlers import ALL_HANDLERS
+
+__all__ = ["BurstOrder", "check", "load_burst", "order_body", "place_burst"]
+
+_SETTLED = frozenset({"succeeded", "dead"})
+#: The burst cycles through these carts: clean, hot stock row, clean, unknown SKU, clean.
+_CARTS: tuple[tuple[tuple[str, int], ...], ...] = (
+    (("KB-101", 1), ("MS-202", 1)),
+    (("MN-303", 1),),
+    (("CB-404", 2),),
+    (("ZZ-999", 1),),
+    (("MS-202", 3),),
+)
+#: Seconds between two looks at the store while ``check --wait`` waits.
+POLL_INTERVAL = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class BurstOrder:
+    """One order the burst placed, and the event its handlers are following."""
+
+    order_id: str
+    event_id: str
+
+
+def order_body(index: int) -> dict[str, Any]:
+    """The JSON body of the burst's *index*-th order."""
+    cart = _CARTS[index % len(_CARTS)]
+    return {
+        "email": f"burst-{index + 1}@example.com",
+        "items": [{"sku": sku, "quantity": quantity} for sku, quantity in cart],
+    }
+
+
+def place_burst(url: str, count: int, out: TextIO | None = None) -> list[BurstOrder]:
+    """POST *count* orders to the server at *url*, one after the other; return them."""
+    placed: list[BurstOrder] = []
+    for index in range(count):
+        request = urllib.request.Request(
+            f"{url.rstrip('/')}/api/orders",
+            data=json.dumps(order_body(index)).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "X-Request-ID": f"burst-{index + 1}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.loads(response.read())
+        order = BurstOrder(body["order"]["id"], body["event_id"])
+        placed.append(order)
+        if out is not None:
+            skus = ", ".join(item["sku"] for item in body["order"]["items"])
+            _say(out, f"  {order.order_id}  event {order.event_id}  {skus}")
+    return placed
+
+
+def save_burst(path: Path, orders: Sequence[BurstOrder]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"order_id": o.order_id, "event_id": o.event_id} for o in orders]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def load_burst(path: Path) -> list[BurstOrder]:
+    return [BurstOrder(row["order_id"], row["event_id"]) for row in json.loads(path.read_text())]
+
+
+def check(
+    events_path: Path, orders: Sequence[BurstOrder], out: TextIO, *, wait: float = 0.0
+) -> bool:
+    """Print where each order's handlers stand in the event store at *events_path*; with
+    *wait* > 0, first look again every ``POLL_INTERVAL`` s until all have settled or *wait*
+    seconds passed. Returns whether every delivery has settled."""
+    if not events_path.is_file():
+        raise FileNotFoundError(f"no event store at {events_path}")
+    store = SQLiteStore(events_path)  # read only: never opened for a bus, so it claims nothing
+    try:
+        deadline = time.monotonic() + wait
+        pause = threading.Event()  # never set: wait() is an interruptible sleep between looks
+        statuses = _statuses(store, orders)
+        # Bounded polling of another process's progress, through the shared SQLite file.
+        while not _all_settled(statuses) and time.monotonic() < deadline:
+            pause.wait(POLL_INTERVAL)
+            statuses = _statuses(store, orders)
+        ours = {o.event_id for o in orders}
+        dead_letters = [d for d in store.dead_letters() if d.event.id in ours]
+    finally:
+        store.close()
+    _report(out, orders, statuses, len(dead_letters), events_path)
+    return _all_settled(statuses)
+
+
+def _statuses(
+    store: SQLiteStore, orders: Sequence[BurstOrder]
+) -> dict[str, Mapping[str, Delivery]]:
+    return {o.event_id: store.status(o.event_id) or {} for o in orders}
+
+
+def _all_settled(statuses: Mapping[str, Mapping[str, Delivery]]) -> bool:
+    return all(
+        deliveries and all(d.state in _SETTLED for d in deliveries.values())
+        for deliveries in statuses.values()
+    )
+
+
+def _report(
+    out: TextIO,
+    orders: Sequence[BurstOrder],
+    statuses: Mapping[str, Mapping[str, Delivery]],
+    dead_letters: int,
+    events_path: Path,
+) -> None:
+    totals: Counter[str] = Counter()
+    rank = {name: i for i, name in enumerate(ALL_HANDLERS)}
+    for order in orders:
+        deliveries = statuses[order.event_id]
+        totals.update(d.state for d in deliveries.values())
+        if not deliveries:
+            _say(out, f"  {order.order_id}  (no event in the store)")
+            continue
+        ok = sum(d.state == "succeeded" for d in deliveries.values())
+        # Only what is worth a look: deliveries not settled, dead, or retried.
+        notes = "  ".join(
+            f"{name}={_short(d)}"
+            for name, d in sorted(deliveries.items(), key=lambda kv: rank.get(kv[0], 99))
+            if d.state != "succeeded" or d.attempts > 1
+        )
+        _say(out, f"  {order.order_id}  {ok}/{len(deliveries)} succeeded  {notes}".rstrip())
+    summary = ", ".join(f"{totals[s]} {s}" for s in sorted(totals))
+    settled = "all settled" if _all_settled(statuses) else "NOT all settled"
+    _say(out, f"{len(orders)} orders, {sum(totals.values())} deliveries: {summary} ({settled})")
+    hint = f"python -m eventbus dead-letters list --store {events_path}"
+    _say(out, f"{dead_letters} dead letters, listed by: {hint}")
+
+
+def _short(delivery: Delivery) -> str:
+    state = {"succeeded": "ok", "dead": "DEAD"}.get(delivery.state, delivery.state)
+    return state if delivery.attempts <= 1 else f"{state}({delivery.attempts})"
+
+
+def _say(out: TextIO, line: str) -> None:
+    out.write(line + "\n")
+    out.flush()
