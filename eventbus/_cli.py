@@ -1,0 +1,430 @@
+"""The command line, ``python -m eventbus``: look at a :class:`~eventbus.stores.SQLiteStore`
+file from outside the service that writes it.
+
+* ``dead-letters list`` / ``show ID``: the dead letters, as a table or ``--json``.
+* ``dead-letters replay ID... | --all``: make their deliveries pending again, unowned, so that
+  a running service (which polls the store after ``recover()``) or its next start delivers
+  them.
+* ``dead-letters purge ID... | --all``: delete dead letters.
+* ``status EVENT_ID``: where each delivery of an event stands.
+
+Exit codes: 0 done, 1 something named was not found (the rest was still done), 2 usage error
+(bad arguments, no such store file, a file that is not an SQLite database), 141 the reader of
+the output went away (``... | head``). The command line never creates a store file.
+
+Payloads are shown in their stored JSON form, with their type name (``null`` for a plain JSON
+payload): typed payloads are not rebuilt, so no class has to be importable or registered, and
+every payload can be printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from eventbus._event import DeadLetter, Delivery
+from eventbus.codec import JsonCodec
+from eventbus.stores.sqlite import SQLiteStore
+
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "StoredPayload", "main"]
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+#: The reader of the output went away (``... | head``): what a shell reports for SIGPIPE.
+EXIT_BROKEN_PIPE = 141
+
+PROG = "python -m eventbus"
+
+#: The error column of a table never gets narrower than this, however small the terminal.
+MIN_ERROR_WIDTH = 30
+
+_REPLAY_HINT = (
+    "a running service (after recover()) runs replays within its poll_interval, "
+    "otherwise its next start's recover() does."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPayload:
+    """A payload as the store keeps it: its type name (``None`` for plain JSON) and its
+    JSON value, not rebuilt into an instance of the type."""
+
+    type_name: str | None
+    value: Any
+
+
+class _StoredFormCodec(JsonCodec):
+    """Decodes every payload to a :class:`StoredPayload`, so typed payloads need no class."""
+
+    def decode(self, type_name: str | None, text: str) -> StoredPayload:
+        """The stored form of the payload; ``ValueError`` for text that is not JSON."""
+        return StoredPayload(type_name, json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """Where a command writes: results to ``out``, problems to ``err``."""
+
+    out: TextIO
+    err: TextIO
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    def problem(self, text: str) -> None:
+        print(f"eventbus: {text}", file=self.err)
+
+
+_Command = Callable[[SQLiteStore, argparse.Namespace, _Output], int]
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run one command (*argv* defaults to ``sys.argv[1:]``) and return its exit code.
+
+    Output goes to *stdout* and *stderr* (default: ``sys.stdout`` and ``sys.stderr`` at call
+    time), help and usage errors too. Usage errors and ``--help`` return their code instead
+    of raising ``SystemExit``; failing to open the store is a usage error. When *stdout* is a
+    pipe whose reader has gone, the rest of the output is discarded and ``EXIT_BROKEN_PIPE``
+    is returned, without a traceback.
+
+    Raises ``sqlite3.Error`` when the database fails during a command (for instance stays
+    locked by another process for longer than the store's busy timeout).
+    """
+    output = _Output(
+        sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr
+    )
+    try:
+        with redirect_stdout(output.out), redirect_stderr(output.err):
+            args = _parser().parse_args(argv)
+            args.check(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    store = _open_store(Path(args.store), output)
+    if store is None:
+        return EXIT_USAGE
+    command: _Command = args.command
+    try:
+        code = command(store, args, output)
+        output.out.flush()  # here, so that a closed pipe is noticed here and not at exit
+    except BrokenPipeError:
+        _discard(output.out)
+        return EXIT_BROKEN_PIPE
+    finally:
+        store.close()
+    return code
+
+
+def _open_store(path: Path, output: _Output) -> SQLiteStore | None:
+    """The store in the existing file *path*, or ``None`` after saying why it cannot be."""
+    if not path.exists():
+        output.problem(f"error: no store at {path}: the file does not exist")
+        return None
+    try:
+        return SQLiteStore(path, codec=_StoredFormCodec())
+    except sqlite3.Error as exc:
+        output.problem(f"error: cannot open {path} as an eventbus store: {exc}")
+        return None
+
+
+def _discard(stream: TextIO) -> None:
+    """Point *stream*'s file descriptor at the null device, so that flushing the rest of its
+    buffer (at interpreter exit too) cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--store", required=True, metavar="PATH", help="the SQLiteStore database file"
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect an eventbus SQLiteStore: dead letters and delivery status.",
+        epilog="Exit codes: 0 done, 1 not found, 2 usage error, 141 output pipe closed.",
+    )
+    parser.set_defaults(check=_no_check)
+    groups = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    letters = groups.add_parser(
+        "dead-letters", help="list, show, replay or purge dead letters"
+    ).add_subparsers(title="commands", required=True, metavar="COMMAND")
+    listing = letters.add_parser(
+        "list", parents=[store, as_json], help="list every dead letter, oldest first"
+    )
+    listing.set_defaults(command=_list)
+    show = letters.add_parser(
+        "show", parents=[store, as_json], help="one dead letter in full: traceback, payload"
+    )
+    show.add_argument("id", metavar="ID", help="a dead letter id")
+    show.set_defaults(command=_show)
+    _add_targets(
+        letters.add_parser(
+            "replay",
+            parents=[store],
+            help="make dead letters' deliveries pending again, for the service to run",
+            description="Delete the dead letters and make their deliveries pending again, "
+            f"unowned, with a fresh attempt count: {_REPLAY_HINT}",
+        ),
+        verb="replay",
+        command=_replay,
+    )
+    _add_targets(
+        letters.add_parser(
+            "purge",
+            parents=[store],
+            help="delete dead letters (their deliveries stay recorded as dead)",
+        ),
+        verb="purge",
+        command=_purge,
+    )
+
+    status = groups.add_parser(
+        "status", parents=[store, as_json], help="where each delivery of an event stands"
+    )
+    status.add_argument("event_id", metavar="EVENT_ID", help="an event id")
+    status.set_defaults(command=_status)
+    return parser
+
+
+def _add_targets(parser: argparse.ArgumentParser, *, verb: str, command: _Command) -> None:
+    """Dead letter ids or ``--all``, exactly one of the two (checked after parsing)."""
+    parser.add_argument("ids", nargs="*", metavar="ID", help=f"dead letter ids to {verb}")
+    parser.add_argument("--all", action="store_true", help=f"{verb} every dead letter")
+
+    def check(args: argparse.Namespace) -> None:
+        if args.all == bool(args.ids):
+            parser.error("give dead letter ids or --all (one of the two)")
+
+    parser.set_defaults(command=command, check=check)
+
+
+def _no_check(args: argparse.Namespace) -> None:
+    """Commands whose arguments argparse checks on its own."""
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+def _list(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+    letters = store.dead_letters()
+    if args.json:
+        output.print(_dumps([_dead_letter_json(letter) for letter in letters]))
+    elif not letters:
+        output.print("no dead letters")
+    else:
+        header = ("ID", "EVENT", "EVENT ID", "HANDLER", "ATTEMPTS", "REASON", "FAILED AT (UTC)")
+        rows = [
+            (
+                letter.id,
+                letter.event.name,
+                letter.event.id,
+                letter.handler,
+                str(letter.attempts),
+                letter.reason,
+                _utc(letter.failed_at),
+                letter.error,
+            )
+            for letter in letters
+        ]
+        output.print(_table((*header, "ERROR"), rows))
+    return EXIT_OK
+
+
+def _show(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+    letter = store.dead_letter(args.id)
+    if letter is None:
+        output.problem(f"no dead letter with id {args.id} in {store.path}")
+        return EXIT_NOT_FOUND
+    if args.json:
+        output.print(_dumps(_dead_letter_json(letter)))
+    else:
+        output.print(_dead_letter_text(letter))
+    return EXIT_OK
+
+
+def _replay(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+    ids = [letter.id for letter in store.dead_letters()] if args.all else _unique(args.ids)
+    replayed = 0
+    missing: list[str] = []
+    for letter_id in ids:
+        letter = store.replay_dead_letter(letter_id)
+        if letter is None:
+            missing.append(letter_id)
+            continue
+        replayed += 1
+        output.print(f"replayed {letter.id}  {letter.event.name} -> {letter.handler}")
+    if replayed:
+        output.print(f"{_count(replayed, 'dead letter')} replayed; {_REPLAY_HINT}")
+    else:
+        output.print("no dead letters replayed")
+    return _report_missing(missing, replayed, "replayed", output)
+
+
+def _purge(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+    if args.all:
+        purged = store.purge_dead_letters()
+        output.print(f"{_count(purged, 'dead letter')} purged")
+        return EXIT_OK
+    purged = 0
+    missing: list[str] = []
+    for letter_id in _unique(args.ids):
+        if store.purge_dead_letters([letter_id]):
+            purged += 1
+            output.print(f"purged {letter_id}")
+        else:
+            missing.append(letter_id)
+    output.print(f"{_count(purged, 'dead letter')} purged")
+    return _report_missing(missing, purged, "purged", output)
+
+
+def _status(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+    found = store.status(args.event_id)
+    if found is None:
+        output.problem(f"no event with id {args.event_id} in {store.path}")
+        return EXIT_NOT_FOUND
+    deliveries = sorted(found.values(), key=lambda d: d.handler)
+    if args.json:
+        output.print(_dumps([_delivery_json(d) for d in deliveries]))
+    else:
+        rows = [(d.handler, d.state, str(d.attempts), d.error or "-") for d in deliveries]
+        output.print(_table(("HANDLER", "STATE", "ATTEMPTS", "ERROR"), rows))
+    return EXIT_OK
+
+
+def _report_missing(missing: list[str], done: int, verb: str, output: _Output) -> int:
+    """Name each id not found on stderr; ``EXIT_NOT_FOUND`` if there was any."""
+    if not missing:
+        return EXIT_OK
+    for letter_id in missing:
+        output.problem(f"no dead letter with id {letter_id}")
+    output.problem(f"{_count(len(missing), 'id')} not found ({_count(done, 'dead letter')} {verb})")
+    return EXIT_NOT_FOUND
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def _dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    """Everything about *letter* as JSON values: full error, traceback and stored payload."""
+    event = letter.event
+    payload_type, payload = _stored_form(event.payload)
+    return {
+        "id": letter.id,
+        "handler": letter.handler,
+        "attempts": letter.attempts,
+        "reason": letter.reason,
+        "error": letter.error,
+        "traceback": letter.traceback,
+        "failed_at": letter.failed_at.isoformat(),
+        "event": {
+            "id": event.id,
+            "name": event.name,
+            "occurred_at": event.occurred_at.isoformat(),
+            "metadata": dict(event.metadata),
+            "payload_type": payload_type,
+            "payload": payload,
+        },
+    }
+
+
+def _dead_letter_text(letter: DeadLetter) -> str:
+    event = letter.event
+    payload_type, payload = _stored_form(event.payload)
+    fields = [
+        ("dead letter", letter.id),
+        ("event", f"{event.name}  {event.id}"),
+        ("occurred at", f"{_utc(event.occurred_at)} UTC"),
+        ("metadata", json.dumps(dict(event.metadata))),
+        ("handler", letter.handler),
+        ("attempts", str(letter.attempts)),
+        ("reason", letter.reason),
+        ("failed at", f"{_utc(letter.failed_at)} UTC"),
+        ("error", letter.error),
+        ("payload type", payload_type or "(plain JSON)"),
+    ]
+    lines = [f"{name:<14}{value}" for name, value in fields]
+    lines += ["payload", _indent(_dumps(payload))]
+    lines += ["traceback", _indent(letter.traceback or "(none recorded)")]
+    return "\n".join(lines)
+
+
+def _delivery_json(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "handler": delivery.handler,
+        "state": delivery.state,
+        "attempts": delivery.attempts,
+        "error": delivery.error,
+    }
+
+
+def _stored_form(payload: object) -> tuple[str | None, Any]:
+    """(type name, JSON value) of a payload read through :class:`_StoredFormCodec`. The store
+    gives ``None`` in place of a payload it could not read (stored text that is not JSON)."""
+    if isinstance(payload, StoredPayload):
+        return payload.type_name, payload.value
+    return None, None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart; the last column, on one line, is cut to what is
+    left of the terminal's width (``COLUMNS`` if set), but to no less than MIN_ERROR_WIDTH."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    room = max(shutil.get_terminal_size().columns - sum(w + 2 for w in widths), MIN_ERROR_WIDTH)
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, _shorten(row[-1], room)]).rstrip())
+    return "\n".join(lines)
+
+
+def _shorten(text: str, width: int) -> str:
+    """*text* on one line, cut to *width* characters with a trailing ``...`` if longer."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _unique(ids: Sequence[str]) -> list[str]:
+    """*ids* without repeats, in the order given."""
+    return list(dict.fromkeys(ids))
