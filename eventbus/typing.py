@@ -68,7 +68,8 @@ class Store(Protocol):
 
     The bus keeps in-flight deliveries in memory either way; a store is told of each state
     change and answers for what is not in memory (another process's work, dead letters, old
-    events). Implementations are thread-safe. Writes return once they are committed. See
+    events). Implementations are thread-safe. Writes return once they are committed, except
+    :meth:`succeeded`, which may be committed later but in order (see :meth:`flush`). See
     :class:`eventbus.stores.SQLiteStore` and :class:`eventbus.stores.MemoryStore`.
     """
 
@@ -91,7 +92,8 @@ class Store(Protocol):
         """Commit that attempt *attempts* starts now (before the handler runs)."""
 
     def succeeded(self, event_id: str, handler: str) -> None:
-        """Commit a success."""
+        """Record a success: committed before any later write of the same thread is (a
+        worker's next attempt), or by :meth:`flush`."""
 
     def retrying(
         self, event_id: str, handler: str, attempts: int, error: str, due_at: float

@@ -61,11 +61,11 @@ class MemoryStore:
     def close(self) -> None:
         """End the session; its unfinished deliveries become claimable. Idempotent."""
         with self._lock:
-            self._owner = None
+            owner, self._owner = self._owner, None
             self._dirty = True
             for rows in self._rows.values():
                 for row in rows.values():
-                    if row.state in _OPEN:
+                    if row.state in _OPEN and row.owner == owner and owner is not None:
                         row.owner = None
                         if row.state == "running":
                             row.state = "pending"
@@ -163,7 +163,7 @@ class MemoryStore:
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
         with self._lock:
-            return list(self._dead.values())
+            return sorted(self._dead.values(), key=lambda letter: letter.failed_at)
 
     def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """One dead letter, or ``None``."""

@@ -13,21 +13,20 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
 from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
+from eventbus.stores._group_commit import GroupCommit, Write
 from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
 
 __all__ = ["SQLiteStore"]
 
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -68,6 +67,10 @@ CREATE TABLE IF NOT EXISTS owners (
 
 _OPEN_STATES = "('pending', 'running', 'retrying')"
 _EVENT_COLUMNS = "e.id, e.name, e.payload_type, e.payload, e.metadata, e.occurred_at"
+_DEAD_LETTER_QUERY = (
+    "SELECT x.id, x.handler, x.attempts, x.error, x.reason, x.traceback, x.failed_at, "
+    f"{_EVENT_COLUMNS} FROM dead_letters x JOIN events e ON e.id = x.event_id"
+)
 
 #: How long the background thread lets a deferred write wait for a ride (seconds).
 _LINGER = 0.002
@@ -93,10 +96,11 @@ class SQLiteStore:
       at once. The heartbeat runs every ``lease / 3`` seconds.
     * ``poll_interval``: how often a recovered bus looks for deliveries to take over (replays
       made from the command line, work of a crashed process).
-    * ``retention`` / ``retention_seconds``: succeeded events are pruned once more than
-      ``retention`` events are stored or they are older than ``retention_seconds``. Events
-      with a dead letter or an unfinished delivery are never pruned. Idempotency keys live as
-      long as their event.
+    * ``retention`` / ``retention_seconds``: finished events (no unfinished delivery, no dead
+      letter: replayed or purged ones count as finished) are pruned once more than
+      ``retention`` events are stored or they are older than ``retention_seconds``. Pruning
+      runs every 1,000 emits, so up to 1,000 more may be kept meanwhile. Idempotency keys
+      live as long as their event.
     * ``codec``: how payloads become JSON (:class:`eventbus.codec.JsonCodec` by default).
 
     The file and its ``-wal``/``-shm`` companions are created readable by the owner only.
@@ -130,7 +134,7 @@ class SQLiteStore:
         self._retention = retention
         self._retention_seconds = retention_seconds
         self._lock = threading.Lock()
-        self._queue: deque[_Write] = deque()
+        self._writes: GroupCommit[sqlite3.Connection] = GroupCommit(self._run_batch)
         self._owner: str | None = None
         self._emits = 0
         self._claimed_version = -1
@@ -152,11 +156,16 @@ class SQLiteStore:
         db = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self._synchronous}")
-        db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
-        with self._write(db):
-            _create_schema(db)
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+            _check_is_ours(db, self.path)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            with self._write(db):
+                _create_schema(db)
+        except BaseException:
+            db.close()
+            raise
         return db
 
     @contextmanager
@@ -224,9 +233,7 @@ class SQLiteStore:
 
     def flush(self) -> None:
         """Commit deferred writes (successes) now; return once they are committed."""
-        with self._lock:
-            self._drain_queue()
-        self._recheck_queue()
+        self._writes.flush()
 
     def _beat(self) -> None:
         with self._lock:
@@ -246,8 +253,8 @@ class SQLiteStore:
         if self._background is not None:
             self._background.join()
             self._background = None
+        self._writes.flush()  # deferred successes: committed before the session ends
         with self._lock:
-            self._drain_queue()  # deferred successes: committed before the session ends
             owner, self._owner = self._owner, None
             if owner is not None:
                 with self._write() as db:
@@ -300,7 +307,7 @@ class SQLiteStore:
             self._emits += 1
             return None
 
-        return self._commit(write, several_statements=True)
+        return cast(Event | None, self._writes.commit(write, several_statements=True))
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
         """Commit that attempt number *attempts* is starting (before the handler runs, so a
@@ -325,7 +332,8 @@ class SQLiteStore:
                 (event_id, handler),
             )
 
-        self._commit_later(write)
+        self._writes.defer(write)
+        self._wake.set()
 
     def retrying(
         self, event_id: str, handler: str, attempts: int, error: str, due_at: float
@@ -343,7 +351,7 @@ class SQLiteStore:
         def write(db: sqlite3.Connection) -> None:
             _insert_dead_letter(db, dead_letter)
 
-        self._commit(write, several_statements=True)
+        self._writes.commit(write, several_statements=True)
 
     def release(self, deliveries: Collection[tuple[str, str]]) -> None:
         """Give up (event id, handler) deliveries this session will not run: they stay
@@ -358,78 +366,30 @@ class SQLiteStore:
                 rows,
             )
 
-        self._commit(write, several_statements=True)
+        self._writes.commit(write, several_statements=True)
 
     def _update(self, sql: str, params: tuple[Any, ...]) -> None:
         def write(db: sqlite3.Connection) -> None:
             db.execute(sql, params)
 
-        self._commit(write)
+        self._writes.commit(write)
 
-    def _commit(
-        self, write: Callable[[sqlite3.Connection], T], *, several_statements: bool = False
-    ) -> T:
-        """Run *write* in a committed transaction, batched with other threads' writes.
-
-        Group commit: a writer queues its write, then takes the connection; whoever holds it
-        runs every queued write in one transaction, and keeps going until the queue is
-        empty, so eight workers waiting to commit pay for one commit between them. Each
-        returns once its own write is committed. A write of several statements runs inside a
-        savepoint so that, if it fails, none of it is committed with the others.
-        """
-        op = _Write(write, several_statements)
-        self._queue.append(op)
-        while not op.done:
-            with self._lock:
-                self._drain_queue()
-            self._recheck_queue()
-        if op.error is not None:
-            raise op.error
-        return cast(T, op.result)
-
-    def _commit_later(self, write: Callable[[sqlite3.Connection], None]) -> None:
-        """Queue *write* without waiting: the next transaction of any thread commits it,
-        or the background thread does within a couple of milliseconds."""
-        self._queue.append(_Write(write, several_statements=False))
-        self._wake.set()
-
-    def _recheck_queue(self) -> None:
-        # A write queued while the holder was releasing the lock would otherwise wait for the
-        # next writer: whoever finds the queue non-empty after releasing drains it.
-        while self._queue and self._lock.acquire(blocking=False):
+    def _run_batch(self, batch: list[Write[sqlite3.Connection]]) -> None:
+        """Group commit's batch runner: every write in one transaction, each write's error
+        kept for its writer; a failed transaction fails every write in it."""
+        with self._lock:
             try:
-                self._drain_queue()
-            finally:
-                self._lock.release()
-
-    def _drain_queue(self) -> None:
-        # Under self._lock.
-        while self._queue:
-            self._run_queued()
-
-    def _run_queued(self) -> None:
-        # Under self._lock.
-        batch: list[_Write] = []
-        while self._queue:
-            batch.append(self._queue.popleft())
-        try:
-            with self._write() as db:
+                with self._write() as db:
+                    for op in batch:
+                        _run(op, db)
+            except BaseException as exc:
                 for op in batch:
-                    op.run(db)
-        except BaseException as exc:
-            # The transaction failed as a whole, so every write in it did. Hand the error to
-            # each writer (they are waiting on op.done), and re-raise only what is not an
-            # ordinary error (KeyboardInterrupt) in this thread too.
-            for op in batch:
-                op.error = op.error or exc
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for op in batch:
-                op.done = True
-        if self._emits >= _PRUNE_EVERY:
-            self._emits = 0
-            self._prune()
+                    op.error = op.error or exc
+                if not isinstance(exc, Exception):
+                    raise  # KeyboardInterrupt and the like: this thread's business too
+            if self._emits >= _PRUNE_EVERY:
+                self._emits = 0
+                self._prune()
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -527,18 +487,20 @@ class SQLiteStore:
         with self._lock:
             rows = (
                 self._read()
-                .execute(
-                    f"SELECT x.id, x.handler, x.attempts, x.error, x.reason, x.traceback, "
-                    f"x.failed_at, {_EVENT_COLUMNS} FROM dead_letters x "
-                    f"JOIN events e ON e.id = x.event_id ORDER BY x.failed_at, x.rowid"
-                )
+                .execute(f"{_DEAD_LETTER_QUERY} ORDER BY x.failed_at, x.rowid")
                 .fetchall()
             )
         return [self._dead_letter_from_row(row) for row in rows]
 
     def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """One dead letter by id, or ``None``."""
-        return next((d for d in self.dead_letters() if d.id == dead_letter_id), None)
+        with self._lock:
+            row = (
+                self._read()
+                .execute(f"{_DEAD_LETTER_QUERY} WHERE x.id = ?", (dead_letter_id,))
+                .fetchone()
+            )
+        return None if row is None else self._dead_letter_from_row(row)
 
     def replay_dead_letter(self, dead_letter_id: str, *, claim: bool = False) -> DeadLetter | None:
         """Delete the dead letter and make its delivery pending again with a fresh attempt
@@ -546,12 +508,7 @@ class SQLiteStore:
         bus to claim runs it (a replay from the command line). ``None`` if no such letter."""
         with self._lock, self._write() as db:
             owner = self._require_owner() if claim else None
-            found = db.execute(
-                f"SELECT x.id, x.handler, x.attempts, x.error, x.reason, x.traceback, "
-                f"x.failed_at, {_EVENT_COLUMNS} FROM dead_letters x "
-                f"JOIN events e ON e.id = x.event_id WHERE x.id = ?",
-                (dead_letter_id,),
-            ).fetchone()
+            found = db.execute(f"{_DEAD_LETTER_QUERY} WHERE x.id = ?", (dead_letter_id,)).fetchone()
             if found is None:
                 return None
             letter = self._dead_letter_from_row(found)
@@ -595,9 +552,10 @@ class SQLiteStore:
             doomed = [
                 event_id
                 for (event_id,) in db.execute(
-                    "SELECT id FROM events e WHERE (e.created < ? OR e.rowid <= ?) AND NOT EXISTS "
-                    "(SELECT 1 FROM deliveries d WHERE d.event_id = e.id "
-                    "AND d.state != 'succeeded')",
+                    "SELECT id FROM events e WHERE (e.created < ? OR e.rowid <= ?) "
+                    f"AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id "
+                    f"AND d.state IN {_OPEN_STATES}) "
+                    "AND NOT EXISTS (SELECT 1 FROM dead_letters x WHERE x.event_id = e.id)",
                     (cutoff, newest - self._retention),
                 )
             ]
@@ -635,34 +593,21 @@ class SQLiteStore:
         return f"<SQLiteStore {str(self.path)!r}>"
 
 
-class _Write:
-    """One thread's queued write and, once run, its result or error."""
-
-    __slots__ = ("done", "error", "result", "several_statements", "write")
-
-    def __init__(
-        self, write: Callable[[sqlite3.Connection], Any], several_statements: bool
-    ) -> None:
-        self.write = write
-        self.several_statements = several_statements
-        self.done = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self, db: sqlite3.Connection) -> None:
-        if not self.several_statements:  # one statement is atomic on its own
-            try:
-                self.result = self.write(db)
-            except Exception as exc:  # noqa: BLE001 - handed to the thread that queued it
-                self.error = exc
-            return
-        db.execute("SAVEPOINT write")
+def _run(op: Write[sqlite3.Connection], db: sqlite3.Connection) -> None:
+    """Run one queued write inside the batch's transaction, keeping its result or error."""
+    if not op.several_statements:  # one statement is atomic on its own
         try:
-            self.result = self.write(db)
+            op.result = op.write(db)
         except Exception as exc:  # noqa: BLE001 - handed to the thread that queued it
-            db.execute("ROLLBACK TO write")
-            self.error = exc
-        db.execute("RELEASE write")
+            op.error = exc
+        return
+    db.execute("SAVEPOINT write")
+    try:
+        op.result = op.write(db)
+    except Exception as exc:  # noqa: BLE001 - handed to the thread that queued it
+        db.execute("ROLLBACK TO write")
+        op.error = exc
+    db.execute("RELEASE write")
 
 
 def _print_error(error: BaseException) -> None:
@@ -702,10 +647,30 @@ def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter) -> None
 
 
 def _undecoded_event(row: Any) -> Event:
-    event_id, name, _, _, _, occurred_at = row
+    """The event of a row whose payload cannot be decoded: everything else, payload ``None``."""
+    event_id, name, _, _, metadata, occurred_at = row
+    try:
+        meta = MappingProxyType(json.loads(metadata))
+    except ValueError:
+        meta = MappingProxyType({})
     return Event(
-        name=name, payload=None, id=event_id, occurred_at=datetime.fromisoformat(occurred_at)
+        name=name,
+        payload=None,
+        metadata=meta,
+        id=event_id,
+        occurred_at=datetime.fromisoformat(occurred_at),
     )
+
+
+def _check_is_ours(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse a database that holds other tables and none of ours: adding our tables to
+    somebody else's database would be a surprise. Raises ``ValueError``."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if tables and not tables & {"events", "deliveries"}:
+        raise ValueError(
+            f"{str(path)!r} is an SQLite database of something else (tables: "
+            f"{', '.join(sorted(tables))}), not an eventbus store"
+        )
 
 
 def _quarantine(
