@@ -4,6 +4,7 @@ from eventbus._bus import EventBus
 from eventbus._event import DeadLetter, Delivery, Event
 from eventbus.exceptions import (
     BusClosedError,
+    CodecError,
     DrainInHandlerError,
     DuplicateHandlerError,
     EventBusError,
@@ -19,6 +20,7 @@ from eventbus.retry import RetryPolicy
 
 __all__ = [
     "BusClosedError",
+    "CodecError",
     "DeadLetter",
     "Delivery",
     "DrainInHandlerError",

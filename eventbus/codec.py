@@ -38,7 +38,7 @@ from enum import Enum
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 from uuid import UUID
 
-from eventbus.exceptions import EventBusError
+from eventbus.exceptions import CodecError
 
 __all__ = ["CodecError", "JsonCodec"]
 
@@ -51,10 +51,6 @@ _TEXT_TYPES: dict[type, Callable[[str], Any]] = {
     Decimal: Decimal,
     UUID: UUID,
 }
-
-
-class CodecError(EventBusError, ValueError):
-    """Stored JSON cannot be decoded: bad JSON, an unknown type name, or a failed rebuild."""
 
 
 # --- encoding ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BusClosedError",
+    "CodecError",
     "DrainInHandlerError",
     "DuplicateHandlerError",
     "EventBusError",
@@ -53,6 +54,11 @@ class QueueFullError(EventBusError, RuntimeError):
 class DrainInHandlerError(EventBusError, RuntimeError):
     """``drain()`` or ``close()`` was called from inside a handler, where it would wait for
     itself forever."""
+
+
+class CodecError(EventBusError, ValueError):
+    """A stored payload cannot be decoded: bad JSON, an unknown type name, or a failed rebuild
+    (raised by :class:`eventbus.codec.JsonCodec`; a store quarantines such rows)."""
 
 
 class UnknownEventError(EventBusError, KeyError):

@@ -18,6 +18,8 @@ PUBLIC_MODULES = (
     "eventbus",
     "eventbus.exceptions",
     "eventbus.retry",
+    "eventbus.stores",
+    "eventbus.codec",
     "eventbus.signals",
     "eventbus.testing",
     "eventbus.typing",

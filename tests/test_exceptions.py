@@ -7,6 +7,7 @@ import pytest
 from eventbus import exceptions
 from eventbus.exceptions import (
     BusClosedError,
+    CodecError,
     DrainInHandlerError,
     DuplicateHandlerError,
     EventBusError,
@@ -22,6 +23,7 @@ from eventbus.exceptions import (
 #: Each error and the builtin exception its docstring (and the issue) promise.
 DOCUMENTED_BUILTIN: dict[type[EventBusError], type[Exception]] = {
     InvalidEventNameError: ValueError,
+    CodecError: ValueError,
     DuplicateHandlerError: ValueError,
     InvalidHandlerError: TypeError,
     InvalidEventError: TypeError,

@@ -16,6 +16,8 @@ PUBLIC_MODULES = [
     "eventbus.retry",
     "eventbus.signals",
     "eventbus.testing",
+    "eventbus.stores",
+    "eventbus.codec",
 ]
 
 #: The names the issue's example and contract use (tests outside this repository rely on them).
