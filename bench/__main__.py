@@ -13,7 +13,7 @@ from bench._harness import FULL, QUICK, Check, Row, Section, Sizes, configure_st
 
 def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
     """Every scenario, in the order of the report."""
-    from bench import dispatch, latency, memory, retry_storm, subscriptions
+    from bench import dispatch, durable, latency, memory, retry_storm, subscriptions
 
     return [
         ("thread dispatch, 1 handler", lambda s: dispatch.thread_dispatch(s, 1)),
@@ -22,6 +22,7 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         ("emit cost vs subscriptions", subscriptions.subscription_growth),
         ("inline mode", dispatch.inline),
         ("retry storm", retry_storm.retry_storm),
+        ("durable (SQLite)", durable.durable),
         ("memory", memory.memory),
         ("handler weight (info)", dispatch.latch_sensitivity),
     ]

@@ -439,6 +439,8 @@ class Sizes:
     retry_events: int
     memory_events: int
     memory_bound: int
+    #: Events per durable trial: each costs a commit, so far fewer than the in-memory runs.
+    durable_events: int
 
 
 FULL = Sizes(
@@ -454,6 +456,7 @@ FULL = Sizes(
     retry_events=2_000,
     memory_events=1_000_000,
     memory_bound=10_000,
+    durable_events=5_000,
 )
 
 QUICK = Sizes(
@@ -469,4 +472,5 @@ QUICK = Sizes(
     retry_events=50,
     memory_events=20_000,
     memory_bound=10_000,
+    durable_events=300,
 )

@@ -22,6 +22,9 @@ SCENARIOS = (
     "emit cost vs subscriptions, 4 matching",
     "inline (sync), 4 handlers",
     "retry storm, 4 handlers, zero backoff",
+    "durable (SQLite), 4 handlers",
+    "durable (SQLite) emit() latency p50, 4 handlers",
+    "durable (SQLite) emit() latency p99, 4 handlers",
     "memory, 20,000 events x 4 handlers",
     "info: thread dispatch, 4 handlers taking a lock",
 )
@@ -95,12 +98,18 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
     assert subs["detail"]["non_matching_handler_calls"] == 0
     storm = next(r for r in doc["results"] if r["dispatcher"].endswith("fails once"))
     assert storm["detail"]["dead_letters"] == 0
+    durable = [r for r in doc["results"] if r["scenario"] == "durable (SQLite), 4 handlers"]
+    assert len(durable) == 3
+    for row in durable:
+        detail = row["detail"]
+        assert detail["stored_events"] * 4 == detail["stored_succeeded_deliveries"]
+        assert detail["stored_succeeded_deliveries"] == detail["expected"]
 
 
 def test_targets_and_machine_are_reported(quick: tuple[dict[str, Any], str, Path]) -> None:
     doc, stdout, _ = quick
     targets = [c["target"] for c in doc["checks"]]
-    assert len(targets) == 10
+    assert len(targets) == 12
     for check in doc["checks"]:
         assert isinstance(check["passed"], bool)
         assert math.isfinite(check["measured"])

@@ -1,0 +1,367 @@
+"""Durable dispatch: events/s with 4 handlers through ``SQLiteStore``, beside a raw ``sqlite3``
+loop doing the same inserts and updates in the same run.
+
+* **eventbus**: ``EventBus(store=SQLiteStore(tmp/"events.db"), max_workers=8)``, 4 trivial
+  handlers; one thread emits N events back to back (each ``emit()`` timed alone), then the
+  clock stops once all 4N handler calls were counted and ``bus.drain()`` returned.
+  ``SQLiteStore`` commits the event and its deliveries before ``emit()`` returns and each
+  attempt's start before the handler runs; successes are committed lazily, batched with later
+  writes. What ``close()`` then costs (the last deferred successes, the owner's release) is
+  reported beside, not in, the rate.
+* **raw sqlite3 loop**: one thread, plain ``sqlite3`` with SQLiteStore's pragmas (WAL,
+  ``synchronous=NORMAL``, ``busy_timeout``), schema and statements, the naive write pattern with
+  the same guarantees: per event one ``BEGIN IMMEDIATE`` transaction inserting the event and its
+  4 delivery rows; then per handler a committed UPDATE to 'running' (attempts=1), the handler
+  call, and a committed UPDATE to 'succeeded'. 9 commits per event.
+* **raw sqlite3 loop, one transaction per event** (upper bound, information only): the same
+  statements and handler calls inside one transaction per event. It does NOT give the
+  per-attempt guarantee (a crash inside a handler loses the record of the attempt).
+
+Every trial uses a fresh temporary directory (a fresh database); after each trial the file is
+read back to check that it holds N events and 4N succeeded deliveries.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import sqlite3
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench._harness import (
+    EVENT_NAME,
+    PAYLOAD,
+    WAIT_TIMEOUT,
+    WORKERS,
+    Check,
+    Row,
+    Section,
+    Sizes,
+    Tally,
+    make_handlers,
+    median,
+    percentile,
+    subscribe_all,
+)
+
+HANDLERS = 4
+#: SQLiteStore's default busy_timeout, in seconds.
+BUSY_TIMEOUT = 5.0
+SCENARIO = f"durable (SQLite), {HANDLERS} handlers"
+LATENCY = "durable (SQLite) emit() latency {q}, 4 handlers"
+EVENTBUS = f"eventbus EventBus(store=SQLiteStore, max_workers={WORKERS})"
+RAW = "raw sqlite3 loop, commit per attempt (same guarantees)"
+RAW_ONE_TX = "raw sqlite3 loop, 1 transaction/event (upper bound, NO per-attempt commit)"
+TARGET_RATE = 5_000.0
+TARGET_RATIO = 0.5
+
+
+@dataclass
+class DurableTrial:
+    seconds: float
+    events: int
+    handled: int
+    finished: bool
+    stored_events: int
+    stored_succeeded: int
+    close_seconds: float = 0.0
+    emit_ns: array | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+    @property
+    def ok(self) -> bool:
+        expected = self.events * HANDLERS
+        return (
+            self.finished
+            and self.handled == expected
+            and self.stored_events == self.events
+            and self.stored_succeeded == expected
+        )
+
+
+def _schema() -> str:
+    from eventbus.stores import sqlite as store_module
+
+    return store_module._SCHEMA  # the very schema SQLiteStore creates
+
+
+def _stored_counts(path: Path) -> tuple[int, int]:
+    """(events, succeeded deliveries) in the database file, read on a fresh connection."""
+    db = sqlite3.connect(path)
+    try:
+        events = db.execute("SELECT count(*) FROM events").fetchone()[0]
+        succeeded = db.execute(
+            "SELECT count(*) FROM deliveries WHERE state = 'succeeded'"
+        ).fetchone()[0]
+    finally:
+        db.close()
+    return events, succeeded
+
+
+# -- eventbus ----------------------------------------------------------------------------------
+
+
+def _eventbus_trial(directory: Path, tally: Tally, handlers: Sequence[Any], events: int):
+    from eventbus import EventBus
+    from eventbus.stores import SQLiteStore
+
+    path = directory / "events.db"
+    bus = EventBus(store=SQLiteStore(path), max_workers=WORKERS, name="bench-durable")
+    try:
+        subscribe_all(bus, handlers)
+        tally.reset(events * HANDLERS)
+        samples = array("q", bytes(8 * events))
+        clock = time.perf_counter_ns
+        emit = bus.emit
+        payload = PAYLOAD
+        gc.collect()
+        start = time.perf_counter()
+        for i in range(events):
+            t0 = clock()
+            emit(EVENT_NAME, payload)
+            samples[i] = clock() - t0
+        finished = tally.done.wait(WAIT_TIMEOUT) and bus.drain(WAIT_TIMEOUT)
+        seconds = time.perf_counter() - start
+    finally:
+        closing = time.perf_counter()
+        bus.close()
+        close_seconds = time.perf_counter() - closing
+    stored_events, stored_succeeded = _stored_counts(path)
+    return DurableTrial(
+        seconds,
+        events,
+        tally.handled(),
+        finished,
+        stored_events,
+        stored_succeeded,
+        close_seconds,
+        samples,
+    )
+
+
+# -- raw sqlite3 -------------------------------------------------------------------------------
+
+_INSERT_EVENT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (event_id, handler, state, owner) VALUES (?, ?, 'pending', ?)"
+)
+_RUNNING = (
+    "UPDATE deliveries SET state = 'running', attempts = ? WHERE event_id = ? AND handler = ?"
+)
+_SUCCEEDED = (
+    "UPDATE deliveries SET state = 'succeeded', error = NULL, due_at = NULL, "
+    "owner = NULL WHERE event_id = ? AND handler = ?"
+)
+
+
+def _raw_connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+    db.execute("BEGIN IMMEDIATE")
+    for statement in _schema().split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO owners VALUES (?, ?)", ("bench-raw", time.time()))
+    db.execute("COMMIT")
+    return db
+
+
+def _raw_loop(db: sqlite3.Connection, handlers: Sequence[Any], events: int) -> None:
+    """Per event: one transaction for the event and its deliveries, then per handler a
+    committed 'running', the call, a committed 'succeeded' (SQLiteStore's guarantees)."""
+    execute, executemany = db.execute, db.executemany
+    names = [f"bench.handler_{i}" for i in range(len(handlers))]
+    pairs = list(zip(names, handlers, strict=True))
+    ids = itertools.count()
+    for _ in range(events):
+        event_id = f"raw-{next(ids)}"
+        payload = json.dumps(PAYLOAD)
+        row = (
+            event_id,
+            EVENT_NAME,
+            None,
+            payload,
+            json.dumps({}),
+            datetime.now(UTC).isoformat(),
+            None,
+            time.time(),
+        )
+        execute("BEGIN IMMEDIATE")
+        execute(_INSERT_EVENT, row)
+        executemany(_INSERT_DELIVERY, [(event_id, name, "bench-raw") for name in names])
+        execute("COMMIT")
+        for name, handler in pairs:
+            execute("BEGIN IMMEDIATE")
+            execute(_RUNNING, (1, event_id, name))
+            execute("COMMIT")
+            handler(PAYLOAD)
+            execute("BEGIN IMMEDIATE")
+            execute(_SUCCEEDED, (event_id, name))
+            execute("COMMIT")
+
+
+def _raw_loop_one_transaction(db: sqlite3.Connection, handlers: Sequence[Any], events: int) -> None:
+    """The same statements and calls in one transaction per event: an upper bound only."""
+    execute, executemany = db.execute, db.executemany
+    names = [f"bench.handler_{i}" for i in range(len(handlers))]
+    pairs = list(zip(names, handlers, strict=True))
+    ids = itertools.count()
+    for _ in range(events):
+        event_id = f"raw-{next(ids)}"
+        payload = json.dumps(PAYLOAD)
+        row = (
+            event_id,
+            EVENT_NAME,
+            None,
+            payload,
+            json.dumps({}),
+            datetime.now(UTC).isoformat(),
+            None,
+            time.time(),
+        )
+        execute("BEGIN IMMEDIATE")
+        execute(_INSERT_EVENT, row)
+        executemany(_INSERT_DELIVERY, [(event_id, name, "bench-raw") for name in names])
+        for name, handler in pairs:
+            execute(_RUNNING, (1, event_id, name))
+            handler(PAYLOAD)
+            execute(_SUCCEEDED, (event_id, name))
+        execute("COMMIT")
+
+
+def _raw_trial(
+    loop: Callable[[sqlite3.Connection, Sequence[Any], int], None],
+    directory: Path,
+    tally: Tally,
+    handlers: Sequence[Any],
+    events: int,
+) -> DurableTrial:
+    path = directory / "events.db"
+    db = _raw_connect(path)
+    try:
+        tally.reset(events * HANDLERS)
+        gc.collect()
+        start = time.perf_counter()
+        loop(db, handlers, events)
+        finished = tally.done.wait(WAIT_TIMEOUT)
+        seconds = time.perf_counter() - start
+    finally:
+        db.close()
+    stored_events, stored_succeeded = _stored_counts(path)
+    return DurableTrial(seconds, events, tally.handled(), finished, stored_events, stored_succeeded)
+
+
+# -- the scenario ------------------------------------------------------------------------------
+
+
+def _in_fresh_directory(run: Callable[[Path], DurableTrial]) -> DurableTrial:
+    with tempfile.TemporaryDirectory(prefix="eventbus-bench-durable-") as directory:
+        return run(Path(directory))
+
+
+def durable(sizes: Sizes) -> Section:
+    """events/s with 4 handlers through SQLiteStore vs raw sqlite3 loops, same run."""
+    events = sizes.durable_events
+    warmup = max(1, sizes.durable_events // 10)
+    tally = Tally()
+    handlers = make_handlers(tally, HANDLERS)
+    runners: dict[str, Callable[[Path, int], DurableTrial]] = {
+        EVENTBUS: lambda d, n: _eventbus_trial(d, tally, handlers, n),
+        RAW: lambda d, n: _raw_trial(_raw_loop, d, tally, handlers, n),
+        RAW_ONE_TX: lambda d, n: _raw_trial(_raw_loop_one_transaction, d, tally, handlers, n),
+    }
+    for name, run in runners.items():  # warm-up: imports, page cache, code paths
+        trial = _in_fresh_directory(lambda d, run=run: run(d, warmup))
+        if not trial.ok:
+            raise RuntimeError(f"durable warm-up of {name!r} came out wrong: {trial}")
+    trials: dict[str, list[DurableTrial]] = {name: [] for name in runners}
+    for _ in range(sizes.repeats):  # round robin: drift spreads evenly over the three
+        for name, run in runners.items():
+            trials[name].append(_in_fresh_directory(lambda d, run=run: run(d, events)))
+
+    rows: list[Row] = []
+    for name, runs in trials.items():
+        values = [t.rate for t in runs]
+        detail: dict[str, Any] = {
+            "events_per_trial": events,
+            "handled": sum(t.handled for t in runs),
+            "expected": sum(t.events * HANDLERS for t in runs),
+            "stored_events": sum(t.stored_events for t in runs),
+            "stored_succeeded_deliveries": sum(t.stored_succeeded for t in runs),
+            "best": max(values),
+        }
+        if name == EVENTBUS:
+            detail["close_seconds_median"] = median([t.close_seconds for t in runs])
+            detail["events_per_s_including_close"] = median(
+                [t.events / (t.seconds + t.close_seconds) for t in runs]
+            )
+        rows.append(
+            Row(
+                SCENARIO,
+                name,
+                median(values),
+                "events/s",
+                samples=values,
+                ok=all(t.ok for t in runs),
+                detail=detail,
+            )
+        )
+    by = {r.dispatcher: r for r in rows}
+    raw = by[RAW]
+    for row in rows:
+        row.ratio = row.value / raw.value
+        row.ratio_to = RAW
+
+    bus_runs = trials[EVENTBUS]
+    latency_rows = []
+    for q, label in ((0.50, "p50"), (0.99, "p99")):
+        per_trial = [percentile(sorted(t.emit_ns or ()), q) / 1000 for t in bus_runs]
+        latency_rows.append(
+            Row(
+                LATENCY.format(q=label),
+                EVENTBUS,
+                median(per_trial),
+                "us",
+                samples=per_trial,
+                ok=by[EVENTBUS].ok,
+                detail={
+                    "emits_per_trial": events,
+                    "max_us": max(max(t.emit_ns or (0,)) for t in bus_runs) / 1000,
+                },
+            )
+        )
+    p50, p99 = (r.value for r in latency_rows)
+    bus = by[EVENTBUS]
+    ratio = bus.value / raw.value
+    checks = [
+        Check(
+            f"durable (SQLite), {HANDLERS} handlers: eventbus >= {TARGET_RATE:,.0f} events/s",
+            bus.value,
+            TARGET_RATE,
+            higher_is_better=True,
+            note=f"emit() p50 {p50:.0f} us, p99 {p99:.0f} us",
+            shown=f"{bus.value:,.0f} events/s",
+        ),
+        Check(
+            f"durable (SQLite), {HANDLERS} handlers: eventbus >= {TARGET_RATIO}x the raw "
+            "sqlite3 loop (commit per attempt)",
+            ratio,
+            TARGET_RATIO,
+            higher_is_better=True,
+            note=f"{bus.value:,.0f} vs {raw.value:,.0f} events/s",
+        ),
+    ]
+    return Section(rows + latency_rows, checks)
