@@ -35,7 +35,16 @@ from eventbus.exceptions import (
     UnknownHandlerError,
 )
 from eventbus.retry import RetryPolicy, RetryQueue
-from eventbus.typing import Cancellable, Clock, Executor, Handler, HandlerT, Job, Store
+from eventbus.typing import (
+    Cancellable,
+    Clock,
+    Executor,
+    Handler,
+    HandlerT,
+    Job,
+    Store,
+    Transport,
+)
 
 __all__ = ["EventBus"]
 
@@ -112,6 +121,7 @@ class EventBus:
         redact_keys: Iterable[str] = DEFAULT_REDACT_KEYS,
         name: str = "eventbus",
         store: Store | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
@@ -119,6 +129,10 @@ class EventBus:
             raise ValueError(f"block_timeout must be >= 0 or None, got {block_timeout!r}")
         if executor is not None and max_workers is not None:
             raise TypeError("pass max_workers or executor, not both")
+        if store is not None and transport is not None:
+            # The transport keeps undelivered work (an entry is acknowledged only once all its
+            # deliveries settled), so a store would be a second record of the same thing.
+            raise TypeError("pass store or transport, not both")
         self._retry = retry if retry is not None else RetryPolicy()
         self._records = Records(status_retention)
         self._outcomes = OutcomeRecorder(
@@ -155,6 +169,9 @@ class EventBus:
             )
         self._executor = executor
         self._store = store
+        self._transport = transport
+        if transport is not None:
+            transport.on_error = lambda exc: self._outcomes.internal_error("transport", exc)
         self._warned_unknown: set[str] = set()
         self._poll: Cancellable | None = None
         self._left_in_store = 0  # deliveries close() left unfinished in the store
@@ -266,6 +283,8 @@ class EventBus:
             id=new_id(),
             occurred_at=datetime.now(UTC),
         )
+        if self._transport is not None:
+            return self._publish(self._transport, emitted, key)
         subscriptions = self._registry.resolve(name, cls)
         context = contextvars.copy_context()
         record = EventRecord(emitted, key if self._store is None else None)
@@ -288,6 +307,64 @@ class EventBus:
         for delivery in record.deliveries.values():
             submit(self._job(delivery))
         return emitted
+
+    def _publish(self, transport: Transport, event: Event, key: str | None) -> Event:
+        """emit() with a transport: hand the event over; the buses consuming it deliver it."""
+        if key is not None:
+            raise ValueError(
+                "key= needs a store; with a transport, redeliveries are expected and handlers "
+                "deduplicate by event id (see docs/scaling-out.md)"
+            )
+        if self._closed:
+            raise BusClosedError("emit() after close(): this bus accepts no more events")
+        transport.publish(event)
+        if self._outcomes.debug_enabled():
+            self._outcomes.published(event)
+        if signals.has_receivers(signals.event_emitted):
+            self._signal(signals.event_emitted, event=event)
+        return event
+
+    def _receive(self, event: Event, token: str) -> None:
+        """The transport's hand-over of one event (on its reader thread): deliver it to the
+        local handlers. Blocks while the bus is full (backpressure on the reader); does not
+        acknowledge anything when the bus is closing, so the event goes to another consumer."""
+        payload = event.payload
+        cls = None if type(payload).__module__ == "builtins" else type(payload)
+        subscriptions = self._registry.resolve(event.name, cls)
+        context = contextvars.copy_context()
+        record = EventRecord(event, token=token)
+        for sub in subscriptions:
+            policy = sub.retry if sub.retry is not None else self._retry
+            record.deliveries[sub.name] = DeliveryRecord(record, sub, policy, context)
+        count = record.unsettled = len(subscriptions)
+        limit = self._max_pending
+        with self._lock:
+            if limit is not None and not self._wait(
+                lambda: self._closed or self._active == 0 or self._active + count <= limit, None
+            ):
+                return  # pragma: no cover - waits without a timeout
+            if self._closed:
+                return
+            self._active += count
+            self._records.add(record)
+        record.verbose = self._outcomes.debug_enabled()
+        if not subscriptions:
+            self._outcomes.unhandled(event)
+            self._acknowledge(token)
+            return
+        if record.verbose:
+            self._outcomes.emitted(event, count)
+        submit = self._executor.submit
+        for delivery in record.deliveries.values():
+            submit(self._job(delivery))
+
+    def _acknowledge(self, token: str) -> None:
+        transport = self._transport
+        assert transport is not None
+        try:
+            transport.settled(token)
+        except Exception as exc:  # noqa: BLE001 - not acknowledged: delivered again later
+            self._outcomes.internal_error("transport", exc)
 
     def _admit(self, record: EventRecord, key: str | None) -> Event | None:
         """Count the event's deliveries as active (waiting for room if the bus is full) and
@@ -392,8 +469,10 @@ class EventBus:
             if store is not None:
                 self._persist(store.succeeded, delivery.event.id, delivery.handler)
             with self._lock:
-                self._records.settle(delivery, "succeeded")
+                finished = self._records.settle(delivery, "succeeded")
                 self._finish_one()
+            if finished and delivery.owner.token is not None:
+                self._acknowledge(delivery.owner.token)
             if verbose:
                 duration = self._clock.monotonic() - started
                 self._outcomes.succeeded(
@@ -486,12 +565,14 @@ class EventBus:
         if store is not None:
             self._persist(store.dead, dead_letter)
         with self._lock:
-            self._records.settle(delivery, "dead")
+            finished = self._records.settle(delivery, "dead")
             if store is None:
                 self._records.add_dead_letter(dead_letter, delivery)
             if reason == "abandoned":
                 self._abandoned += 1
             self._finish_one()
+        if finished and delivery.owner.token is not None:
+            self._acknowledge(delivery.owner.token)
         self._outcomes.dead_lettered(dead_letter)
         if signals.has_receivers(signals.dead_lettered):
             self._signal(signals.dead_lettered, event=dead_letter.event, dead_letter=dead_letter)
@@ -500,14 +581,17 @@ class EventBus:
         """Settle active deliveries the stopped bus will not run: dead letters ("abandoned")
         without a store; with one, they stay unfinished in it for the next process."""
         store = self._store
-        if store is None:
+        if store is None and self._transport is None:
             for delivery in deliveries:
                 self._dead_letter(delivery, "abandoned", trace)
             return
-        if deliveries:
+        if store is not None and deliveries:
             self._persist(store.release, [(d.event.id, d.handler) for d in deliveries])
+        # With a transport, the event's entry is simply not acknowledged: another consumer
+        # (or this one, restarted) takes it over after the transport's claim_idle.
+        left = self._outcomes.left_in_store if store is not None else self._outcomes.left_in_stream
         for delivery in deliveries:
-            self._outcomes.left_in_store(delivery.event, delivery.handler, delivery.state)
+            left(delivery.event, delivery.handler, delivery.state)
         with self._lock:
             self._left_in_store += len(deliveries)
             self._active -= len(deliveries)
@@ -662,10 +746,14 @@ class EventBus:
 
         Raises ``RuntimeError`` without a store and ``BusClosedError`` after close.
         """
-        if self._store is None:
-            raise RuntimeError("recover() needs a store: EventBus(store=SQLiteStore(...))")
         if self._closed:
             raise BusClosedError("recover() after close()")
+        if self._transport is not None:
+            return self._transport.start(self._receive)
+        if self._store is None:
+            raise RuntimeError(
+                "recover() needs a store or a transport: EventBus(store=SQLiteStore(...))"
+            )
         count = self._take_over(self._store)
         with self._lock:
             if self._poll is None and not self._closed:
@@ -782,6 +870,8 @@ class EventBus:
             left_in_store = None if self._store is None else self._left_in_store
         if self._store is not None:
             self._persist(self._store.close)
+        if self._transport is not None:
+            self._persist(self._transport.close)
         self._outcomes.closed(abandoned, still_running, left_in_store)
         if signals.has_receivers(signals.bus_closed):
             self._signal(signals.bus_closed, abandoned=abandoned)

@@ -192,6 +192,18 @@ class OutcomeRecorder:
             state=state,
         )
 
+    def published(self, event: Event) -> None:
+        self._log.debug("event.published", **self._event_keys(event))
+
+    def left_in_stream(self, event: Event, handler: str, state: str) -> None:
+        self._log.info(
+            "handler.left_in_stream",
+            event_id=event.id,
+            event_name=event.name,
+            handler=handler,
+            state=state,
+        )
+
     def unknown_handler(self, handler: str, deliveries: int) -> None:
         self._log.warning(
             "delivery.unknown_handler",

@@ -64,11 +64,13 @@ class DeliveryRecord:
 class EventRecord:
     """An event and its deliveries; *unsettled* counts those not yet succeeded or dead."""
 
-    __slots__ = ("deliveries", "event", "key", "unsettled", "verbose")
+    __slots__ = ("deliveries", "event", "key", "token", "unsettled", "verbose")
 
-    def __init__(self, event: Event, key: str | None = None) -> None:
+    def __init__(self, event: Event, key: str | None = None, token: str | None = None) -> None:
         self.event = event
         self.key = key
+        # The transport's id for an event received from it: acknowledged once all settle.
+        self.token = token
         self.deliveries: dict[str, DeliveryRecord] = {}
         self.unsettled = 0
         # Whether debug-level outcomes (emitted, succeeded) are logged for this event.
@@ -129,14 +131,17 @@ class Records:
     def get(self, event_id: str) -> EventRecord | None:
         return self._events.get(event_id)
 
-    def settle(self, delivery: DeliveryRecord, state: DeliveryState) -> None:
-        """Move *delivery* to a final state; its event becomes evictable once all are final."""
+    def settle(self, delivery: DeliveryRecord, state: DeliveryState) -> bool:
+        """Move *delivery* to a final state; its event becomes evictable once all are final.
+        Returns True if this was the event's last unsettled delivery."""
         delivery.state = state
         delivery.context = None  # the emitter's context may hold large objects: let them go
         owner = delivery.owner
         owner.unsettled -= 1
         if owner.unsettled == 0:
             self._mark_settled(owner.event.id)
+            return True
+        return False
 
     def reopen(self, delivery: DeliveryRecord) -> None:
         """Make a settled *delivery* pending again (a replay), re-adding its event if evicted."""

@@ -12,11 +12,13 @@ __all__ = [
     "CodecError",
     "DrainInHandlerError",
     "DuplicateHandlerError",
+    "DuplicateInFlightError",
     "EventBusError",
     "InvalidEventError",
     "InvalidEventNameError",
     "InvalidHandlerError",
     "QueueFullError",
+    "TransportError",
     "UnknownDeadLetterError",
     "UnknownEventError",
     "UnknownHandlerError",
@@ -49,6 +51,15 @@ class BusClosedError(EventBusError, RuntimeError):
 
 class QueueFullError(EventBusError, RuntimeError):
     """``max_pending`` deliveries are pending and ``emit()`` could not wait longer for room."""
+
+
+class TransportError(EventBusError, RuntimeError):
+    """The transport (Redis) could not be reached: ``emit()`` published nothing."""
+
+
+class DuplicateInFlightError(EventBusError, RuntimeError):
+    """A handler wrapped with ``RedisStreamsTransport.once`` is running the same event in
+    another consumer right now; the bus retries it later (a retryable failure)."""
 
 
 class DrainInHandlerError(EventBusError, RuntimeError):

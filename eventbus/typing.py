@@ -18,6 +18,7 @@ __all__ = [
     "HandlerT",
     "Job",
     "Store",
+    "Transport",
 ]
 
 #: A handler takes the :class:`~eventbus.Event` and returns nothing useful.
@@ -130,3 +131,25 @@ class Store(Protocol):
 
     def purge_dead_letters(self, ids: Collection[str] | None = None) -> int:
         """Delete dead letters (all when *ids* is ``None``); return how many."""
+
+
+class Transport(Protocol):
+    """Carries events between processes: ``emit()`` publishes, and each bus consumes its share
+    (see :class:`eventbus.transports.RedisStreamsTransport`). Thread-safe."""
+
+    #: Called with errors of the transport's background work; the bus sets it to its logger.
+    on_error: Callable[[BaseException], None]
+
+    def publish(self, event: Event) -> str:
+        """Send *event*; return its id in the transport. ``TypeError`` for a payload that
+        cannot be encoded, ``TransportError`` when the transport cannot be reached."""
+
+    def start(self, deliver: Callable[[Event, str], None]) -> int:
+        """Start consuming: call *deliver(event, token)* for each event received (blocking in
+        it is backpressure); return how many stopped consumers' events were taken over."""
+
+    def settled(self, token: str) -> None:
+        """Every local delivery of the event received with *token* has settled."""
+
+    def close(self) -> None:
+        """Stop consuming; what was received but not settled goes to another consumer."""

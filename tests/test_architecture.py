@@ -113,7 +113,12 @@ def test_import_reader_sees_type_checking_blocks() -> None:
 
 @pytest.mark.parametrize(
     ("dependency", "owner"),
-    [("structlog", "_outcomes.py"), ("blinker", "signals.py"), ("tenacity", "retry.py")],
+    [
+        ("structlog", "_outcomes.py"),
+        ("blinker", "signals.py"),
+        ("tenacity", "retry.py"),
+        ("redis", "transports/redis_streams.py"),
+    ],
 )
 def test_dependency_has_a_single_importer(dependency: str, owner: str) -> None:
     """Each third-party dependency is imported by exactly one module."""

@@ -10,11 +10,13 @@ from eventbus.exceptions import (
     CodecError,
     DrainInHandlerError,
     DuplicateHandlerError,
+    DuplicateInFlightError,
     EventBusError,
     InvalidEventError,
     InvalidEventNameError,
     InvalidHandlerError,
     QueueFullError,
+    TransportError,
     UnknownDeadLetterError,
     UnknownEventError,
     UnknownHandlerError,
@@ -23,6 +25,8 @@ from eventbus.exceptions import (
 #: Each error and the builtin exception its docstring (and the issue) promise.
 DOCUMENTED_BUILTIN: dict[type[EventBusError], type[Exception]] = {
     InvalidEventNameError: ValueError,
+    TransportError: RuntimeError,
+    DuplicateInFlightError: RuntimeError,
     CodecError: ValueError,
     DuplicateHandlerError: ValueError,
     InvalidHandlerError: TypeError,

@@ -1,0 +1,20 @@
+"""Transports: how events reach buses in other processes. ``RedisStreamsTransport`` needs the
+``redis`` extra (``pip install eventbus[redis]``) and is imported only when used."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from eventbus.transports.redis_streams import RedisStreamsTransport
+
+__all__ = ["RedisStreamsTransport"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `import eventbus.transports` works without the redis package installed.
+    if name == "RedisStreamsTransport":
+        from eventbus.transports.redis_streams import RedisStreamsTransport  # noqa: PLC0415
+
+        return RedisStreamsTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
