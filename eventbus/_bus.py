@@ -172,6 +172,7 @@ class EventBus:
         self._transport = transport
         if transport is not None:
             transport.on_error = lambda exc: self._outcomes.internal_error("transport", exc)
+            transport.on_dead = self._outcomes.stream_dead_lettered
         self._warned_unknown: set[str] = set()
         self._poll: Cancellable | None = None
         self._left_in_store = 0  # deliveries close() left unfinished in the store
@@ -411,9 +412,12 @@ class EventBus:
                 self._changed.notify_all()
 
     def _register_type(self, cls: type[Any]) -> None:
-        register = getattr(self._store, "codec", None)
-        if register is not None:
-            register.register(cls)
+        # A store or transport decodes only classes it knows (it never imports by name), so
+        # a class subscribed here is made known to whichever of them encodes payloads.
+        for carrier in (self._store, self._transport):
+            codec = getattr(carrier, "codec", None)
+            if codec is not None:
+                codec.register(cls)
 
     def _wait_for_room(self, count: int, limit: int) -> None:
         """Under self._lock: wait until *count* more deliveries fit under *limit*."""

@@ -204,6 +204,16 @@ class OutcomeRecorder:
             state=state,
         )
 
+    def stream_dead_lettered(self, entry_id: str, fields: Mapping[str, str], reason: str) -> None:
+        self._log.error(
+            "stream.dead_lettered",
+            entry_id=entry_id,
+            event_id=fields.get("id"),
+            event_name=fields.get("name"),
+            deliveries=fields.get("deliveries"),
+            reason=reason,
+        )
+
     def unknown_handler(self, handler: str, deliveries: int) -> None:
         self._log.warning(
             "delivery.unknown_handler",

@@ -139,6 +139,9 @@ class Transport(Protocol):
 
     #: Called with errors of the transport's background work; the bus sets it to its logger.
     on_error: Callable[[BaseException], None]
+    #: Called when an event is moved to the transport's dead letters: (transport id, its
+    #: fields, the reason); the bus logs ``stream.dead_lettered``.
+    on_dead: Callable[[str, Mapping[str, str], str], None]
 
     def publish(self, event: Event) -> str:
         """Send *event*; return its id in the transport. ``TypeError`` for a payload that

@@ -354,7 +354,9 @@ class RedisStreamsTransport:
         consumer runs the handler it holds ``...:running:...`` for ``claim_idle`` seconds, and
         another consumer given the same event meanwhile raises
         :class:`~eventbus.DuplicateInFlightError`, which the bus retries later, by when the
-        first has recorded its success. The wrapper
+        first has recorded its success. If the first consumer died, its hold expires after
+        ``claim_idle``: give such handlers a retry policy whose backoff outlasts it, or the
+        retries may run out first (the event then becomes a dead letter, not lost). The wrapper
         keeps the handler's name, so ``off()`` and dead letters still refer to it.
 
         A handler whose effect lives in a database is better made idempotent there (insert

@@ -5,6 +5,8 @@
   event store is ``var/events.sqlite3`` and a restart picks up what a crash left.
 * ``burst``: place a burst of orders through a running server (``--orders``, ``--url``).
 * ``check``: where the burst's handlers stand, read from the event store (``--wait``).
+* ``serve --redis URL`` and ``worker --redis URL``: the API and the handlers as separate
+  processes sharing one Redis stream (and the orders database); see ``worker.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from examples.order_service.demo import DEMO_BACKOFF, demo_settings, remove_stor
 from examples.order_service.logging_setup import configure_logging
 from examples.order_service.server import serve
 from examples.order_service.wiring import EVENTS_FILE, VAR_DIR, Settings, build_app
+from examples.order_service.worker import run_worker
 
 BURST_FILE = VAR_DIR / "burst.json"
 
@@ -58,7 +61,22 @@ def _parser() -> argparse.ArgumentParser:
         default=DEMO_BACKOFF,
         help=f"seconds between attempts (default {DEMO_BACKOFF})",
     )
-    server = commands.add_parser("serve", parents=[common], help="serve the HTTP API")
+    redis = argparse.ArgumentParser(add_help=False)
+    redis.add_argument(
+        "--stream", default="orders", help="the Redis stream (with --redis; default orders)"
+    )
+    redis.add_argument(
+        "--group",
+        default="order-service",
+        help="the workers' consumer group (default order-service)",
+    )
+    redis.add_argument(
+        "--claim-idle",
+        type=float,
+        default=30.0,
+        help="seconds before a stopped worker's entries are taken over (default 30)",
+    )
+    server = commands.add_parser("serve", parents=[common, redis], help="serve the HTTP API")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     server.add_argument(
@@ -71,6 +89,19 @@ def _parser() -> argparse.ArgumentParser:
         "--no-store",
         action="store_true",
         help="no event store: deliveries live in memory and a crash loses them",
+    )
+    server.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="publish to this Redis (redis://host:port/db); the handlers run in workers",
+    )
+    worker = commands.add_parser(
+        "worker", parents=[common, redis], help="run the handlers, consuming a Redis stream"
+    )
+    worker.add_argument("--redis", metavar="URL", required=True, help="redis://host:port/db")
+    worker.add_argument(
+        "--workers", type=int, default=8, help="handler threads in this process (default 8)"
     )
     burst = commands.add_parser("burst", help="place a burst of orders through a running server")
     burst.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
@@ -113,12 +144,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         with build_app(settings) as app:
             result = run_demo(app, sys.stdout)
         return 0 if result.drained else 1
+    if args.command == "worker":
+        return run_worker(
+            Settings(
+                db_path=args.db,
+                outbox_dir=args.outbox,
+                latency=args.latency,
+                max_workers=args.workers,
+                redis_url=args.redis,
+                redis_stream=args.stream,
+                redis_group=args.group,
+                claim_idle=args.claim_idle,
+            )
+        )
     settings = Settings(
         db_path=args.db,
         outbox_dir=args.outbox,
         latency=args.latency,
         events_path=args.events,
         durable=not args.no_store,
+        redis_url=args.redis,
+        redis_stream=args.stream,
+        redis_group=args.group,
+        claim_idle=args.claim_idle,
     )
     return serve(settings, host=args.host, port=args.port)
 

@@ -6,6 +6,12 @@ own, and a failure in one never stops the others. Because a delivery may run mor
 (retries, replays), every handler is idempotent: emails are keyed, reservations and
 notifications are per order, status updates are conditional, audit rows are keyed by event id.
 
+In redis mode (several worker processes) the fakes' memory is per process, so "per order" no
+longer holds across workers: ``register_handlers(once=transport.once)`` wraps the handlers with
+outside effects so each runs to success at most once per event id, whichever worker gets it.
+The request id then comes from the event's metadata (the emitter's context stayed in the API
+process); each handler binds it, so its log lines carry it as in a single process.
+
 ========================== =================== =======================================
 handler                    event               retry policy
 ========================== =================== =======================================
@@ -27,7 +33,7 @@ from typing import Final, TypeAlias, TypeVar
 import structlog
 import tenacity
 
-from eventbus import Event, EventBus, RetryPolicy
+from eventbus import DuplicateInFlightError, Event, EventBus, RetryPolicy
 from examples.order_service.domain import OrderCreated, OrderShipped
 from examples.order_service.repository import AuditEntry, SqliteOrderRepository
 from examples.order_service.services import CATALOG, Services, TransientServiceError
@@ -72,6 +78,19 @@ INVENTORY_ATTEMPTS: Final = 5
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger("order_service.handlers")
 
 P = TypeVar("P")
+Handler: TypeAlias = Callable[[Event], None]
+
+
+def _bind_request_id(event: Event) -> str | None:
+    """The request id of the HTTP request that emitted *event*: bound in the context (same
+    process), else taken from the event's metadata and bound (a worker process)."""
+    bound = structlog.contextvars.get_contextvars().get("request_id")
+    if bound is not None:
+        return str(bound)
+    request_id = event.metadata.get("request_id")
+    if request_id is not None:
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+    return request_id
 
 
 def payload(event: Event, cls: type[P]) -> P:
@@ -87,29 +106,46 @@ def register_handlers(
     repository: SqliteOrderRepository,
     services: Services,
     retry_wait: WaitStrategy,
+    once: Callable[[Handler], Handler] | None = None,
 ) -> None:
     """Subscribe the order handlers to *bus*. Handlers without their own policy use the bus's
-    default ``retry``; *retry_wait* is the backoff of those that set one."""
+    default ``retry``; *retry_wait* is the backoff of those that set one.
+
+    *once* (redis mode: ``transport.once``) wraps the handlers with outside effects (emails,
+    inventory, warehouse, analytics). It raises ``DuplicateInFlightError`` while another
+    worker runs the same event, so the policies that retry only some errors retry that too.
+    """
     mailer, inventory = services.mailer, services.inventory
     warehouse, analytics = services.warehouse, services.analytics
+    effect: Callable[[Handler], Handler] = once if once is not None else _as_is
+    in_flight: tuple[type[Exception], ...] = (DuplicateInFlightError,) if once else ()
+    # Best effort in one process; across workers, a duplicate in flight is waited for.
+    analytics_policy = (
+        RetryPolicy(max_attempts=3, wait=retry_wait, retry_on=in_flight)
+        if in_flight
+        else RetryPolicy(max_attempts=1)
+    )
 
     @bus.on("order:*", priority=10, name=AUDIT_LOG)
     def audit_log(event: Event) -> None:
         # The request id was bound by the web layer (structlog.contextvars) when the event was
-        # emitted; eventbus runs every handler in a copy of the emitter's context.
-        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        # emitted; eventbus runs every handler in a copy of the emitter's context. A worker
+        # process has no such context: the id comes from the event's metadata.
+        request_id = _bind_request_id(event)
         entry = AuditEntry(
             event_id=event.id,
             event_name=event.name,
             order_id=getattr(event.payload, "order_id", None),
             occurred_at=event.occurred_at,
-            request_id=None if request_id is None else str(request_id),
+            request_id=request_id,
         )
         if repository.record_audit(entry):
             log.debug("audit.recorded", event_id=event.id, order_id=entry.order_id)
 
     @bus.on(OrderCreated, name=SEND_CONFIRMATION_EMAIL)
+    @effect
     def send_confirmation_email(event: Event) -> None:
+        _bind_request_id(event)
         order = payload(event, OrderCreated)
         lines = "\n".join(
             f"  {item.quantity} x {CATALOG.get(item.sku, item.sku)} ({item.sku})"
@@ -131,22 +167,28 @@ def register_handlers(
             max_attempts=INVENTORY_ATTEMPTS,
             wait=retry_wait,
             # An unknown SKU will not appear by trying again: straight to the dead letters.
-            retry_on=(TransientServiceError,),
+            retry_on=(TransientServiceError, *in_flight),
         ),
     )
+    @effect
     def reserve_inventory(event: Event) -> None:
+        _bind_request_id(event)
         order = payload(event, OrderCreated)
         inventory.reserve(order.order_id, order.items)
         log.info("inventory.reserved", order_id=order.order_id, lines=len(order.items))
 
     @bus.on(OrderCreated, name=NOTIFY_WAREHOUSE)
+    @effect
     def notify_warehouse(event: Event) -> None:
+        _bind_request_id(event)
         order = payload(event, OrderCreated)
         warehouse.notify(order.order_id, order.items)
         log.info("warehouse.notified", order_id=order.order_id)
 
-    @bus.on(OrderCreated, name=TRACK_ANALYTICS, retry=RetryPolicy(max_attempts=1))
+    @bus.on(OrderCreated, name=TRACK_ANALYTICS, retry=analytics_policy)
+    @effect
     def track_analytics(event: Event) -> None:
+        _bind_request_id(event)
         order = payload(event, OrderCreated)
         analytics.track(
             "order_created",
@@ -155,7 +197,9 @@ def register_handlers(
         log.debug("analytics.tracked", order_id=order.order_id)
 
     @bus.on(OrderShipped, name=SEND_SHIPPING_NOTIFICATION)
+    @effect
     def send_shipping_notification(event: Event) -> None:
+        _bind_request_id(event)
         shipped = payload(event, OrderShipped)
         mailer.send(
             to=shipped.customer_email,
@@ -168,6 +212,11 @@ def register_handlers(
 
     @bus.on(OrderShipped, name=UPDATE_ORDER_STATUS)
     def update_order_status(event: Event) -> None:
+        _bind_request_id(event)
         shipped = payload(event, OrderShipped)
         if repository.mark_shipped(shipped.order_id, event.occurred_at):
             log.info("order.status_updated", order_id=shipped.order_id, status="shipped")
+
+
+def _as_is(handler: Handler) -> Handler:
+    return handler

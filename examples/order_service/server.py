@@ -4,6 +4,10 @@ SIGINT (Ctrl-C) or SIGTERM stops the server from taking requests, then closes th
 stops intake, lets running handlers finish (up to ``Settings.close_timeout``), turns retries
 still waiting for their backoff into "abandoned" dead letters, and the last log lines say what
 was left. A second signal during shutdown is not caught (Ctrl-C twice aborts it).
+
+With ``Settings.redis_url`` it is the API process only: it publishes each event to the Redis
+stream and runs no handlers (``worker.py`` does); the fake warehouse's controls are left out,
+since the warehouse the handlers talk to lives in the workers.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> i
     """
     app = build_app(settings)
     try:
-        server = make_server(host, port, create_app(app, fake_controls=True), threaded=True)
+        web = create_app(app, fake_controls=settings.redis_url is None)
+        server = make_server(host, port, web, threaded=True)
     except BaseException:
         app.close()
         raise
@@ -61,6 +66,7 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> i
         pid=os.getpid(),
         database=str(settings.db_path),
         outbox=str(settings.outbox_dir),
+        **({} if settings.redis_url is None else {"redis": settings.redis_url, "handlers": 0}),
     )
     stopped_by = "none"
     try:

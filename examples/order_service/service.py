@@ -10,6 +10,11 @@ resend_unsent` closes that gap at startup: it emits again the events of orders t
 has not seen. Every emit carries an idempotency key derived from the order
 (``order-<id>-created``, ``order-<id>-shipped``), so an event the store already holds is not
 delivered a second time. The service also refuses to save when the bus is already closed.
+
+With a Redis transport (``keyed=False``) there is no store to remember keys: ``emit()`` refuses
+``key=``, so the service emits without one. The stream delivers at least once, so duplicates
+are handled where the effects happen: the workers' handlers are idempotent per event id (see
+``handlers.register_handlers(once=...)``). ``resend_unsent`` needs the keys and is refused.
 """
 
 from __future__ import annotations
@@ -65,10 +70,13 @@ class OrderService:
         bus: EventBus,
         *,
         now: Callable[[], datetime] = _utcnow,
+        keyed: bool = True,
     ) -> None:
         self._repository = repository
         self._bus = bus
         self._now = now
+        #: Emit with idempotency keys (a bus with a store); ``False`` with a transport.
+        self._keyed = keyed
 
     def create_order(self, data: object, *, metadata: Mapping[str, str] | None = None) -> Accepted:
         """Validate *data* (decoded JSON), save the order, emit :class:`OrderCreated` with
@@ -117,8 +125,11 @@ class OrderService:
         the emit a no-op for every event the bus's store still holds (one whose audit entry is
         merely pending, retrying or dead-lettered): ``emit`` then returns that earlier event,
         so only events that were really lost fan out. Call it at startup, after
-        ``bus.recover()``.
+        ``bus.recover()``. Raises ``RuntimeError`` without idempotency keys (``keyed=False``):
+        each resend would then be a new event, delivered a second time.
         """
+        if not self._keyed:
+            raise RuntimeError("resend_unsent() needs idempotency keys (a bus with a store)")
         started = datetime.now(UTC)  # the bus's clock for occurred_at, not self._now
         created, shipping = self._repository.unaudited()
         events = [self._emit_created(order, None) for order in created]
@@ -136,7 +147,7 @@ class OrderService:
                 order_id=order.id, customer_email=order.customer_email, items=list(order.items)
             ),
             metadata=metadata,
-            key=f"order-{order.id}-created",
+            key=self._key(f"order-{order.id}-created"),
         )
 
     def _emit_shipped(self, order: Order, metadata: Mapping[str, str] | None) -> Event:
@@ -148,8 +159,11 @@ class OrderService:
                 tracking_number=order.tracking_number,
             ),
             metadata=metadata,
-            key=f"order-{order.id}-shipped",
+            key=self._key(f"order-{order.id}-shipped"),
         )
+
+    def _key(self, key: str) -> str | None:
+        return key if self._keyed else None
 
     def get_order(self, order_id: str) -> Order:
         """The order with this id; raises :class:`OrderNotFoundError`."""

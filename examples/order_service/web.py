@@ -22,6 +22,13 @@ Each request gets a request id (the ``X-Request-ID`` header if it is sane, else 
 bound with ``structlog.contextvars``: it appears in this request's log lines *and* in the log
 lines of every handler of the events it emits, since eventbus runs handlers in a copy of the
 emitter's context. It is echoed in the ``X-Request-ID`` response header.
+
+Redis mode (``serve --redis URL``): this process only publishes; the handlers run in worker
+processes, which keep their deliveries' status and dead letters in memory. The API does not
+pretend to know them: ``GET /api/orders/<id>`` shows the order and its audit trail (written by
+the workers' ``audit_log`` into the shared orders database) with a ``note``, and
+``GET /api/events/<id>`` and ``GET /api/dead-letters`` answer 200 with ``handlers``/
+``dead_letters`` empty and a ``note`` pointing at the workers' logs.
 """
 
 from __future__ import annotations
@@ -56,6 +63,11 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger("order_service
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 _SETTLED = frozenset({"succeeded", "dead"})
+#: What the API says in redis mode about the handlers, which run in the worker processes.
+WORKERS_NOTE = (
+    "handlers run in the worker processes (redis mode): their status and dead letters are in "
+    "the workers' logs; the audit trail shows each event the workers have handled"
+)
 
 
 class BadRequestBody(Exception):
@@ -67,7 +79,8 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
     closes it). *fake_controls* adds routes that take the fake warehouse down and up."""
     app = Flask("order_service")
     app.extensions["order_service"] = orders_app
-    bus, orders = orders_app.bus, orders_app.orders
+    # Redis mode: the handlers run in the workers; the answers about them say so (note).
+    bus, orders, note = orders_app.bus, orders_app.orders, _workers_note(orders_app)
 
     # -- request id and access log -------------------------------------------------------
 
@@ -107,7 +120,7 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
     def get_order(order_id: str) -> ResponseReturnValue:
         order = orders.get_order(order_id)
         audit = orders_app.repository.audit_trail(order_id)
-        return {"order": _order(order), "audit": [_audit(entry) for entry in audit]}
+        return {"order": _order(order), "audit": [_audit(entry) for entry in audit], **note}
 
     @app.post("/api/orders/<order_id>/ship")
     def ship_order(order_id: str) -> ResponseReturnValue:
@@ -117,16 +130,17 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
 
     @app.get("/api/events/<event_id>")
     def event_status(event_id: str) -> ResponseReturnValue:
-        deliveries = bus.status(event_id)
+        deliveries = {} if note else bus.status(event_id)
         return {
             "event_id": event_id,
-            "settled": all(d.state in _SETTLED for d in deliveries.values()),
+            "settled": None if note else all(d.state in _SETTLED for d in deliveries.values()),
             "handlers": {name: _delivery(d) for name, d in deliveries.items()},
+            **note,
         }
 
     @app.get("/api/dead-letters")
     def list_dead_letters() -> ResponseReturnValue:
-        return {"dead_letters": [_dead_letter(d) for d in bus.dead_letters()]}
+        return {"dead_letters": [_dead_letter(d) for d in bus.dead_letters()], **note}
 
     @app.post("/api/dead-letters/<dead_letter_id>/replay")
     def replay_dead_letter(dead_letter_id: str) -> ResponseReturnValue:
@@ -202,6 +216,10 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
         return {"error": error.description}, error.code or 500
 
     return app
+
+
+def _workers_note(orders_app: OrderApp) -> dict[str, str]:
+    return {"note": WORKERS_NOTE} if orders_app.transport is not None else {}
 
 
 def _correlation() -> dict[str, str]:

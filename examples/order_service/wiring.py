@@ -8,6 +8,12 @@ the orders database keeps every delivery's state. At startup :func:`build_app` r
 handlers, then ``bus.recover()`` takes over what a crashed (or stopped) process left unfinished,
 and ``OrderService.resend_unsent()`` emits events saved orders never got; ``app.recovered``
 logs both numbers.
+
+With ``Settings.redis_url`` the service is split into processes that share one Redis stream
+(and the orders database): :func:`build_app` then builds the API, whose bus has a
+``RedisStreamsTransport`` and only publishes, and :func:`build_worker` builds a worker, which
+registers the handlers and consumes the stream with ``bus.recover()``. See the README's
+"Several processes with Redis".
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import structlog
 import tenacity
 
 from eventbus import DeadLetter, EventBus, RetryPolicy
+from eventbus.codec import JsonCodec
 from eventbus.stores import SQLiteStore
+from eventbus.transports import RedisStreamsTransport
+from examples.order_service.domain import OrderCreated, OrderShipped
 from examples.order_service.handlers import WaitStrategy, register_handlers
 from examples.order_service.repository import SqliteOrderRepository
 from examples.order_service.service import OrderService
@@ -35,7 +44,15 @@ from examples.order_service.services import (
     WarehouseService,
 )
 
-__all__ = ["EVENTS_FILE", "VAR_DIR", "OrderApp", "Settings", "ShutdownReport", "build_app"]
+__all__ = [
+    "EVENTS_FILE",
+    "VAR_DIR",
+    "OrderApp",
+    "Settings",
+    "ShutdownReport",
+    "build_app",
+    "build_worker",
+]
 
 #: Where the database and the outbox go by default (git-ignored).
 VAR_DIR = Path(__file__).resolve().parent / "var"
@@ -84,11 +101,19 @@ class Settings:
     contended_skus: Mapping[str, int] = field(default_factory=_contended_skus)
     #: How long shutdown waits for running handlers.
     close_timeout: float = 10.0
+    #: ``redis://...``: split into an API process (:func:`build_app`, publishes only) and
+    #: worker processes (:func:`build_worker`) sharing this Redis; no event store then.
+    redis_url: str | None = None
+    #: The stream the events go through, and the consumer group the workers share.
+    redis_stream: str = "orders"
+    redis_group: str = "order-service"
+    #: Seconds an entry may sit unacknowledged with a worker before another takes it over.
+    claim_idle: float = 30.0
 
     def events_file(self) -> Path | str | None:
         """Where the event store is: ``None`` without one, ``":memory:"`` beside an in-memory
         orders database, else ``events_path`` or ``events.sqlite3`` beside ``db_path``."""
-        if not self.durable:
+        if not self.durable or self.redis_url is not None:
             return None
         if self.events_path is not None:
             return self.events_path
@@ -123,6 +148,10 @@ class OrderApp:
     orders: OrderService
     #: The event store's file, ``None`` when the bus has no store.
     events_path: Path | str | None = None
+    #: The Redis transport in redis mode (API or worker), else ``None``.
+    transport: RedisStreamsTransport | None = None
+    #: A worker's count of stale entries it took over from stopped workers at startup.
+    taken_over: int = 0
     _report: ShutdownReport | None = field(default=None, init=False, repr=False)
 
     @property
@@ -194,8 +223,26 @@ def build_app(
     """Build the service from *settings* and recover what an earlier process left (see the
     module docstring). Tests may pass their own *bus* (e.g. from
     ``eventbus.testing.inline_bus()``; it is used as it is, without a store or recovery) or
-    *mailer*; the app owns and closes them."""
+    *mailer*; the app owns and closes them.
+
+    With ``settings.redis_url`` this is the API process: its bus publishes to the stream and
+    has no handlers (the workers of :func:`build_worker` run them), and nothing is recovered.
+    """
     settings = settings or Settings()
+    if bus is None and settings.redis_url is not None:
+        transport = _transport(settings)
+        bus = EventBus(max_workers=1, name="orders", transport=transport)
+        repository = SqliteOrderRepository(settings.db_path)
+        return OrderApp(
+            settings=settings,
+            bus=bus,
+            repository=repository,
+            services=_services(settings, mailer),
+            # No idempotency keys: they need an event store; the workers' handlers are
+            # idempotent instead (at least once).
+            orders=OrderService(repository, bus, keyed=False),
+            transport=transport,
+        )
     repository = SqliteOrderRepository(settings.db_path)
     events_path = None
     if bus is None:
@@ -211,15 +258,7 @@ def build_app(
             name="orders",
             store=store,
         )
-    scale = settings.latency
-    services = Services(
-        mailer=mailer or OutboxMailer(settings.outbox_dir, latency=MAILER_LATENCY * scale),
-        inventory=InventoryService(
-            contended_skus=settings.contended_skus, latency=INVENTORY_LATENCY * scale
-        ),
-        warehouse=WarehouseService(latency=WAREHOUSE_LATENCY * scale),
-        analytics=AnalyticsService(latency=ANALYTICS_LATENCY * scale),
-    )
+    services = _services(settings, mailer)
     register_handlers(bus, repository=repository, services=services, retry_wait=settings.retry_wait)
     app = OrderApp(
         settings=settings,
@@ -240,3 +279,87 @@ def build_app(
             "app.recovered", recovered=recovered, resent=resent, events=str(events_path)
         )
     return app
+
+
+def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderApp:
+    """A worker process's app (``settings.redis_url`` is required): the handlers on a bus
+    that consumes the Redis stream as one of the group's competing consumers.
+
+    The handlers with outside effects are wrapped with ``transport.once``, so an event that
+    is delivered again (a worker died before acknowledging it) does not repeat them. It calls
+    ``bus.recover()`` after registering the handlers, so it returns with the stream's reader
+    running; ``app.taken_over`` says how many stale entries it took over at startup.
+    """
+    if settings.redis_url is None:
+        raise ValueError("a worker needs Settings.redis_url")
+    transport = _transport(settings)
+    bus = EventBus(
+        max_workers=settings.max_workers,
+        retry=RetryPolicy(max_attempts=settings.max_attempts, wait=settings.retry_wait),
+        name="orders",
+        transport=transport,
+    )
+    repository = SqliteOrderRepository(settings.db_path)
+    services = _services(settings, mailer)
+    register_handlers(
+        bus,
+        repository=repository,
+        services=services,
+        retry_wait=settings.retry_wait,
+        once=transport.once,
+    )
+    app = OrderApp(
+        settings=settings,
+        bus=bus,
+        repository=repository,
+        services=services,
+        orders=OrderService(repository, bus, keyed=False),
+        transport=transport,
+    )
+    try:
+        app.taken_over = bus.recover()  # after register_handlers: starts consuming
+    except BaseException:
+        app.close()
+        raise
+    return app
+
+
+def _transport(settings: Settings) -> RedisStreamsTransport:
+    assert settings.redis_url is not None
+    # The event classes are registered with the transport's codec by hand: the bus registers
+    # the classes it subscribes only with a store's codec, and a worker whose codec does not
+    # know OrderCreated moves every entry to the dead stream ("cannot decode").
+    codec = JsonCodec()
+    for event_class in (OrderCreated, OrderShipped):
+        codec.register(event_class)
+    transport = RedisStreamsTransport(
+        settings.redis_url,
+        stream=settings.redis_stream,
+        group=settings.redis_group,
+        claim_idle=settings.claim_idle,
+        codec=codec,
+    )
+    # The bus does not log entries the transport dead-letters (undecodable, or delivered more
+    # than max_deliveries times): say so, or they vanish into the dead stream unnoticed.
+    log = structlog.get_logger("order_service")
+    transport.on_dead = lambda entry_id, fields, reason: log.error(
+        "stream.dead_lettered",
+        entry_id=entry_id,
+        event_id=fields.get("id"),
+        event_name=fields.get("name"),
+        reason=reason,
+        dead_stream=transport.dead_stream,
+    )
+    return transport
+
+
+def _services(settings: Settings, mailer: Mailer | None) -> Services:
+    scale = settings.latency
+    return Services(
+        mailer=mailer or OutboxMailer(settings.outbox_dir, latency=MAILER_LATENCY * scale),
+        inventory=InventoryService(
+            contended_skus=settings.contended_skus, latency=INVENTORY_LATENCY * scale
+        ),
+        warehouse=WarehouseService(latency=WAREHOUSE_LATENCY * scale),
+        analytics=AnalyticsService(latency=ANALYTICS_LATENCY * scale),
+    )
