@@ -91,8 +91,9 @@ class EventBus:
     * ``status_retention``: how many settled events :meth:`status` remembers (default 10,000;
       oldest evicted first; events with deliveries still in flight are never evicted).
     * ``max_pending``: bound on deliveries queued or running. Default: unbounded without a
-      store; :data:`DURABLE_MAX_PENDING` (10,000) with one, where an unbounded queue would
-      hide a backlog that recovery then has to replay (pass ``None`` to ask for unbounded).
+      store or transport; :data:`DURABLE_MAX_PENDING` (10,000) with one, where an unbounded
+      queue would hide a backlog that recovery has to replay, or that a consumer reads ahead
+      of the others (pass ``None`` to ask for unbounded).
       When the bound is reached, ``emit()`` blocks until there is room, for at most
       ``block_timeout`` seconds (``None``: as long as it takes; ``0``: not at all), then raises
       :class:`~eventbus.exceptions.QueueFullError` having queued nothing. Emits from inside a
@@ -145,7 +146,7 @@ class EventBus:
         self._changed = threading.Condition(self._lock)
         self._sleepers = 0
         if max_pending is _Default.TOKEN:
-            max_pending = None if store is None else DURABLE_MAX_PENDING
+            max_pending = None if store is None and transport is None else DURABLE_MAX_PENDING
         self._max_pending = _check_bound(max_pending, "max_pending")
         self._block_timeout = block_timeout
         self._active = 0  # deliveries queued or running

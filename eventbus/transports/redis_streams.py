@@ -106,6 +106,7 @@ class RedisStreamsTransport:
         self._redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None)
         self._deliver: Deliver | None = None
         self._reader: threading.Thread | None = None
+        self._refresher: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
@@ -172,7 +173,13 @@ class RedisStreamsTransport:
         self._reader = threading.Thread(
             target=self._read_forever, name=f"eventbus-redis-{self.stream}", daemon=True
         )
+        # A thread of its own: the reader blocks while the bus is full (backpressure), and
+        # the entries it holds must stay fresh meanwhile or another consumer would take them.
+        self._refresher = threading.Thread(
+            target=self._refresh_forever, name=f"eventbus-redis-{self.stream}-fresh", daemon=True
+        )
         self._reader.start()
+        self._refresher.start()
         return taken
 
     def settled(self, entry_id: str) -> None:
@@ -189,10 +196,10 @@ class RedisStreamsTransport:
         """Stop reading; entries read but not settled stay pending for another consumer (or
         this one, when it comes back). Idempotent."""
         self._stop.set()
-        reader = self._reader
-        if reader is not None and reader is not threading.current_thread():
-            reader.join(self._block + 5)
-        self._reader = None
+        for thread in (self._reader, self._refresher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(self._block + 5)
+        self._reader = self._refresher = None
         self._redis.close()
 
     def _ensure_group(self) -> None:
@@ -205,6 +212,14 @@ class RedisStreamsTransport:
                 raise
         self._group_ready = True
 
+    def _refresh_forever(self) -> None:
+        # Event.wait, not sleep: close() ends the wait at once.
+        while not self._stop.wait(self.claim_idle / 3):
+            try:
+                self._keep_fresh()
+            except Exception as exc:  # noqa: BLE001 - reported; the next round tries again
+                self.on_error(exc)
+
     def _read_forever(self) -> None:
         failures = 0
         next_upkeep = time.monotonic() + self.claim_idle / 3
@@ -213,10 +228,15 @@ class RedisStreamsTransport:
                 self._ensure_group()
                 if time.monotonic() >= next_upkeep:
                     next_upkeep = time.monotonic() + self.claim_idle / 3
-                    self._upkeep()
+                    self._reclaim()
+                    if self._trim:
+                        self.trim()
                 self._read_once()
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - reported; reconnect and go on
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    # Redis came back without its data (no persistence): make the group again.
+                    self._group_ready = False
                 self.on_error(exc)
                 failures += 1
                 # Event.wait, not sleep: close() ends the wait at once.
@@ -231,6 +251,8 @@ class RedisStreamsTransport:
             block=int(self._block * 1000),
         )
         for _stream, entries in response or []:
+            with self._lock:  # all of them held from now on, not only the one being handed
+                self._in_flight.update(_text(entry_id) for entry_id, _ in entries)
             for entry_id, fields in entries:
                 self._hand_over(_text(entry_id), fields)
 
@@ -248,12 +270,6 @@ class RedisStreamsTransport:
         deliver(event, entry_id)
 
     # -- upkeep: take over, keep fresh, dead-letter, trim ----------------------------------
-
-    def _upkeep(self) -> None:
-        self._keep_fresh()
-        self._reclaim()
-        if self._trim:
-            self.trim()
 
     def _keep_fresh(self) -> None:
         # Reset the idle time of entries this consumer is still working on (a slow handler,
@@ -273,12 +289,18 @@ class RedisStreamsTransport:
             reply = self._redis.xautoclaim(
                 self.stream, self.group, self.consumer, idle_ms, start, count=self._batch
             )
-            start, entries = _text(reply[0]), reply[1]
-            counts = self._delivery_counts([_text(e[0]) for e in entries if e])
+            start, entries = _text(reply[0]), [e for e in reply[1] if e]
+            ids = [_text(e[0]) for e in entries]
+            counts = self._delivery_counts(ids)
+            with self._lock:
+                # Our own entries still being worked on (idle only if refreshing failed) are
+                # not handed over twice; the rest are held from now on.
+                mine = self._in_flight.intersection(ids)
+                self._in_flight.update(ids)
             for entry in entries:
-                if not entry:
-                    continue
                 entry_id, raw = _text(entry[0]), entry[1]
+                if entry_id in mine:
+                    continue
                 fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
                 deliveries = counts.get(entry_id, 1)
                 if deliveries > self.max_deliveries:
@@ -290,17 +312,18 @@ class RedisStreamsTransport:
                 return handed
 
     def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
+        # One exact XPENDING per entry (pipelined): a range query over the claimed ids would
+        # also return, and be cut short by, this consumer's other pending entries.
         if not ids:
             return {}
-        rows = self._redis.xpending_range(
-            self.stream,
-            self.group,
-            min=min(ids, key=_id_key),
-            max=max(ids, key=_id_key),
-            count=len(ids) * 2 + 10,
-            consumername=self.consumer,
-        )
-        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        counts: dict[str, int] = {}
+        for rows in pipe.execute():
+            for row in rows:
+                counts[_text(row["message_id"])] = int(row["times_delivered"])
+        return counts
 
     def _dead_letter(
         self, entry_id: str, fields: Mapping[str, str], reason: str, deliveries: int = 1
