@@ -38,6 +38,7 @@ from eventbus.retry import RetryPolicy, RetryQueue
 from eventbus.typing import (
     Cancellable,
     Clock,
+    DeliveryState,
     Executor,
     Handler,
     HandlerT,
@@ -473,11 +474,7 @@ class EventBus:
             local.active = False
             if store is not None:
                 self._persist(store.succeeded, delivery.event.id, delivery.handler)
-            with self._lock:
-                finished = self._records.settle(delivery, "succeeded")
-                self._finish_one()
-            if finished and delivery.owner.token is not None:
-                self._acknowledge(delivery.owner.token)
+            self._settle(delivery, "succeeded")
             if verbose:
                 duration = self._clock.monotonic() - started
                 self._outcomes.succeeded(
@@ -525,11 +522,13 @@ class EventBus:
                 stopped = False
                 delivery.state = "retrying"
                 self._waiting += 1
+                # Queued before the lock is let go: close() takes everything waiting under
+                # this lock, and must not find the delivery counted but not yet queued.
+                self._retries.schedule(delivery, delay)
                 self._finish_one()  # wakes close(), which waits for _active == 0
         if stopped:
             self._abandon([delivery], _traceback(error))
             return
-        self._retries.schedule(delivery, delay)
         self._outcomes.retry_scheduled(delivery.event, delivery.handler, delivery.attempts, delay)
         if signals.has_receivers(signals.retry_scheduled):
             self._signal(
@@ -570,17 +569,29 @@ class EventBus:
         if store is not None:
             self._persist(store.dead, dead_letter)
         with self._lock:
-            finished = self._records.settle(delivery, "dead")
             if store is None:
                 self._records.add_dead_letter(dead_letter, delivery)
             if reason == "abandoned":
                 self._abandoned += 1
-            self._finish_one()
-        if finished and delivery.owner.token is not None:
-            self._acknowledge(delivery.owner.token)
+        self._settle(delivery, "dead")
         self._outcomes.dead_lettered(dead_letter)
         if signals.has_receivers(signals.dead_lettered):
             self._signal(signals.dead_lettered, event=dead_letter.event, dead_letter=dead_letter)
+
+    def _settle(self, delivery: DeliveryRecord, state: DeliveryState) -> None:
+        """Record an active delivery's final state and stop counting it as active."""
+        token = delivery.owner.token
+        with self._lock:
+            finished = self._records.settle(delivery, state)
+            if token is None:
+                self._finish_one()
+                return
+        # An event from a transport: acknowledged before the delivery stops counting, so that
+        # once drain() returns the transport has been told.
+        if finished:
+            self._acknowledge(token)
+        with self._lock:
+            self._finish_one()
 
     def _abandon(self, deliveries: list[DeliveryRecord], trace: str | None) -> None:
         """Settle active deliveries the stopped bus will not run: dead letters ("abandoned")
@@ -817,8 +828,8 @@ class EventBus:
                 with self._lock:
                     delivery.state = "retrying"
                     self._waiting += 1
+                    self._retries.schedule(delivery, delay)  # under the lock: see _failed
                     self._finish_one()
-                self._retries.schedule(delivery, delay)
             else:
                 self._executor.submit(self._job(delivery))
         if claim.deliveries or claim.quarantined:
