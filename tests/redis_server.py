@@ -1,0 +1,171 @@
+"""A real ``redis-server`` for tests: started on a free local port, in a temporary directory.
+
+:class:`RedisServer` runs one server process with persistence off (``--save ''``,
+``--appendonly no``), bound to 127.0.0.1 only. It can be stopped and started again on the same
+port, for connection-loss tests. :func:`redis_server_path` finds the executable, skipping the
+test when it is missing, except under CI (``CI`` set), where the tests must run and fail instead.
+
+Waiting here is for an external process to start or stop (a bounded loop of connection
+attempts with a deadline), never for work of the code under test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+__all__ = ["INSTALL_HINT", "RedisServer", "free_port", "redis_server_path"]
+
+#: How long a server may take to answer PING, or to exit after SIGTERM.
+STARTUP_DEADLINE = 10.0
+STOP_DEADLINE = 5.0
+
+INSTALL_HINT = (
+    "install it with `sudo apt-get install redis-server` (Debian/Ubuntu) or "
+    "`brew install redis` (macOS); .ci/run installs it in CI"
+)
+
+
+def redis_server_path() -> str:
+    """The ``redis-server`` executable: skips the test without one, fails it under CI."""
+    path = shutil.which("redis-server")
+    if path is not None:
+        return path
+    message = f"redis-server not installed: {INSTALL_HINT}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set: the Redis transport tests must run here)")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ping(port: int) -> bool:
+    """Whether a Redis server on *port* answers PING (RESP, no client library needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One ``redis-server`` process on a fixed local port; a context manager.
+
+    ``start()`` launches it and returns once it answers PING; ``stop()`` ends it (SIGTERM,
+    then SIGKILL after a timeout). Both may be called again: a restarted server listens on the
+    same port, with an empty data set (nothing is saved).
+    """
+
+    def __init__(self, executable: str | None = None, port: int | None = None) -> None:
+        self.executable = executable or redis_server_path()
+        self.port = port if port is not None else free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="eventbus-redis-")
+        self.directory = Path(self._tmp.name)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log = self.directory / "redis.log"
+
+    @property
+    def url(self) -> str:
+        """The server's URL, database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING; raise if it does not."""
+        if self.running:
+            return
+        command = [
+            self.executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self._log),
+        ]
+        self._process = subprocess.Popen(
+            command, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        pause = threading.Event()
+        while time.monotonic() < deadline:
+            if _ping(self.port):
+                return
+            if self._process.poll() is not None:
+                break
+            pause.wait(0.01)  # the external process is starting up
+        returncode = self._process.poll()
+        self.stop()
+        raise RuntimeError(
+            f"redis-server on port {self.port} did not answer PING within {STARTUP_DEADLINE}s "
+            f"(exit code {returncode}); its log:\n{self.log()}"
+        )
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, then SIGKILL if it has not exited in time. Idempotent."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_DEADLINE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=STOP_DEADLINE)
+
+    def log(self) -> str:
+        """The server's log file, for failure messages."""
+        try:
+            return self._log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

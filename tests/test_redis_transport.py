@@ -1,0 +1,832 @@
+"""RedisStreamsTransport against a real redis-server (started by tests/redis_server.py):
+publishing, consuming in groups, acknowledgement, take-over, dead-lettering, keeping entries
+fresh, trimming, connection loss, closing, and the ``once`` helper.
+
+Every test gets its own stream and group names. Synchronisation is by ``threading.Event``s
+set by handlers, ``drain()``, and bounded polls of Redis state (XPENDING, XLEN): nothing here
+sleeps to wait for work.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from eventbus import (
+    DuplicateInFlightError,
+    Event,
+    EventBus,
+    RetryPolicy,
+    TransportError,
+    signals,
+)
+from eventbus.stores import MemoryStore
+from eventbus.testing import FakeClock, InlineExecutor
+from eventbus.transports import RedisStreamsTransport
+from tests.redis_server import RedisServer
+
+#: Upper bound for waits that normally end at once; only a broken transport waits this long.
+WAIT = 10.0
+
+#: A reader's XREADGROUP wait: short, so that close() and test teardown are quick.
+BLOCK = 0.05
+
+#: Makes a raw-claimed entry look idle far longer than any claim_idle used here.
+LONG_IDLE_MS = 600_000
+
+
+@dataclass(frozen=True)
+class OrderPlaced:
+    order_id: int
+    email: str
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Poll *predicate* (Redis state, a counter) until it holds; fail naming *what* if the
+    deadline passes first."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting until {what}")
+        pause.wait(0.01)
+
+
+class Tally:
+    """A thread-safe handler that records its events and signals once *expected* arrived."""
+
+    def __init__(self, expected: int = 1) -> None:
+        self._lock = threading.Lock()
+        self._expected = expected
+        self.events: list[Event] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            self.events.append(event)
+            if len(self.events) >= self._expected:
+                self.done.set()
+
+    @property
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [e.id for e in self.events]
+
+    def wait(self, what: str) -> None:
+        assert self.done.wait(WAIT), f"timed out after {WAIT}s waiting until {what}"
+
+
+class Streams:
+    """One test's stream, groups and buses on a Redis server; closes what it made."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        suffix = uuid.uuid4().hex
+        self.stream = f"test:{suffix}"
+        self.group = f"group:{suffix}"
+        self.dead = f"{self.stream}:dead"
+        # Any, as in the transport: redis-py's return types are unions shared with asyncio.
+        self.redis: Any = redis.Redis.from_url(url, decode_responses=True)
+        self._buses: list[EventBus] = []
+        self._transports: list[RedisStreamsTransport] = []
+
+    def transport(self, group: str | None = None, **options: Any) -> RedisStreamsTransport:
+        """A transport on this test's stream (and group, unless *group* is given)."""
+        options.setdefault("block", BLOCK)
+        made = RedisStreamsTransport(
+            self.url, stream=self.stream, group=group or self.group, **options
+        )
+        self._transports.append(made)
+        return made
+
+    def bus(
+        self,
+        group: str | None = None,
+        *,
+        bus_options: dict[str, Any] | None = None,
+        **transport_options: Any,
+    ) -> EventBus:
+        """A bus on a new transport; handlers run inline on its reader thread by default."""
+        options = dict(bus_options or {})
+        if "max_workers" not in options:
+            options.setdefault("executor", InlineExecutor())
+        made = EventBus(transport=self.transport(group, **transport_options), **options)
+        self._buses.append(made)
+        return made
+
+    # -- reading Redis state ---------------------------------------------------------------
+
+    def pending(self, group: str | None = None) -> int:
+        """How many entries are pending (read, not acknowledged) in the group."""
+        return int(self.redis.xpending(self.stream, group or self.group)["pending"])
+
+    def pending_entries(self, group: str | None = None) -> list[dict[str, Any]]:
+        return list(self.redis.xpending_range(self.stream, group or self.group, "-", "+", 100))
+
+    def length(self) -> int:
+        return int(self.redis.xlen(self.stream))
+
+    def dead_entries(self) -> list[tuple[str, dict[str, str]]]:
+        return list(self.redis.xrange(self.dead))
+
+    def read_as(self, consumer: str, group: str | None = None) -> str:
+        """Read one new entry under another consumer name that never acknowledges it (a
+        consumer that died); return the entry id."""
+        reply = self.redis.xreadgroup(group or self.group, consumer, {self.stream: ">"}, count=1)
+        [(_stream, [(entry_id, _fields)])] = reply
+        return str(entry_id)
+
+    def age(self, consumer: str, entry_id: str, **options: Any) -> None:
+        """Make a pending entry look idle for a long time, keeping its owner (raw XCLAIM)."""
+        self.redis.xclaim(
+            self.stream,
+            self.group,
+            consumer,
+            0,
+            [entry_id],
+            idle=LONG_IDLE_MS,
+            justid=True,
+            **options,
+        )
+
+    def close(self) -> None:
+        for made in self._buses:
+            made.close(timeout=WAIT)
+        for transport in self._transports:
+            transport.close()
+        self.redis.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the whole session (skipped without one, failed under CI)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL."""
+    return redis_server.url
+
+
+@pytest.fixture
+def streams(redis_url: str) -> Iterator[Streams]:
+    """Fresh stream and group names on the session server, and cleanup of the test's buses."""
+    made = Streams(redis_url)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which the test may stop and restart."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def own_streams(own_server: RedisServer) -> Iterator[Streams]:
+    """Stream and group names on the test's own server."""
+    made = Streams(own_server.url)
+    yield made
+    made.close()
+
+
+# -- publishing ------------------------------------------------------------------------------
+
+
+def test_emit_appends_an_entry_and_returns_the_event(streams: Streams) -> None:
+    """emit() appends one entry (event id, name, JSON payload) and returns the Event."""
+    producer = streams.bus()
+    event = producer.emit("order:placed", {"order_id": 7, "items": ["a", "b"]})
+    assert isinstance(event, Event)
+    assert streams.length() == 1
+    [(_entry_id, fields)] = streams.redis.xrange(streams.stream)
+    assert fields["id"] == event.id
+    assert fields["name"] == "order:placed"
+    assert json.loads(fields["payload"]) == {"order_id": 7, "items": ["a", "b"]}
+
+
+def test_producer_without_recover_consumes_nothing(streams: Streams) -> None:
+    """A bus that only emits (no recover()) never reads the stream, even with a handler."""
+    producer = streams.bus()
+    calls = Tally()
+    producer.subscribe("order:placed", calls)
+    producer.emit("order:placed", {"order_id": 1})
+    [group] = streams.redis.xinfo_groups(streams.stream)
+    assert group["last-delivered-id"] == "0-0"
+    assert group["pending"] == 0
+    assert calls.events == []
+
+
+# -- consuming -------------------------------------------------------------------------------
+
+
+def test_consumer_after_recover_delivers_to_its_handler(streams: Streams) -> None:
+    """A bus that called recover() delivers another bus's event to its handler."""
+    consumer = streams.bus()
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    consumer.recover()
+    sent = streams.bus().emit("order:placed", {"order_id": 3}, metadata={"request_id": "r1"})
+    received.wait("the consumer got the event")
+    [got] = received.events
+    assert (got.id, got.name, got.payload) == (sent.id, "order:placed", {"order_id": 3})
+    assert got.metadata == {"request_id": "r1"}
+    assert got.occurred_at == sent.occurred_at
+
+
+def test_typed_event_arrives_as_an_equal_instance(streams: Streams) -> None:
+    """A dataclass event reaches a handler subscribed with its class as an equal instance."""
+    consumer = streams.bus()
+    received = Tally()
+    consumer.subscribe(OrderPlaced, received)
+    consumer.recover()
+    sent = streams.bus().emit(OrderPlaced(order_id=5, email="a@example.com"))
+    wait_until(
+        lambda: received.done.is_set() or bool(streams.dead_entries()),
+        "the event was delivered or dead-lettered",
+    )
+    dead = [fields["reason"] for _entry, fields in streams.dead_entries()]
+    assert dead == [], f"dead-lettered instead of delivered: {dead}"
+    [got] = received.events
+    assert got.payload == OrderPlaced(order_id=5, email="a@example.com")
+    assert got.id == sent.id
+
+
+# -- acknowledgement -------------------------------------------------------------------------
+
+
+def test_entry_is_acknowledged_only_after_every_delivery_settled(streams: Streams) -> None:
+    """The entry stays pending while one of its handlers runs, though another has finished."""
+    consumer = streams.bus(bus_options={"max_workers": 2})
+    started, release = threading.Event(), threading.Event()
+    fast = Tally()
+
+    def slow(event: Event) -> None:
+        started.set()
+        release.wait(WAIT)
+
+    consumer.subscribe("order:placed", fast, name="fast")
+    consumer.subscribe("order:placed", slow, name="slow")
+    consumer.recover()
+    event = streams.bus().emit("order:placed", {"order_id": 1})
+    assert started.wait(WAIT), "the slow handler never started"
+    wait_until(
+        lambda: consumer.status(event.id)["fast"].state == "succeeded", "the fast one settled"
+    )
+    try:
+        assert streams.pending() == 1
+    finally:
+        release.set()
+    assert consumer.drain(WAIT)
+    wait_until(lambda: streams.pending() == 0, "the entry was acknowledged")
+
+
+def test_delivery_ending_as_dead_letter_gets_the_entry_acknowledged(streams: Streams) -> None:
+    """An entry whose only delivery became a dead letter is acknowledged."""
+    consumer = streams.bus(bus_options={"retry": RetryPolicy(max_attempts=1)})
+    called = threading.Event()
+
+    def broken(event: Event) -> None:
+        called.set()
+        raise RuntimeError("boom")
+
+    consumer.subscribe("order:placed", broken)
+    consumer.recover()
+    streams.bus().emit("order:placed", {"order_id": 1})
+    assert called.wait(WAIT), "the handler never ran"
+    wait_until(lambda: streams.pending() == 0, "the entry was acknowledged")
+    [letter] = consumer.dead_letters()
+    assert letter.handler.endswith("broken")
+
+
+# -- groups ----------------------------------------------------------------------------------
+
+
+def test_competing_consumers_handle_each_event_once_in_total(streams: Streams) -> None:
+    """Two buses in one group share 200 events: each event is handled exactly once."""
+    total = 200
+    lock = threading.Lock()
+    handled: Counter[str] = Counter()
+    all_in = threading.Event()
+
+    def count(event: Event) -> None:
+        with lock:
+            handled[event.id] += 1
+            if sum(handled.values()) >= total:
+                all_in.set()
+
+    consumers = [streams.bus(batch=10), streams.bus(batch=10)]
+    for consumer in consumers:
+        consumer.subscribe("tick", count)
+        consumer.recover()
+    producer = streams.bus()
+    sent = {producer.emit("tick", {"n": n}).id for n in range(total)}
+    assert all_in.wait(WAIT), f"only {sum(handled.values())} of {total} handled"
+    for consumer in consumers:
+        assert consumer.drain(WAIT)
+    wait_until(lambda: streams.pending() == 0, "every entry was acknowledged")
+    assert set(handled) == sent
+    assert max(handled.values()) == 1
+
+
+def test_every_group_gets_every_event(streams: Streams) -> None:
+    """Two groups on one stream each receive all of the events (fan-out)."""
+    other_group = f"{streams.group}:other"
+    tallies = [Tally(expected=10), Tally(expected=10)]
+    for group, tally in zip([streams.group, other_group], tallies, strict=True):
+        consumer = streams.bus(group)
+        consumer.subscribe("tick", tally)
+        consumer.recover()
+    producer = streams.bus()
+    sent = [producer.emit("tick", {"n": n}).id for n in range(10)]
+    for tally in tallies:
+        tally.wait("a group got all 10 events")
+    assert [sorted(t.ids) for t in tallies] == [sorted(sent), sorted(sent)]
+
+
+# -- taking over, dead-lettering -------------------------------------------------------------
+
+
+def test_recover_takes_over_an_idle_entry_of_a_dead_consumer(streams: Streams) -> None:
+    """An entry a dead consumer read and never acknowledged is delivered by recover() once it
+    has been idle for claim_idle, under the event's original id."""
+    sent = streams.bus().emit("order:placed", {"order_id": 9})
+    entry_id = streams.read_as("dead-consumer")
+    streams.age("dead-consumer", entry_id)
+    consumer = streams.bus(claim_idle=30)
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    assert consumer.recover() == 1
+    received.wait("the taken-over event was delivered")
+    [got] = received.events
+    assert (got.id, got.payload) == (sent.id, {"order_id": 9})
+    wait_until(lambda: streams.pending() == 0, "the taken-over entry was acknowledged")
+
+
+def test_recover_leaves_an_entry_not_yet_idle_for_claim_idle(streams: Streams) -> None:
+    """An entry another consumer read moments ago is not taken over (claim_idle not reached)."""
+    streams.bus().emit("order:placed", {"order_id": 9})
+    streams.read_as("busy-consumer")
+    consumer = streams.bus(claim_idle=30)
+    consumer.subscribe("order:placed", Tally())
+    assert consumer.recover() == 0
+    [entry] = streams.pending_entries()
+    assert entry["consumer"] == "busy-consumer"
+
+
+def test_entry_delivered_more_than_max_deliveries_goes_to_the_dead_stream(
+    streams: Streams,
+) -> None:
+    """An entry already delivered max_deliveries times is dead-lettered to <stream>:dead and
+    acknowledged when taken over, instead of reaching the handler again."""
+    streams.bus().emit("order:placed", {"order_id": 1})
+    entry_id = streams.read_as("dead-consumer")
+    streams.age("dead-consumer", entry_id, retrycount=5)  # the take-over makes it the 6th
+    consumer = streams.bus(claim_idle=30, max_deliveries=5)
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    assert consumer.recover() == 0
+    [(_dead_id, fields)] = streams.dead_entries()
+    assert fields["entry_id"] == entry_id
+    assert fields["deliveries"] == "6"
+    assert fields["reason"] == "delivered 6 times"
+    assert streams.pending() == 0
+    later = streams.bus().emit("order:placed", {"order_id": 2})
+    received.wait("a later event was delivered")
+    assert received.ids == [later.id]
+
+
+def test_over_delivered_entries_are_dead_lettered_among_many_held_by_the_consumer(
+    streams: Streams,
+) -> None:
+    """Every taken-over entry past max_deliveries is dead-lettered, even when the consumer
+    already holds many pending entries between them."""
+    producer = streams.bus()
+    producer.emit("order:placed", {"order_id": 1})
+    first = streams.read_as("dead-consumer")
+    for n in range(30):  # read (and held) by the consumer below under its own name
+        producer.emit("order:placed", {"order_id": 100 + n})
+        streams.read_as("me")
+    producer.emit("order:placed", {"order_id": 2})
+    last = streams.read_as("dead-consumer")
+    for entry_id in (first, last):
+        streams.age("dead-consumer", entry_id, retrycount=5)
+    consumer = streams.bus(claim_idle=30, max_deliveries=5, consumer="me")
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    assert consumer.recover() == 0
+    assert sorted(fields["entry_id"] for _id, fields in streams.dead_entries()) == [first, last]
+    assert received.events == []
+
+
+def test_entry_delivered_exactly_max_deliveries_times_is_still_delivered(
+    streams: Streams,
+) -> None:
+    """A take-over that is the max_deliveries-th delivery still reaches the handler."""
+    sent = streams.bus().emit("order:placed", {"order_id": 1})
+    entry_id = streams.read_as("dead-consumer")
+    streams.age("dead-consumer", entry_id, retrycount=4)  # the take-over makes it the 5th
+    consumer = streams.bus(claim_idle=30, max_deliveries=5)
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    assert consumer.recover() == 1
+    received.wait("the taken-over event was delivered")
+    assert received.ids == [sent.id]
+    assert streams.dead_entries() == []
+
+
+def test_undecodable_entry_goes_to_the_dead_stream_and_the_bus_goes_on(
+    streams: Streams,
+) -> None:
+    """An entry with a bad JSON payload is dead-lettered and acknowledged; the next is
+    delivered."""
+    consumer = streams.bus()
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    consumer.recover()
+    bad_id = streams.redis.xadd(
+        streams.stream,
+        {
+            "id": "bad-1",
+            "name": "order:placed",
+            "payload": "{not json",
+            "occurred_at": datetime.now(UTC).isoformat(),
+        },
+    )
+    good = streams.bus().emit("order:placed", {"order_id": 2})
+    received.wait("the good event after the bad entry was delivered")
+    assert received.ids == [good.id]
+    [(_dead_id, fields)] = streams.dead_entries()
+    assert fields["entry_id"] == bad_id
+    assert fields["reason"].startswith("cannot decode")
+    wait_until(lambda: streams.pending() == 0, "both entries were acknowledged")
+
+
+# -- keeping in-flight entries fresh ---------------------------------------------------------
+
+
+def test_live_consumer_keeps_its_slow_entry_from_being_taken_over(streams: Streams) -> None:
+    """A consumer's upkeep resets the idle time of the entry its slow handler is running, so
+    another consumer's recover() does not take it over."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(event: Event) -> None:
+        started.set()
+        release.wait(WAIT)
+
+    worker = streams.bus(claim_idle=30)
+    worker.subscribe("order:placed", slow)
+    worker.recover()
+    streams.bus().emit("order:placed", {"order_id": 1})
+    assert started.wait(WAIT), "the slow handler never started"
+    try:
+        worker_transport = worker._transport
+        assert isinstance(worker_transport, RedisStreamsTransport)
+        [entry] = streams.pending_entries()
+        streams.age(worker_transport.consumer, entry["message_id"])  # as if long in flight
+        worker_transport._keep_fresh()  # what the reader's upkeep does every claim_idle / 3
+        other = streams.bus(claim_idle=30)
+        other.subscribe("order:placed", Tally())
+        assert other.recover() == 0
+        [entry] = streams.pending_entries()
+        assert entry["consumer"] == worker_transport.consumer
+        assert entry["time_since_delivered"] < LONG_IDLE_MS
+    finally:
+        release.set()
+    assert worker.drain(WAIT)
+    wait_until(lambda: streams.pending() == 0, "the worker acknowledged its entry")
+
+
+def test_full_consumer_keeps_every_entry_it_read_fresh(streams: Streams) -> None:
+    """While a full bus (max_pending reached) holds up its reader, the entries it has read,
+    running or waiting for room, are still kept fresh."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(event: Event) -> None:
+        started.set()
+        release.wait(2 * WAIT)  # outlasts the wait below: only refreshing can pass the test
+
+    worker = streams.bus(claim_idle=0.3, bus_options={"max_workers": 1, "max_pending": 1})
+    worker.subscribe("order:placed", slow)
+    worker.recover()
+    producer = streams.bus()
+    for n in range(2):
+        producer.emit("order:placed", {"order_id": n})
+    assert started.wait(WAIT), "the slow handler never started"
+    try:
+        wait_until(lambda: streams.pending() == 2, "the worker read both entries")
+        worker_transport = worker._transport
+        assert isinstance(worker_transport, RedisStreamsTransport)
+        for entry in streams.pending_entries():
+            streams.age(worker_transport.consumer, entry["message_id"])
+        wait_until(
+            lambda: all(
+                e["time_since_delivered"] < LONG_IDLE_MS for e in streams.pending_entries()
+            ),
+            "both entries were refreshed",
+        )
+    finally:
+        release.set()
+    assert worker.drain(WAIT)
+    wait_until(lambda: streams.pending() == 0, "the worker acknowledged both entries")
+
+
+# -- trimming --------------------------------------------------------------------------------
+
+
+def _consume_all(streams: Streams, group: str, count: int) -> RedisStreamsTransport:
+    """Start a consumer in *group*, wait until it handled and acknowledged *count* events."""
+    consumer = streams.bus(group)
+    tally = Tally(expected=count)
+    consumer.subscribe("tick", tally)
+    consumer.recover()
+    tally.wait(f"group {group} handled {count} events")
+    wait_until(lambda: streams.pending(group) == 0, f"group {group} acknowledged them")
+    transport = consumer._transport
+    assert isinstance(transport, RedisStreamsTransport)
+    return transport
+
+
+def test_trim_keeps_entries_another_group_has_not_read(streams: Streams) -> None:
+    """trim() deletes nothing while a second group has not read the entries yet, though the
+    first has acknowledged them all."""
+    other_group = f"{streams.group}:other"
+    streams.redis.xgroup_create(streams.stream, other_group, id="0", mkstream=True)
+    producer = streams.bus()
+    for n in range(5):
+        producer.emit("tick", {"n": n})
+    transport = _consume_all(streams, streams.group, 5)
+    assert transport.trim() == 0
+    assert streams.length() == 5
+
+
+def test_trim_deletes_entries_every_group_acknowledged(streams: Streams) -> None:
+    """Once both groups have acknowledged every entry, trim() leaves at most one."""
+    other_group = f"{streams.group}:other"
+    streams.redis.xgroup_create(streams.stream, other_group, id="0", mkstream=True)
+    producer = streams.bus()
+    for n in range(5):
+        producer.emit("tick", {"n": n})
+    _consume_all(streams, streams.group, 5)
+    transport = _consume_all(streams, other_group, 5)
+    assert transport.trim() >= 4
+    assert streams.length() <= 1
+
+
+def test_trim_keeps_entries_pending_in_a_group(streams: Streams) -> None:
+    """trim() does not delete entries a group has read but not acknowledged."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(event: Event) -> None:
+        started.set()
+        release.wait(WAIT)
+
+    producer = streams.bus()
+    for n in range(3):
+        producer.emit("tick", {"n": n})
+    consumer = streams.bus()
+    consumer.subscribe("tick", slow)
+    consumer.recover()
+    assert started.wait(WAIT), "the handler never started"
+    try:
+        wait_until(lambda: streams.pending() == 3, "the consumer read all three entries")
+        transport = consumer._transport
+        assert isinstance(transport, RedisStreamsTransport)
+        assert transport.trim() == 0
+        assert streams.length() == 3
+    finally:
+        release.set()
+    assert consumer.drain(WAIT)
+
+
+# -- connection loss -------------------------------------------------------------------------
+
+
+def test_emit_raises_transport_error_while_redis_is_down(
+    own_server: RedisServer, own_streams: Streams
+) -> None:
+    """emit() raises TransportError (a RuntimeError) when Redis is down, and the event is not
+    published later: after a restart the stream holds only the events emitted while up."""
+    producer = own_streams.bus()
+    before = producer.emit("tick", {"n": 1})
+    own_streams.redis.save()  # the restarted server loads this snapshot: the stream survives
+    own_server.stop()
+    with pytest.raises(TransportError) as caught:
+        producer.emit("tick", {"n": 2})
+    assert isinstance(caught.value, RuntimeError)
+    own_server.start()
+    assert own_streams.length() == 1
+    after = producer.emit("tick", {"n": 3})
+    ids = [fields["id"] for _entry, fields in own_streams.redis.xrange(own_streams.stream)]
+    assert ids == [before.id, after.id]
+
+
+def test_running_consumer_resumes_after_redis_restarts(
+    own_server: RedisServer, own_streams: Streams
+) -> None:
+    """A consumer running while Redis restarts logs the lost connection and then delivers
+    events published after the restart."""
+    consumer = own_streams.bus()
+    received = Tally(expected=2)
+    consumer.subscribe("tick", received)
+    consumer.recover()
+    producer = own_streams.bus()
+    first = producer.emit("tick", {"n": 1})
+    wait_until(lambda: received.ids == [first.id], "the first event was delivered")
+    wait_until(lambda: own_streams.pending() == 0, "the first entry was acknowledged")
+    own_streams.redis.save()  # a Redis that keeps its data (stream, group) across restarts
+    with capture_logs() as logs:
+        own_server.stop()
+        wait_until(
+            lambda: any(log["event"] == "eventbus.internal_error" for log in logs),
+            "the reader reported the lost connection",
+        )
+        own_server.start()
+        second = producer.emit("tick", {"n": 2})
+        assert received.done.wait(WAIT), "no delivery after the restart"
+    assert received.ids == [first.id, second.id]
+    errors = [log for log in logs if log["event"] == "eventbus.internal_error"]
+    assert {log["where"] for log in errors} == {"transport"}
+    assert any("Connection" in log["error"] for log in errors)
+
+
+def test_running_consumer_resumes_after_redis_restarts_without_its_data(
+    own_server: RedisServer, own_streams: Streams
+) -> None:
+    """A consumer running while Redis restarts empty (no persistence, a failover) recreates its
+    group and delivers events published after the restart."""
+    consumer = own_streams.bus()
+    received = Tally(expected=2)
+    consumer.subscribe("tick", received)
+    consumer.recover()
+    producer = own_streams.bus()
+    first = producer.emit("tick", {"n": 1})
+    wait_until(lambda: received.ids == [first.id], "the first event was delivered")
+    own_server.stop()
+    own_server.start()  # nothing was saved: the stream and its group are gone
+    second = producer.emit("tick", {"n": 2})
+    assert received.done.wait(WAIT), (
+        f"not delivered within {WAIT}s of the restart; groups now: "
+        f"{own_streams.redis.xinfo_groups(own_streams.stream)}"
+    )
+    assert received.ids == [first.id, second.id]
+
+
+# -- closing ---------------------------------------------------------------------------------
+
+
+def test_close_leaves_an_entry_waiting_for_a_retry_unacknowledged(streams: Streams) -> None:
+    """close() while a delivery waits for its retry backoff leaves the entry pending and logs
+    handler.left_in_stream."""
+    clock = FakeClock()  # never advanced: the retry never comes due
+    consumer = streams.bus(bus_options={"clock": clock, "retry": RetryPolicy(max_attempts=3)})
+    scheduled = threading.Event()
+
+    def failing(event: Event) -> None:
+        raise RuntimeError("try again later")
+
+    def on_retry_scheduled(sender: object, **details: Any) -> None:
+        scheduled.set()
+
+    consumer.subscribe("order:placed", failing)
+    signals.retry_scheduled.connect(on_retry_scheduled, sender=consumer)
+    try:
+        consumer.recover()
+        event = streams.bus().emit("order:placed", {"order_id": 1})
+        assert scheduled.wait(WAIT), "the failed delivery was never scheduled for a retry"
+    finally:
+        signals.retry_scheduled.disconnect(on_retry_scheduled, sender=consumer)
+    with capture_logs() as logs:
+        consumer.close(timeout=WAIT)
+    left = [log for log in logs if log["event"] == "handler.left_in_stream"]
+    assert [(log["event_id"], log["handler"].endswith("failing")) for log in left] == [
+        (event.id, True)
+    ]
+    assert streams.pending() == 1
+
+
+# -- API misuse ------------------------------------------------------------------------------
+
+
+def test_emit_with_key_is_refused_with_a_transport(streams: Streams) -> None:
+    """emit(..., key=...) raises ValueError on a bus with a transport, publishing nothing."""
+    producer = streams.bus()
+    with pytest.raises(ValueError, match="key= needs a store"):
+        producer.emit("order:placed", {"order_id": 1}, key="order-1")
+    assert not streams.redis.exists(streams.stream)
+
+
+def test_store_and_transport_together_are_refused(streams: Streams) -> None:
+    """EventBus(store=..., transport=...) raises TypeError."""
+    with pytest.raises(TypeError, match="store or transport"):
+        EventBus(store=MemoryStore(), transport=streams.transport())
+
+
+# -- once ------------------------------------------------------------------------------------
+
+
+def test_once_runs_a_handler_once_per_event_id(streams: Streams) -> None:
+    """A handler wrapped with once() runs once for an event delivered twice."""
+    calls: list[str] = []
+
+    def effect(event: Event) -> None:
+        calls.append(event.id)
+
+    wrapped = streams.transport().once(effect)
+    event = Event(name="order:placed", payload={"order_id": 1})
+    wrapped(event)
+    wrapped(event)
+    assert calls == [event.id]
+
+
+def test_once_runs_the_handler_again_for_another_event(streams: Streams) -> None:
+    """A handler wrapped with once() runs for each distinct event id."""
+    calls: list[str] = []
+
+    def effect(event: Event) -> None:
+        calls.append(event.id)
+
+    wrapped = streams.transport().once(effect)
+    first = Event(name="order:placed", payload={"order_id": 1})
+    second = Event(name="order:placed", payload={"order_id": 2})
+    wrapped(first)
+    wrapped(second)
+    assert calls == [first.id, second.id]
+
+
+def test_once_is_shared_by_consumers_of_one_stream(streams: Streams) -> None:
+    """A success recorded by one consumer's once() wrapper is seen by another consumer's."""
+    calls: list[str] = []
+
+    def effect(event: Event) -> None:
+        calls.append(event.id)
+
+    event = Event(name="order:placed", payload={"order_id": 1})
+    streams.transport().once(effect)(event)
+    streams.transport().once(effect)(event)
+    assert calls == [event.id]
+
+
+def test_once_refuses_an_event_another_consumer_is_running(streams: Streams) -> None:
+    """While one consumer runs the event, another consumer's call raises
+    DuplicateInFlightError."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(event: Event) -> None:
+        started.set()
+        release.wait(WAIT)
+
+    event = Event(name="order:placed", payload={"order_id": 1})
+    first = threading.Thread(target=streams.transport().once(slow), args=(event,))
+    first.start()
+    try:
+        assert started.wait(WAIT), "the first call never started"
+        with pytest.raises(DuplicateInFlightError):
+            streams.transport().once(slow)(event)
+    finally:
+        release.set()
+        first.join(WAIT)
+    assert not first.is_alive()
+
+
+def test_once_failure_records_nothing_so_a_redelivery_runs_again(streams: Streams) -> None:
+    """A wrapped handler that raised runs again when the event is delivered again."""
+    calls: list[str] = []
+
+    def flaky(event: Event) -> None:
+        calls.append(event.id)
+        if len(calls) == 1:
+            raise RuntimeError("first attempt fails")
+
+    wrapped = streams.transport().once(flaky)
+    event = Event(name="order:placed", payload={"order_id": 1})
+    with pytest.raises(RuntimeError, match="first attempt fails"):
+        wrapped(event)
+    wrapped(event)
+    wrapped(event)
+    assert calls == [event.id, event.id]
+
+
+def test_once_keeps_the_handler_name(streams: Streams) -> None:
+    """The once() wrapper keeps the handler's __name__ and __qualname__."""
+
+    def send_confirmation(event: Event) -> None:
+        pass
+
+    wrapped = streams.transport().once(send_confirmation)
+    assert wrapped.__name__ == "send_confirmation"
+    assert wrapped.__qualname__ == send_confirmation.__qualname__
