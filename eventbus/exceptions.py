@@ -54,7 +54,9 @@ class QueueFullError(EventBusError, RuntimeError):
 
 
 class TransportError(EventBusError, RuntimeError):
-    """The transport (Redis) could not be reached: ``emit()`` published nothing."""
+    """The transport (Redis) could not be reached, or the connection broke during
+    ``emit()``: the event was not published, or (if the break came after Redis ran the
+    command) it was, and a retry may publish it twice."""
 
 
 class DuplicateInFlightError(EventBusError, RuntimeError):

@@ -61,9 +61,12 @@ class RedisStreamsTransport:
     * ``codec``: how payloads become JSON, the same as the durable store's.
     * ``done_ttl``: how long :meth:`once` remembers that a handler succeeded for an event.
 
-    Connection loss: ``publish`` (so ``emit``) raises :class:`~eventbus.TransportError` and
-    publishes nothing; it never drops an event silently. The reader reconnects with backoff
-    (0.1 s doubling to 5 s) and resumes; entries it held stay pending and are read again.
+    Connection loss: ``publish`` (so ``emit``) raises :class:`~eventbus.TransportError`; it
+    never drops an event silently. When Redis was unreachable nothing was appended; when the
+    connection broke after the command was sent, the entry may have been appended anyway
+    (Redis ran it, the reply was lost), so a caller that publishes again may publish twice,
+    which consumers tolerate as they tolerate any redelivery. The reader reconnects with
+    backoff (0.1 s doubling to 5 s) and resumes; entries it held stay pending.
     """
 
     def __init__(
@@ -121,8 +124,9 @@ class RedisStreamsTransport:
 
     def publish(self, event: Event) -> str:
         """Append *event* to the stream; return the entry id. Raises ``TypeError`` for a
-        payload the codec cannot encode and :class:`~eventbus.TransportError` when Redis
-        cannot be reached; in both cases nothing was appended."""
+        payload the codec cannot encode (nothing appended) and
+        :class:`~eventbus.TransportError` when Redis cannot be reached or the connection broke
+        (appended only if Redis ran the command before the break: see the class docs)."""
         fields = self._encode(event)
         try:
             self._ensure_group()
@@ -359,7 +363,8 @@ class RedisStreamsTransport:
             keep_from.append(_text(info["last-delivered-id"]))
             if int(info["pending"]):
                 summary = self._redis.xpending(self.stream, name)
-                keep_from.append(_text(summary["min"]))
+                if summary["min"] is not None:  # acknowledged since XINFO GROUPS was read
+                    keep_from.append(_text(summary["min"]))
         minid = min(keep_from, key=_id_key)
         if minid == "0-0":
             return 0
