@@ -70,11 +70,16 @@ class RedisServer:
 
     ``start()`` launches it and returns once it answers PING; ``stop()`` ends it (SIGTERM,
     then SIGKILL after a timeout). Both may be called again: a restarted server listens on the
-    same port, with an empty data set (nothing is saved).
+    same port, with an empty data set (nothing is saved) unless *persistent*: then an
+    append-only file is fsynced before every reply (``--appendfsync always``), so whatever
+    Redis acknowledged survives a stop and is loaded again by the restart.
     """
 
-    def __init__(self, executable: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, executable: str | None = None, port: int | None = None, *, persistent: bool = False
+    ) -> None:
         self.executable = executable or redis_server_path()
+        self.persistent = persistent
         self.port = port if port is not None else free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="eventbus-redis-")
         self.directory = Path(self._tmp.name)
@@ -104,8 +109,8 @@ class RedisServer:
             str(self.directory),
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else []),
+            *([] if self.persistent else ["--appendonly", "no"]),
             "--daemonize",
             "no",
             "--logfile",

@@ -3,8 +3,10 @@ a complete, well-formed result. No timing assertions: only structure and counts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,8 @@ SCENARIOS = (
     "durable (SQLite), 4 handlers",
     "durable (SQLite) emit() latency p50, 4 handlers",
     "durable (SQLite) emit() latency p99, 4 handlers",
+    "multi-process (Redis), 4 handlers",
+    "multi-process (Redis), 4 handlers waiting 2 ms (I/O-like)",
     "memory, 20,000 events x 4 handlers",
     "info: thread dispatch, 4 handlers taking a lock",
 )
@@ -37,6 +41,10 @@ THREAD_DISPATCHERS = {
     "pyee ExecutorEventEmitter",
     "eventbus EventBus(max_workers=8)",
 }
+#: Whether the multi-process (Redis) scenario can run here (else its rows say "skipped").
+REDIS = shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None
+REDIS_SCENARIOS = SCENARIOS[-4:-2]
+REDIS_CHECKS = 3
 
 
 def _bench(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
@@ -77,6 +85,9 @@ def test_every_scenario_is_reported(quick: tuple[dict[str, Any], str, Path]) -> 
 def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str, Path]) -> None:
     doc, _, _ = quick
     for row in doc["results"]:
+        if row["dispatcher"].startswith("skipped:"):
+            assert not REDIS, row
+            continue
         assert math.isfinite(row["value"]), row
         assert row["value"] > 0, row
         assert row["ok"] is True, row
@@ -104,12 +115,25 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
         detail = row["detail"]
         assert detail["stored_events"] * 4 == detail["stored_succeeded_deliveries"]
         assert detail["stored_succeeded_deliveries"] == detail["expected"]
+    redis_rows = [r for r in doc["results"] if r["scenario"] in REDIS_SCENARIOS]
+    if not REDIS:
+        assert len(redis_rows) == 2
+        assert all(r["dispatcher"].startswith("skipped: ") for r in redis_rows)
+        return
+    assert len(redis_rows) == 8
+    for row in redis_rows:
+        detail = row["detail"]
+        processes = 3 if "3 consumer processes" in row["dispatcher"] else 1
+        assert all(len(trial) == processes for trial in detail["handled_per_consumer"]), row
+        assert sum(map(sum, detail["handled_per_consumer"])) == detail["expected"], row
+        assert detail["expected"] == 4 * detail["events_per_trial"], row  # 1 round when quick
 
 
 def test_targets_and_machine_are_reported(quick: tuple[dict[str, Any], str, Path]) -> None:
     doc, stdout, _ = quick
     targets = [c["target"] for c in doc["checks"]]
-    assert len(targets) == 12
+    assert len(targets) == 12 + (REDIS_CHECKS if REDIS else 0)
+    assert any("multi-process (Redis)" in t for t in targets) is REDIS
     for check in doc["checks"]:
         assert isinstance(check["passed"], bool)
         assert math.isfinite(check["measured"])
@@ -145,3 +169,21 @@ def test_chart_without_matplotlib_is_skipped(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "chart skipped: matplotlib is not installed" in proc.stdout
     assert not chart.exists()
+
+
+def test_redis_scenario_without_redis_server_is_skipped_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench._harness import QUICK
+    from bench.redis_streams import multi_process
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on it
+    section = multi_process(QUICK)
+    assert section.checks == []
+    assert {r.scenario for r in section.rows} == set(REDIS_SCENARIOS)
+    for row in section.rows:
+        assert row.dispatcher == "skipped: redis-server not installed"
+        assert row.ok is True
+    assert "multi-process (Redis) scenario SKIPPED: redis-server not installed" in (
+        capsys.readouterr().err
+    )

@@ -10,19 +10,17 @@ counted after a kill.
 from __future__ import annotations
 
 import contextlib
-import queue
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import redis
 
+from tests.line_process import LineProcess
 from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,90 +44,20 @@ def redis_url() -> Iterator[str]:
 # -- worker processes ------------------------------------------------------------------------
 
 
-class Worker:
-    """One redis_worker.py process; a thread reads its stdout into a queue, so every wait
-    for a line is bounded. Its stderr goes to a file."""
-
-    def __init__(self, tmp_path: Path, number: int, args: list[str]) -> None:
-        self.err_path = tmp_path / f"worker-{number}.err"
-        self._err: IO[str] = self.err_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-            cwd=REPO,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def expect(self, prefix: str, timeout: float = LINE_WAIT) -> str:
-        """Read lines until one starts with *prefix*; return the rest of that line."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(
-                    f"no {prefix!r} line within {timeout} s; stdout tail: {self.lines[-5:]}; "
-                    f"stderr: {self.stderr()[-2000:]}"
-                ) from None
-            if line is None:
-                self.proc.wait()
-                raise AssertionError(
-                    f"worker exited (rc={self.proc.returncode}) before printing {prefix!r}; "
-                    f"stdout tail: {self.lines[-5:]}; stderr: {self.stderr()[-2000:]}"
-                )
-            self.lines.append(line)
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-
-    def stop(self) -> None:
-        """Ask the consumer to close its bus; wait for its ``done`` and its exit status 0."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("stop\n")
-        self.proc.stdin.flush()
-        self.expect("done")
-        rc = self.proc.wait(LINE_WAIT)
-        assert rc == 0, f"rc {rc}: {self.stderr()[-2000:]}"
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        self.proc.kill()
-        self.proc.wait()
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.err_path.read_text()
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.kill()
-        self._reader.join(5)
-        for stream in (self.proc.stdin, self.proc.stdout, self._err):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+def spawn_worker(tmp_path: Path, number: int, args: list[str]) -> LineProcess:
+    """One redis_worker.py process, talked to by lines."""
+    return LineProcess(WORKER, args, tmp_path / f"worker-{number}.err", name=f"worker-{number}")
 
 
 @pytest.fixture
 def spawn(tmp_path: Path, redis_url: str) -> Iterator[Any]:
     """Start redis_worker.py processes on the test's server and stream; every one is killed
     and reaped when the test ends."""
-    workers: list[Worker] = []
+    workers: list[LineProcess] = []
     where = ["--url", redis_url, "--stream", STREAM, "--group", GROUP]
 
-    def start(mode: str, *args: str) -> Worker:
-        worker = Worker(tmp_path, len(workers), [mode, *where, *args])
+    def start(mode: str, *args: str) -> LineProcess:
+        worker = spawn_worker(tmp_path, len(workers), [mode, *where, *args])
         workers.append(worker)
         return worker
 

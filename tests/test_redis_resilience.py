@@ -9,24 +9,21 @@ and bounded polls of Redis state (XPENDING): nothing here sleeps to wait for wor
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import redis
 
 from eventbus import Event, EventBus, TransportError
 from eventbus.transports import RedisStreamsTransport
-from tests.redis_server import STARTUP_DEADLINE, RedisServer, _ping
+from tests.line_process import LineProcess
+from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 POISON_WORKER = REPO / "tests" / "redis_poison_worker.py"
@@ -38,43 +35,11 @@ WAIT = 20.0
 BLOCK = 0.05
 
 
-class PersistentRedisServer(RedisServer):
-    """A RedisServer whose data survives a restart: an append-only file fsynced before every
-    reply (``--appendfsync always``), so an acknowledged XADD (or XACK) is on disk when
-    SIGTERM stops the server, and a restart on the same port and directory loads it."""
-
-    def start(self) -> None:
-        """Start the server and wait until it answers PING (data loaded); raise if not."""
-        if self.running:
-            return
-        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--dir", str(self.directory), "--save", "", "--daemonize", "no"]
-        command += ["--appendonly", "yes", "--appendfsync", "always"]
-        command += ["--logfile", str(self.directory / "redis.log")]
-        self._process = subprocess.Popen(
-            command, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        pause = threading.Event()
-        while time.monotonic() < deadline:
-            if _ping(self.port):  # a server still loading its AOF answers -LOADING, not PONG
-                return
-            if self._process.poll() is not None:
-                break
-            pause.wait(0.01)  # the external process is starting up
-        returncode = self._process.poll()
-        self.stop()
-        raise RuntimeError(
-            f"redis-server (AOF) on port {self.port} did not answer PING within "
-            f"{STARTUP_DEADLINE}s (exit code {returncode}); its log:\n{self.log()}"
-        )
-
-
 @pytest.fixture
-def aof_server() -> Iterator[PersistentRedisServer]:
+def aof_server() -> Iterator[RedisServer]:
     """A persistent redis-server of the test's own (skipped without redis-server, failed
     under CI), which the test may stop and restart."""
-    with PersistentRedisServer() as server:
+    with RedisServer(persistent=True) as server:
         yield server
 
 
@@ -166,7 +131,7 @@ class Handled:
             return wanted - self.counts.keys()
 
 
-def restart(server: PersistentRedisServer, admin: Any, producer: Producer) -> str:
+def restart(server: RedisServer, admin: Any, producer: Producer) -> str:
     """Stop Redis with SIGTERM (its AOF is fsynced) and start it again on the same port and
     directory, once the producer has DISRUPT_AT accepted."""
     assert producer.reached(DISRUPT_AT).wait(WAIT), (
@@ -179,7 +144,7 @@ def restart(server: PersistentRedisServer, admin: Any, producer: Producer) -> st
     return "restarted"
 
 
-def cut_connections(server: PersistentRedisServer, admin: Any, producer: Producer) -> str:
+def cut_connections(server: RedisServer, admin: Any, producer: Producer) -> str:
     """``CLIENT KILL TYPE normal`` (every client but the admin) three times, at DISRUPT_AT,
     2 x DISRUPT_AT and 3 x DISRUPT_AT accepted emits."""
     killed = []
@@ -195,8 +160,8 @@ def cut_connections(server: PersistentRedisServer, admin: Any, producer: Produce
 
 @pytest.mark.parametrize("disrupt", [restart, cut_connections], ids=["restart", "client-kill"])
 def test_no_event_accepted_by_emit_is_lost_when_redis_restarts_or_drops_connections(
-    aof_server: PersistentRedisServer,
-    disrupt: Callable[[PersistentRedisServer, Any, Producer], str],
+    aof_server: RedisServer,
+    disrupt: Callable[[RedisServer, Any, Producer], str],
 ) -> None:
     """Every event whose emit() returned is handled by a running consumer although Redis is
     restarted (or every connection cut) mid-run; every other emit raised TransportError."""
@@ -268,77 +233,11 @@ NORMAL_BEFORE, NORMAL_AFTER = 5, 5
 LINE_WAIT = 15.0
 
 
-class Consumer:
-    """One redis_poison_worker.py process; a thread reads its stdout into a queue, so every
-    wait for a line is bounded. Its stderr goes to a file."""
-
-    def __init__(self, tmp_path: Path, name: str, args: list[str]) -> None:
-        self.name = name
-        self.err_path = tmp_path / f"{name}.err"
-        self._err: IO[str] = self.err_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(POISON_WORKER), *args, "--consumer", name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-            cwd=REPO,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def expect(self, *prefixes: str, timeout: float = LINE_WAIT) -> tuple[str, str]:
-        """Read lines until one starts with one of *prefixes*; return (prefix, rest)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(
-                    f"{self.name}: no {prefixes} line within {timeout} s; stdout tail: "
-                    f"{self.lines[-5:]}; stderr: {self.stderr()[-2000:]}"
-                ) from None
-            if line is None:
-                self.proc.wait()
-                raise AssertionError(
-                    f"{self.name} exited (rc={self.proc.returncode}) before printing "
-                    f"{prefixes}; stdout tail: {self.lines[-5:]}; stderr: {self.stderr()[-2000:]}"
-                )
-            self.lines.append(line)
-            for prefix in prefixes:
-                if line.startswith(prefix):
-                    return prefix, line[len(prefix) :].strip()
-
-    def stop(self) -> None:
-        """Ask the consumer to close its bus; wait for its ``done`` and its exit status 0."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("stop\n")
-        self.proc.stdin.flush()
-        self.expect("done")
-        rc = self.proc.wait(LINE_WAIT)
-        assert rc == 0, f"{self.name}: rc {rc}: {self.stderr()[-2000:]}"
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.err_path.read_text()
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-        for stream in (self.proc.stdin, self.proc.stdout, self._err):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+def spawn_consumer(tmp_path: Path, name: str, args: list[str]) -> LineProcess:
+    """One redis_poison_worker.py process named *name*, talked to by lines."""
+    return LineProcess(
+        POISON_WORKER, [*args, "--consumer", name], tmp_path / f"{name}.err", name=name
+    )
 
 
 def wait_pending(client: Any, stream: str, group: str, count: int) -> int:
@@ -371,11 +270,11 @@ def test_poison_event_is_dead_lettered_after_max_deliveries_with_consumers_kille
         common = ["--url", server.url, "--stream", stream, "--group", group]
         common += ["--claim-idle", str(POISON_CLAIM_IDLE)]
         common += ["--max-deliveries", str(MAX_DELIVERIES)]
-        consumers: list[Consumer] = []
+        consumers: list[LineProcess] = []
 
-        def spawn() -> Consumer:
+        def spawn() -> LineProcess:
             # Not waiting for its "ready": it may dead-letter the poison in recover(), first.
-            consumer = Consumer(tmp_path, f"consumer-{len(consumers)}", common)
+            consumer = spawn_consumer(tmp_path, f"consumer-{len(consumers)}", common)
             consumers.append(consumer)
             return consumer
 
@@ -388,7 +287,7 @@ def test_poison_event_is_dead_lettered_after_max_deliveries_with_consumers_kille
             for n in range(NORMAL_BEFORE):
                 producer.emit("job", {"n": n})
             for _ in range(NORMAL_BEFORE):
-                handled[int(current.expect("handled ")[1])] += 1
+                handled[int(current.expect("handled "))] += 1
             assert wait_pending(client, stream, group, 0) == 0, "normal events left pending"
 
             poison = producer.emit("job", {"n": -1, "poison": True})
@@ -396,7 +295,7 @@ def test_poison_event_is_dead_lettered_after_max_deliveries_with_consumers_kille
             deaths: list[int | None] = []
             # The supervisor: each time the poison kills the consumer, start a new one.
             while True:
-                kind, rest = current.expect("poison ", "dead ")
+                kind, rest = current.expect_any("poison ", "dead ")
                 if kind == "dead ":
                     dead_line = rest
                     break
@@ -412,7 +311,7 @@ def test_poison_event_is_dead_lettered_after_max_deliveries_with_consumers_kille
             for n in range(NORMAL_BEFORE, NORMAL_BEFORE + NORMAL_AFTER):
                 producer.emit("job", {"n": n})
             for _ in range(NORMAL_AFTER):
-                handled[int(current.expect("handled ")[1])] += 1
+                handled[int(current.expect("handled "))] += 1
             alive = current.proc.poll() is None
             pending = wait_pending(client, stream, group, 0)
             dead = client.xrange(f"{stream}:dead")
