@@ -13,7 +13,15 @@ from bench._harness import FULL, QUICK, Check, Row, Section, Sizes, configure_st
 
 def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
     """Every scenario, in the order of the report."""
-    from bench import dispatch, durable, latency, memory, retry_storm, subscriptions
+    from bench import (
+        dispatch,
+        durable,
+        latency,
+        memory,
+        redis_streams,
+        retry_storm,
+        subscriptions,
+    )
 
     return [
         ("thread dispatch, 1 handler", lambda s: dispatch.thread_dispatch(s, 1)),
@@ -23,6 +31,7 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         ("inline mode", dispatch.inline),
         ("retry storm", retry_storm.retry_storm),
         ("durable (SQLite)", durable.durable),
+        ("multi-process (Redis)", redis_streams.multi_process),
         ("memory", memory.memory),
         ("handler weight (info)", dispatch.latch_sensitivity),
     ]
@@ -52,7 +61,7 @@ def run(sizes: Sizes, progress: Callable[[str], None]) -> tuple[list[Row], list[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (< 5 s)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (< 10 s)")
     parser.add_argument("--json", metavar="PATH", help="write machine-readable results here")
     parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")

@@ -441,6 +441,11 @@ class Sizes:
     memory_bound: int
     #: Events per durable trial: each costs a commit, so far fewer than the in-memory runs.
     durable_events: int
+    #: Events per multi-process (Redis) trial: trivial handlers; I/O-like handlers (2 ms each)
+    #: through eventbus; the same through the raw loop, which waits 8 ms per event in turn.
+    redis_events: int
+    redis_io_events: int
+    redis_raw_io_events: int
 
 
 FULL = Sizes(
@@ -457,6 +462,9 @@ FULL = Sizes(
     memory_events=1_000_000,
     memory_bound=10_000,
     durable_events=5_000,
+    redis_events=5_000,
+    redis_io_events=1_000,
+    redis_raw_io_events=250,
 )
 
 QUICK = Sizes(
@@ -473,4 +481,7 @@ QUICK = Sizes(
     memory_events=20_000,
     memory_bound=10_000,
     durable_events=300,
+    redis_events=200,
+    redis_io_events=100,
+    redis_raw_io_events=25,
 )
