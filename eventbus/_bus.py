@@ -474,16 +474,17 @@ class EventBus:
             local.active = False
             if store is not None:
                 self._persist(store.succeeded, delivery.event.id, delivery.handler)
-            self._settle(delivery, "succeeded")
+            # Recorded and signalled before it settles, so that once drain() returns every
+            # outcome line has been written and every receiver has run.
             if verbose:
                 duration = self._clock.monotonic() - started
                 self._outcomes.succeeded(
                     delivery.event, delivery.handler, delivery.attempts, duration
                 )
             if signals.has_receivers(signals.handler_succeeded):
-                self._signal(
-                    signals.handler_succeeded, event=delivery.event, delivery=delivery.snapshot()
-                )
+                done = Delivery(delivery.handler, "succeeded", delivery.attempts, delivery.error)
+                self._signal(signals.handler_succeeded, event=delivery.event, delivery=done)
+            self._settle(delivery, "succeeded")
 
     def _failed(self, delivery: DeliveryRecord, error: BaseException) -> None:
         delivery.error = format_error(error)
@@ -573,10 +574,10 @@ class EventBus:
                 self._records.add_dead_letter(dead_letter, delivery)
             if reason == "abandoned":
                 self._abandoned += 1
-        self._settle(delivery, "dead")
-        self._outcomes.dead_lettered(dead_letter)
+        self._outcomes.dead_lettered(dead_letter)  # before settling: see _attempt
         if signals.has_receivers(signals.dead_lettered):
             self._signal(signals.dead_lettered, event=dead_letter.event, dead_letter=dead_letter)
+        self._settle(delivery, "dead")
 
     def _settle(self, delivery: DeliveryRecord, state: DeliveryState) -> None:
         """Record an active delivery's final state and stop counting it as active."""
