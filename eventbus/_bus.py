@@ -156,6 +156,7 @@ class EventBus:
         self._closed = False  # no more emits
         self._stopped = False  # no more retries: every new failure is a final one
         self._in_handler = threading.local()
+        own_clock, own_executor = clock is None, executor is None
         if clock is None:
             system_clock = SystemClock(name=f"{name}-timer")
             system_clock.on_error = lambda exc: self._outcomes.internal_error("timer", exc)
@@ -179,9 +180,22 @@ class EventBus:
         self._poll: Cancellable | None = None
         self._left_in_store = 0  # deliveries close() left unfinished in the store
         if store is not None:
-            store.on_error = lambda exc: self._outcomes.internal_error("store", exc)
-            store.open()
+            self._open_store(store, own_executor=own_executor, own_clock=own_clock)
         _open_buses.add(self)
+
+    def _open_store(self, store: Store, *, own_executor: bool, own_clock: bool) -> None:
+        store.on_error = lambda exc: self._outcomes.internal_error("store", exc)
+        try:
+            store.open()  # raises if another bus has it open
+        except BaseException:
+            # Nothing of this bus may outlive the failed constructor: stop the threads it
+            # started (not an executor or clock the caller passed in: those are theirs). No
+            # job was ever submitted, so waiting for the idle workers is immediate.
+            if own_executor:
+                self._executor.shutdown(None)
+            if own_clock:
+                self._clock.close()
+            raise
 
     # -- subscriptions -------------------------------------------------------------------
 

@@ -675,3 +675,18 @@ def test_typed_event_survives_a_restart(durable):
     [received] = calls.events
     assert type(received.payload) is OrderCreated
     assert received.payload == order
+
+
+def test_a_store_already_in_use_leaves_no_threads_behind(tmp_path):
+    """A bus whose store is already open elsewhere raises and stops the threads it started."""
+    import threading
+
+    from eventbus.stores import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "events.db")
+    with EventBus(store=store, max_workers=2):
+        before = set(threading.enumerate())
+        with pytest.raises(RuntimeError, match="already used"):
+            EventBus(store=store, max_workers=3, name="second")
+        started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        assert started == []
