@@ -839,3 +839,27 @@ def test_sqlite_concurrent_claims_never_share_a_delivery(sqlite_stores):
         thread.join()
     assert results[0] | results[1] == {(ev.id, "h") for ev in events}
     assert results[0] & results[1] == set()
+
+
+def test_sqlite_store_stamps_its_schema_version(tmp_path):
+    """A new store file records the schema version it was written with."""
+    import sqlite3
+
+    from eventbus.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+
+    SQLiteStore(tmp_path / "v.db").close()
+    with sqlite3.connect(tmp_path / "v.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_sqlite_store_refuses_a_file_from_a_newer_schema(tmp_path):
+    """A file stamped with a newer schema version is refused, not misread."""
+    import sqlite3
+
+    from eventbus.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+
+    SQLiteStore(tmp_path / "v.db").close()
+    with sqlite3.connect(tmp_path / "v.db") as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="upgrade eventbus"):
+        SQLiteStore(tmp_path / "v.db")

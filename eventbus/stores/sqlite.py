@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS owners (
 );
 """
 
+#: The layout of the tables above, kept in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
 _OPEN_STATES = "('pending', 'running', 'retrying')"
 _EVENT_COLUMNS = "e.id, e.name, e.payload_type, e.payload, e.metadata, e.occurred_at"
 _DEAD_LETTER_QUERY = (
@@ -615,9 +618,20 @@ def _print_error(error: BaseException) -> None:
 
 
 def _create_schema(db: sqlite3.Connection) -> None:
+    """Create the tables if missing and stamp the schema version (``PRAGMA user_version``),
+    so a later release can migrate the file, and this one refuses a file it does not know.
+    Raises ``RuntimeError`` for a file written by a newer schema."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"this store was written with schema version {version}; this eventbus reads "
+            f"version {SCHEMA_VERSION}: upgrade eventbus"
+        )
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)
+    if version < SCHEMA_VERSION:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
