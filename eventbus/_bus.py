@@ -176,6 +176,7 @@ class EventBus:
         if transport is not None:
             transport.on_error = lambda exc: self._outcomes.internal_error("transport", exc)
             transport.on_dead = self._outcomes.stream_dead_lettered
+            transport.on_taken_over = self._outcomes.stream_taken_over
         self._warned_unknown: set[str] = set()
         self._poll: Cancellable | None = None
         self._left_in_store = 0  # deliveries close() left unfinished in the store

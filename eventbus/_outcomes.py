@@ -214,6 +214,9 @@ class OutcomeRecorder:
             reason=reason,
         )
 
+    def stream_taken_over(self, count: int) -> None:
+        self._log.warning("stream.taken_over", events=count)
+
     def unknown_handler(self, handler: str, deliveries: int) -> None:
         self._log.warning(
             "delivery.unknown_handler",

@@ -142,6 +142,9 @@ class Transport(Protocol):
     #: Called when an event is moved to the transport's dead letters: (transport id, its
     #: fields, the reason); the bus logs ``stream.dead_lettered``.
     on_dead: Callable[[str, Mapping[str, str], str], None]
+    #: Called with how many events of stopped consumers this one took over; the bus logs
+    #: ``stream.taken_over``.
+    on_taken_over: Callable[[int], None]
 
     def publish(self, event: Event) -> str:
         """Send *event*; return its id in the transport. ``TypeError`` for a payload that

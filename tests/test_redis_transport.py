@@ -377,6 +377,19 @@ def test_recover_takes_over_an_idle_entry_of_a_dead_consumer(streams: Streams) -
     wait_until(lambda: streams.pending() == 0, "the taken-over entry was acknowledged")
 
 
+def test_taking_over_entries_is_logged(streams: Streams) -> None:
+    """A consumer that takes over a stopped consumer's entries says how many, at warning."""
+    streams.bus().emit("order:placed", {"order_id": 9})
+    entry_id = streams.read_as("dead-consumer")
+    streams.age("dead-consumer", entry_id)
+    consumer = streams.bus(claim_idle=30)
+    consumer.subscribe("order:placed", Tally())
+    with capture_logs() as logs:
+        assert consumer.recover() == 1
+    taken = [r for r in logs if r["event"] == "stream.taken_over"]
+    assert taken == [{"event": "stream.taken_over", "events": 1, "log_level": "warning"}]
+
+
 def test_recover_leaves_an_entry_not_yet_idle_for_claim_idle(streams: Streams) -> None:
     """An entry another consumer read moments ago is not taken over (claim_idle not reached)."""
     streams.bus().emit("order:placed", {"order_id": 9})

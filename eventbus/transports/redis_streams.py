@@ -119,6 +119,8 @@ class RedisStreamsTransport:
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         #: Called when an entry is moved to the dead-letter stream (its fields, id, reason).
         self.on_dead: Callable[[str, Mapping[str, str], str], None] = lambda *args: None
+        #: Called with how many entries of stopped consumers this one took over (when > 0).
+        self.on_taken_over: Callable[[int], None] = lambda count: None
 
     # -- producing -----------------------------------------------------------------------
 
@@ -171,6 +173,8 @@ class RedisStreamsTransport:
         try:
             self._ensure_group()
             taken = self._reclaim()
+            if taken:
+                self.on_taken_over(taken)
         except _CONNECTION_ERRORS as exc:
             raise TransportError(f"could not reach Redis at {self.url}: {exc}") from exc
         self._stop.clear()
@@ -232,7 +236,9 @@ class RedisStreamsTransport:
                 self._ensure_group()
                 if time.monotonic() >= next_upkeep:
                     next_upkeep = time.monotonic() + self.claim_idle / 3
-                    self._reclaim()
+                    taken = self._reclaim()
+                    if taken:
+                        self.on_taken_over(taken)
                     if self._trim:
                         self.trim()
                 self._read_once()
