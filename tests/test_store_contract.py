@@ -863,3 +863,23 @@ def test_sqlite_store_refuses_a_file_from_a_newer_schema(tmp_path):
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(RuntimeError, match="upgrade eventbus"):
         SQLiteStore(tmp_path / "v.db")
+
+
+def test_sqlite_heartbeat_brings_back_an_owner_declared_dead(tmp_path):
+    """A heartbeat after another process deleted this owner's row (a pause longer than the
+    lease) writes the row again, so the owner is alive to others once more."""
+    import sqlite3
+
+    from eventbus.stores import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "h.db")
+    owner = store.open()
+    try:
+        with sqlite3.connect(tmp_path / "h.db") as other:
+            other.execute("DELETE FROM owners WHERE owner = ?", (owner,))
+        store._beat()  # what the background thread does every lease / 3
+        with sqlite3.connect(tmp_path / "h.db") as other:
+            rows = other.execute("SELECT owner FROM owners").fetchall()
+        assert rows == [(owner,)]
+    finally:
+        store.close()

@@ -242,9 +242,11 @@ class SQLiteStore:
         with self._lock:
             if self._owner is not None:
                 with self._write() as db:
+                    # INSERT OR REPLACE, not UPDATE: if a pause longer than the lease let
+                    # another process declare this owner dead and delete its row, the owner
+                    # comes back (what was taken over meanwhile runs there too: at least once).
                     db.execute(
-                        "UPDATE owners SET heartbeat = ? WHERE owner = ?",
-                        (time.time(), self._owner),
+                        "INSERT OR REPLACE INTO owners VALUES (?, ?)", (self._owner, time.time())
                     )
 
     def close(self) -> None:
