@@ -263,18 +263,16 @@ class RedisStreamsTransport:
         for _stream, entries in response or []:
             with self._lock:  # all of them held from now on, not only the one being handed
                 self._in_flight.update(_text(entry_id) for entry_id, _ in entries)
-            for entry_id, fields in entries:
-                self._hand_over(_text(entry_id), fields)
+            for entry_id, raw in entries:
+                self._hand_over(_text(entry_id), _fields(raw))
 
-    def _hand_over(self, entry_id: str, raw: Mapping[Any, Any]) -> None:
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+    def _hand_over(self, entry_id: str, fields: Mapping[str, str]) -> None:
+        """Decode an entry this consumer already holds (in ``_in_flight``) and deliver it."""
         try:
             event = self._decode(fields)
         except Exception as exc:  # noqa: BLE001 - quarantined, the stream goes on
             self._dead_letter(entry_id, fields, f"cannot decode: {type(exc).__name__}: {exc}")
             return
-        with self._lock:
-            self._in_flight.add(entry_id)
         deliver = self._deliver
         assert deliver is not None
         deliver(event, entry_id)
@@ -311,7 +309,7 @@ class RedisStreamsTransport:
                 entry_id, raw = _text(entry[0]), entry[1]
                 if entry_id in mine:
                     continue
-                fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
+                fields = _fields(raw)
                 deliveries = counts.get(entry_id, 1)
                 if deliveries > self.max_deliveries:
                     self._dead_letter(entry_id, fields, f"delivered {deliveries} times", deliveries)
@@ -421,6 +419,11 @@ class RedisStreamsTransport:
 
     def __repr__(self) -> str:
         return f"<RedisStreamsTransport {self.stream!r} group={self.group!r}>"
+
+
+def _fields(raw: Mapping[Any, Any] | None) -> dict[str, str]:
+    """An entry's fields as text (redis-py hands them over as bytes)."""
+    return {_text(k): _text(v) for k, v in (raw or {}).items()}
 
 
 def _text(value: Any) -> str:
