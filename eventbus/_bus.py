@@ -24,7 +24,13 @@ from eventbus._event import DeadLetter, DeadLetterReason, Delivery, Event, freez
 from eventbus._matching import validate_name
 from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder, format_error
 from eventbus._records import DeliveryRecord, EventRecord, Records
-from eventbus._registry import Registry, check_handler, check_target, event_name_of
+from eventbus._registry import (
+    Registry,
+    Subscription,
+    check_handler,
+    check_target,
+    event_name_of,
+)
 from eventbus.exceptions import (
     BusClosedError,
     DrainInHandlerError,
@@ -303,28 +309,49 @@ class EventBus:
         )
         if self._transport is not None:
             return self._publish(self._transport, emitted, key)
-        subscriptions = self._registry.resolve(name, cls)
-        context = contextvars.copy_context()
-        record = EventRecord(emitted, key if self._store is None else None)
-        for sub in subscriptions:
-            policy = sub.retry if sub.retry is not None else self._retry
-            record.deliveries[sub.name] = DeliveryRecord(record, sub, policy, context)
-        count = record.unsettled = len(subscriptions)
+        record = self._new_record(emitted, cls, key=key if self._store is None else None)
         first = self._admit(record, key)
         if first is not None:
             return first
-        # Asked once per event, not per delivery: filtered-out successes then cost nothing.
-        record.verbose = self._outcomes.debug_enabled()
-        if not subscriptions:
-            self._outcomes.unhandled(emitted)
-        elif record.verbose:
-            self._outcomes.emitted(emitted, count)
+        self._log_admitted(record)
         if signals.has_receivers(signals.event_emitted):
             self._signal(signals.event_emitted, event=emitted)
+        self._submit_all(record)
+        return emitted
+
+    def _new_record(
+        self,
+        event: Event,
+        cls: type[Any] | None,
+        *,
+        key: str | None = None,
+        token: str | None = None,
+    ) -> EventRecord:
+        """The event's record, with one delivery per subscribed handler, in the caller's
+        context (not yet counted as active)."""
+        subscriptions = self._registry.resolve(event.name, cls)
+        context = contextvars.copy_context()
+        record = EventRecord(event, key, token)
+        for sub in subscriptions:
+            record.deliveries[sub.name] = DeliveryRecord(record, sub, self._policy(sub), context)
+        record.unsettled = len(subscriptions)
+        return record
+
+    def _log_admitted(self, record: EventRecord) -> None:
+        # Asked once per event, not per delivery: filtered-out successes then cost nothing.
+        record.verbose = self._outcomes.debug_enabled()
+        if not record.deliveries:
+            self._outcomes.unhandled(record.event)
+        elif record.verbose:
+            self._outcomes.emitted(record.event, record.unsettled)
+
+    def _submit_all(self, record: EventRecord) -> None:
         submit = self._executor.submit
         for delivery in record.deliveries.values():
             submit(self._job(delivery))
-        return emitted
+
+    def _policy(self, subscription: Subscription) -> RetryPolicy:
+        return subscription.retry if subscription.retry is not None else self._retry
 
     def _publish(self, transport: Transport, event: Event, key: str | None) -> Event:
         """emit() with a transport: hand the event over; the buses consuming it deliver it."""
@@ -348,33 +375,20 @@ class EventBus:
         acknowledge anything when the bus is closing, so the event goes to another consumer."""
         payload = event.payload
         cls = None if type(payload).__module__ == "builtins" else type(payload)
-        subscriptions = self._registry.resolve(event.name, cls)
-        context = contextvars.copy_context()
-        record = EventRecord(event, token=token)
-        for sub in subscriptions:
-            policy = sub.retry if sub.retry is not None else self._retry
-            record.deliveries[sub.name] = DeliveryRecord(record, sub, policy, context)
-        count = record.unsettled = len(subscriptions)
+        record = self._new_record(event, cls, token=token)
+        count = record.unsettled
         limit = self._max_pending
         with self._lock:
-            if limit is not None and not self._wait(
-                lambda: self._closed or self._active == 0 or self._active + count <= limit, None
-            ):
-                return  # pragma: no cover - waits without a timeout
+            if limit is not None:  # no timeout: a full bus holds the reader back
+                self._wait(lambda: self._closed or self._has_room(count, limit), None)
             if self._closed:
                 return
             self._active += count
             self._records.add(record)
-        record.verbose = self._outcomes.debug_enabled()
-        if not subscriptions:
-            self._outcomes.unhandled(event)
+        self._log_admitted(record)
+        if not record.deliveries:
             self._acknowledge(token)
-            return
-        if record.verbose:
-            self._outcomes.emitted(event, count)
-        submit = self._executor.submit
-        for delivery in record.deliveries.values():
-            submit(self._job(delivery))
+        self._submit_all(record)
 
     def _acknowledge(self, token: str) -> None:
         transport = self._transport
@@ -441,16 +455,19 @@ class EventBus:
         if getattr(self._in_handler, "active", False):
             return
 
-        def fits() -> bool:
-            return self._active == 0 or self._active + count <= limit
-
-        if not self._wait(lambda: self._closed or fits(), self._block_timeout):
+        if not self._wait(
+            lambda: self._closed or self._has_room(count, limit), self._block_timeout
+        ):
             raise QueueFullError(
                 f"{self._active} deliveries pending (max_pending={limit}); "
                 f"waited {self._block_timeout} s for room"
             )
         if self._closed:
             raise BusClosedError("the bus closed while emit() waited for room")
+
+    def _has_room(self, count: int, limit: int) -> bool:
+        # Under self._lock. An event with more handlers than the limit fits an empty bus.
+        return self._active == 0 or self._active + count <= limit
 
     # -- running one delivery ------------------------------------------------------------
 
@@ -536,12 +553,7 @@ class EventBus:
                 stopped = True
             else:
                 stopped = False
-                delivery.state = "retrying"
-                self._waiting += 1
-                # Queued before the lock is let go: close() takes everything waiting under
-                # this lock, and must not find the delivery counted but not yet queued.
-                self._retries.schedule(delivery, delay)
-                self._finish_one()  # wakes close(), which waits for _active == 0
+                self._to_retry_queue(delivery, delay)
         if stopped:
             self._abandon([delivery], _traceback(error))
             return
@@ -553,6 +565,15 @@ class EventBus:
                 delivery=delivery.snapshot(),
                 delay=delay,
             )
+
+    def _to_retry_queue(self, delivery: DeliveryRecord, delay: float) -> None:
+        """Under self._lock: move an active delivery to the retry queue for *delay* seconds."""
+        delivery.state = "retrying"
+        self._waiting += 1
+        # Queued before the lock is let go: close() takes everything waiting under this lock,
+        # and must not find the delivery counted but not yet queued.
+        self._retries.schedule(delivery, delay)
+        self._finish_one()  # wakes close(), which waits for _active == 0
 
     def _retry_due(self, delivery: DeliveryRecord) -> None:
         # Called by the retry queue's timer (and by close() for retries already due): back
@@ -721,7 +742,7 @@ class EventBus:
                 )
             self._records.pop_dead_letter(dead_letter_id)
             delivery.subscription = subscription
-            delivery.policy = subscription.retry if subscription.retry else self._retry
+            delivery.policy = self._policy(subscription)
             delivery.context = context
             delivery.attempts = 0
             delivery.error = None
@@ -745,7 +766,7 @@ class EventBus:
             )
         if store.replay_dead_letter(dead_letter_id, claim=True) is None:
             raise UnknownDeadLetterError(dead_letter_id)  # replayed elsewhere meanwhile
-        policy = subscription.retry if subscription.retry else self._retry
+        policy = self._policy(subscription)
         with self._lock:
             delivery = self._records.adopt(letter.event, subscription, policy, context)
             assert delivery is not None  # it was dead, so not in flight
@@ -776,7 +797,11 @@ class EventBus:
         looking every ``store.poll_interval`` seconds, so replays made from the command line
         and the work of a process that dies later are picked up while it runs.
 
-        Raises ``RuntimeError`` without a store and ``BusClosedError`` after close.
+        With a transport instead of a store, this is what starts the bus consuming its share
+        of the stream (see :class:`eventbus.transports.RedisStreamsTransport`); it returns how
+        many events of stopped consumers it took over.
+
+        Raises ``RuntimeError`` without a store or transport, ``BusClosedError`` after close.
         """
         if self._closed:
             raise BusClosedError("recover() after close()")
@@ -821,7 +846,7 @@ class EventBus:
             if subscription is None:  # unsubscribed since the claim: give it back
                 store.release([(stored.event.id, stored.handler)])
                 continue
-            policy = subscription.retry if subscription.retry else self._retry
+            policy = self._policy(subscription)
             with self._lock:
                 delivery = self._records.adopt(
                     stored.event, subscription, policy, contextvars.copy_context()
@@ -842,10 +867,7 @@ class EventBus:
             delay = 0.0 if stored.due_at is None else stored.due_at - now
             if stored.state == "retrying" and delay > 0:
                 with self._lock:
-                    delivery.state = "retrying"
-                    self._waiting += 1
-                    self._retries.schedule(delivery, delay)  # under the lock: see _failed
-                    self._finish_one()
+                    self._to_retry_queue(delivery, delay)
             else:
                 self._executor.submit(self._job(delivery))
         if claim.deliveries or claim.quarantined:
