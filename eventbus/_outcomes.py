@@ -184,25 +184,18 @@ class OutcomeRecorder:
         )
 
     def left_in_store(self, event: Event, handler: str, state: str) -> None:
+        self._left("handler.left_in_store", event, handler, state)
+
+    def left_in_stream(self, event: Event, handler: str, state: str) -> None:
+        self._left("handler.left_in_stream", event, handler, state)
+
+    def _left(self, record: str, event: Event, handler: str, state: str) -> None:
         self._log.info(
-            "handler.left_in_store",
-            event_id=event.id,
-            event_name=event.name,
-            handler=handler,
-            state=state,
+            record, event_id=event.id, event_name=event.name, handler=handler, state=state
         )
 
     def published(self, event: Event) -> None:
         self._log.debug("event.published", **self._event_keys(event))
-
-    def left_in_stream(self, event: Event, handler: str, state: str) -> None:
-        self._log.info(
-            "handler.left_in_stream",
-            event_id=event.id,
-            event_name=event.name,
-            handler=handler,
-            state=state,
-        )
 
     def stream_dead_lettered(self, entry_id: str, fields: Mapping[str, str], reason: str) -> None:
         self._log.error(

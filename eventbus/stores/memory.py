@@ -30,6 +30,13 @@ class _Row:
     due_at: float | None = None
 
 
+def _release(row: _Row) -> None:
+    """Give a delivery up: unowned, and an interrupted attempt is pending again."""
+    row.owner = None
+    if row.state == "running":
+        row.state = "pending"
+
+
 class MemoryStore:
     """Deliveries, dead letters and idempotency keys in memory. Thread-safe.
 
@@ -66,9 +73,7 @@ class MemoryStore:
             for rows in self._rows.values():
                 for row in rows.values():
                     if row.state in _OPEN and row.owner == owner and owner is not None:
-                        row.owner = None
-                        if row.state == "running":
-                            row.state = "pending"
+                        _release(row)
 
     def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
         """Keep *event* with a pending delivery per handler, or return the event kept under
@@ -117,10 +122,7 @@ class MemoryStore:
         with self._lock:
             self._dirty = True
             for event_id, handler in deliveries:
-                row = self._rows[event_id][handler]
-                row.owner = None
-                if row.state == "running":
-                    row.state = "pending"
+                _release(self._rows[event_id][handler])
 
     def needs_claim(self) -> bool:
         """Whether anything became claimable since the last claim (a release, a replay)."""

@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS owners (
 SCHEMA_VERSION = 1
 
 _OPEN_STATES = "('pending', 'running', 'retrying')"
+#: Gives deliveries up: unowned, and an interrupted attempt is pending again.
+_RELEASE = (
+    "UPDATE deliveries SET owner = NULL, "
+    "state = CASE state WHEN 'running' THEN 'pending' ELSE state END"
+)
 _EVENT_COLUMNS = "e.id, e.name, e.payload_type, e.payload, e.metadata, e.occurred_at"
 _DEAD_LETTER_QUERY = (
     "SELECT x.id, x.handler, x.attempts, x.error, x.reason, x.traceback, x.failed_at, "
@@ -263,12 +268,7 @@ class SQLiteStore:
             owner, self._owner = self._owner, None
             if owner is not None:
                 with self._write() as db:
-                    db.execute(
-                        f"UPDATE deliveries SET owner = NULL, "
-                        f"state = CASE state WHEN 'running' THEN 'pending' ELSE state END "
-                        f"WHERE owner = ? AND state IN {_OPEN_STATES}",
-                        (owner,),
-                    )
+                    db.execute(f"{_RELEASE} WHERE owner = ? AND state IN {_OPEN_STATES}", (owner,))
                     db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
             if self._db is not None:
                 self._db.close()
@@ -364,12 +364,7 @@ class SQLiteStore:
         rows = list(deliveries)
 
         def write(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "UPDATE deliveries SET owner = NULL, "
-                "state = CASE state WHEN 'running' THEN 'pending' ELSE state END "
-                "WHERE event_id = ? AND handler = ?",
-                rows,
-            )
+            db.executemany(f"{_RELEASE} WHERE event_id = ? AND handler = ?", rows)
 
         self._writes.commit(write, several_statements=True)
 
