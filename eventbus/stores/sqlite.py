@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
+from eventbus._envelope import Envelope, from_envelope, to_envelope
 from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
 from eventbus.stores._group_commit import GroupCommit, Write
@@ -282,18 +283,7 @@ class SQLiteStore:
         Returns ``None``, or the event first stored under *key* (then nothing is written).
         Raises ``TypeError`` for a payload the codec cannot encode, before writing anything.
         """
-        type_name, payload = self.codec.encode(event.payload)
-        metadata = json.dumps(dict(event.metadata))
-        row = (
-            event.id,
-            event.name,
-            type_name,
-            payload,
-            metadata,
-            event.occurred_at.isoformat(),
-            key,
-            time.time(),
-        )
+        row = (*to_envelope(self.codec, event), key, time.time())
 
         def write(db: sqlite3.Connection) -> Event | None:
             if key is not None:
@@ -563,14 +553,7 @@ class SQLiteStore:
             db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in doomed])
 
     def _event_from_row(self, row: Any) -> Event:
-        event_id, name, type_name, payload, metadata, occurred_at = row
-        return Event(
-            name=name,
-            payload=self.codec.decode(type_name, payload),
-            metadata=MappingProxyType(json.loads(metadata)),
-            id=event_id,
-            occurred_at=datetime.fromisoformat(occurred_at),
-        )
+        return from_envelope(self.codec, Envelope(*row))
 
     def _dead_letter_from_row(self, row: Any) -> DeadLetter:
         letter_id, handler, attempts, error, reason, trace, failed_at, *event_row = row

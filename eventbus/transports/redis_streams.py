@@ -7,18 +7,17 @@ one reader thread per transport consumes the group.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from types import MappingProxyType
 from typing import Any, cast
 
 import redis
 
+from eventbus._envelope import Envelope, from_envelope, to_envelope
 from eventbus._event import Event, new_id
 from eventbus._registry import handler_name
 from eventbus.codec import JsonCodec
@@ -140,23 +139,21 @@ class RedisStreamsTransport:
         return _text(entry_id)
 
     def _encode(self, event: Event) -> dict[str, str]:
-        type_name, payload = self.codec.encode(event.payload)
-        return {
-            "id": event.id,
-            "name": event.name,
-            "payload_type": type_name or "",
-            "payload": payload,
-            "metadata": json.dumps(dict(event.metadata)),
-            "occurred_at": event.occurred_at.isoformat(),
-        }
+        envelope = to_envelope(self.codec, event)
+        # A stream entry's fields are strings: plain JSON's missing type name is "".
+        return {**envelope._asdict(), "payload_type": envelope.payload_type or ""}
 
     def _decode(self, fields: Mapping[str, str]) -> Event:
-        return Event(
-            name=fields["name"],
-            payload=self.codec.decode(fields.get("payload_type") or None, fields["payload"]),
-            metadata=MappingProxyType(json.loads(fields.get("metadata") or "{}")),
-            id=fields["id"],
-            occurred_at=datetime.fromisoformat(fields["occurred_at"]),
+        return from_envelope(
+            self.codec,
+            Envelope(
+                id=fields["id"],
+                name=fields["name"],
+                payload_type=fields.get("payload_type") or None,
+                payload=fields["payload"],
+                metadata=fields.get("metadata") or "{}",
+                occurred_at=fields["occurred_at"],
+            ),
         )
 
     # -- consuming -----------------------------------------------------------------------
