@@ -179,6 +179,20 @@ def _raw_connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _event_row(event_id: str) -> tuple[Any, ...]:
+    """The events row SQLiteStore writes for the benchmark's event (payload as JSON)."""
+    return (
+        event_id,
+        EVENT_NAME,
+        None,
+        json.dumps(PAYLOAD),
+        json.dumps({}),
+        datetime.now(UTC).isoformat(),
+        None,
+        time.time(),
+    )
+
+
 def _raw_loop(db: sqlite3.Connection, handlers: Sequence[Any], events: int) -> None:
     """Per event: one transaction for the event and its deliveries, then per handler a
     committed 'running', the call, a committed 'succeeded' (SQLiteStore's guarantees)."""
@@ -188,19 +202,8 @@ def _raw_loop(db: sqlite3.Connection, handlers: Sequence[Any], events: int) -> N
     ids = itertools.count()
     for _ in range(events):
         event_id = f"raw-{next(ids)}"
-        payload = json.dumps(PAYLOAD)
-        row = (
-            event_id,
-            EVENT_NAME,
-            None,
-            payload,
-            json.dumps({}),
-            datetime.now(UTC).isoformat(),
-            None,
-            time.time(),
-        )
         execute("BEGIN IMMEDIATE")
-        execute(_INSERT_EVENT, row)
+        execute(_INSERT_EVENT, _event_row(event_id))
         executemany(_INSERT_DELIVERY, [(event_id, name, "bench-raw") for name in names])
         execute("COMMIT")
         for name, handler in pairs:
@@ -221,19 +224,8 @@ def _raw_loop_one_transaction(db: sqlite3.Connection, handlers: Sequence[Any], e
     ids = itertools.count()
     for _ in range(events):
         event_id = f"raw-{next(ids)}"
-        payload = json.dumps(PAYLOAD)
-        row = (
-            event_id,
-            EVENT_NAME,
-            None,
-            payload,
-            json.dumps({}),
-            datetime.now(UTC).isoformat(),
-            None,
-            time.time(),
-        )
         execute("BEGIN IMMEDIATE")
-        execute(_INSERT_EVENT, row)
+        execute(_INSERT_EVENT, _event_row(event_id))
         executemany(_INSERT_DELIVERY, [(event_id, name, "bench-raw") for name in names])
         for name, handler in pairs:
             execute(_RUNNING, (1, event_id, name))
