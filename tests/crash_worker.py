@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import logging
 import os
 import signal
 import sqlite3
@@ -36,23 +35,17 @@ from typing import Any
 
 import structlog
 import tenacity
+from child_protocol import log_to_stderr, out  # a sibling module: see its docstring
 
 from eventbus import Event, EventBus, RetryPolicy
 from eventbus.stores import SQLiteStore
 
-_print_lock = threading.Lock()
+_counts_lock = threading.Lock()
 _log_counts: collections.Counter[str] = collections.Counter()
 
 
-def out(line: str) -> None:
-    """One progress line for the parent, flushed at once."""
-    with _print_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-
 def _count_logs(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
-    with _print_lock:
+    with _counts_lock:
         _log_counts[event_dict.get("event", "?")] += 1
     if method not in ("error", "critical"):
         raise structlog.DropEvent
@@ -60,17 +53,8 @@ def _count_logs(_logger: Any, method: str, event_dict: MutableMapping[str, Any])
 
 
 def _configure_logging() -> None:
-    # structlog's default prints to stdout, which is the parent's protocol: count every
-    # record, and write errors (dead letters, internal errors) to stderr only.
-    structlog.configure(
-        processors=[
-            _count_logs,
-            structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
+    # Count every record, and write errors (dead letters, internal errors) to stderr only.
+    log_to_stderr(_count_logs)
 
 
 class Effects:

@@ -15,26 +15,15 @@ Every line goes to stdout flushed at once (the parent's protocol); structlog goe
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Mapping
 
-import structlog
+from child_protocol import log_to_stderr, out  # a sibling module: see its docstring
 
 from eventbus import Event, EventBus
 from eventbus.transports import RedisStreamsTransport
-
-_print_lock = threading.Lock()
-
-
-def out(line: str) -> None:
-    """One progress line for the parent, flushed at once."""
-    with _print_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
 
 
 def main() -> int:
@@ -47,12 +36,7 @@ def main() -> int:
     parser.add_argument("--max-deliveries", type=int, required=True)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    # structlog's default prints to stdout, which is the parent's protocol.
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.KeyValueRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
+    log_to_stderr()
     transport = RedisStreamsTransport(
         args.url,
         stream=args.stream,

@@ -21,37 +21,14 @@ Every line goes to stdout flushed at once (the parent's protocol); structlog goe
 from __future__ import annotations
 
 import argparse
-import logging
 import sqlite3
 import sys
 import threading
 
-import structlog
+from child_protocol import log_to_stderr, out  # a sibling module: see its docstring
 
 from eventbus import Event, EventBus
 from eventbus.transports import RedisStreamsTransport
-
-_print_lock = threading.Lock()
-
-
-def out(line: str) -> None:
-    """One progress line for the parent, flushed at once."""
-    with _print_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-
-def _configure_logging() -> None:
-    # structlog's default prints to stdout, which is the parent's protocol.
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
 
 
 class Effects:
@@ -162,7 +139,7 @@ def main() -> int:
     consumer.add_argument("--hold", action="store_true", help="handler calls never end")
     modes.choices["produce"].add_argument("--count", type=int, required=True)
     args = parser.parse_args()
-    _configure_logging()
+    log_to_stderr()
     return consume(args) if args.mode == "consume" else produce(args)
 
 
