@@ -117,13 +117,10 @@ class Records:
         record = self._events.get(event.id)
         if record is None:
             record = EventRecord(event)
-            self._events[event.id] = record
         delivery = record.deliveries.get(subscription.name)
         if delivery is not None and delivery.state not in ("succeeded", "dead"):
             return None
-        if record.unsettled == 0:
-            self._settled.pop(event.id, None)
-        record.unsettled += 1
+        self._unsettle(record)
         delivery = DeliveryRecord(record, subscription, policy, context)
         record.deliveries[subscription.name] = delivery
         return delivery
@@ -145,12 +142,15 @@ class Records:
 
     def reopen(self, delivery: DeliveryRecord) -> None:
         """Make a settled *delivery* pending again (a replay), re-adding its event if evicted."""
-        owner = delivery.owner
-        if owner.unsettled == 0:
-            self._settled.pop(owner.event.id, None)
-        owner.unsettled += 1
-        self._events[owner.event.id] = owner
+        self._unsettle(delivery.owner)
         delivery.state = "pending"
+
+    def _unsettle(self, record: EventRecord) -> None:
+        """*record* gains an unsettled delivery: it is retained again, and not evictable."""
+        if record.unsettled == 0:
+            self._settled.pop(record.event.id, None)
+        record.unsettled += 1
+        self._events[record.event.id] = record
 
     def _mark_settled(self, event_id: str) -> None:
         self._settled[event_id] = None
