@@ -373,8 +373,8 @@ class EventBus:
         """The transport's hand-over of one event (on its reader thread): deliver it to the
         local handlers. Blocks while the bus is full (backpressure on the reader); does not
         acknowledge anything when the bus is closing, so the event goes to another consumer."""
-        payload = event.payload
-        cls = None if type(payload).__module__ == "builtins" else type(payload)
+        # No local holds the payload: a traceback renderer that shows locals would print it.
+        cls = None if type(event.payload).__module__ == "builtins" else type(event.payload)
         record = self._new_record(event, cls, token=token)
         count = record.unsettled
         limit = self._max_pending
@@ -414,6 +414,11 @@ class EventBus:
             limit = self._max_pending
             if limit is not None and self._active + count > limit:
                 self._wait_for_room(count, limit)
+                # The lock was let go while waiting: another emit may have taken the key.
+                if key is not None and store is None:
+                    first = self._records.find_key(key)
+                    if first is not None:
+                        return first
             self._active += count
             if store is None:
                 self._records.add(record)
@@ -494,34 +499,60 @@ class EventBus:
             delivery.first_attempt_at = started
         store = self._store
         local = self._in_handler
+        # Held for the handler and for the outcome's signal receivers after it: both run
+        # while this delivery counts as active, so close() or drain() from either would wait
+        # for itself, and an emit from either must not block on a full bus.
+        outer = getattr(local, "active", False)
         local.active = True
         try:
-            if store is not None:  # committed first: a crash in the handler counts as an attempt
-                store.started(delivery.event.id, delivery.handler, delivery.attempts)
-            delivery.subscription.handler(delivery.event)
-        except BaseException as exc:  # noqa: BLE001 - isolation: nothing reaches the emitter
-            local.active = False
-            self._failed(delivery, exc)
-        else:
-            local.active = False
-            if store is not None:
-                self._persist(store.succeeded, delivery.event.id, delivery.handler)
-            # Recorded and signalled before it settles, so that once drain() returns every
-            # outcome line has been written and every receiver has run.
-            if verbose:
-                duration = self._clock.monotonic() - started
-                self._outcomes.succeeded(
-                    delivery.event, delivery.handler, delivery.attempts, duration
-                )
-            if signals.has_receivers(signals.handler_succeeded):
-                done = Delivery(delivery.handler, "succeeded", delivery.attempts, delivery.error)
-                self._signal(signals.handler_succeeded, event=delivery.event, delivery=done)
-            self._settle(delivery, "succeeded")
+            try:
+                if store is not None:  # committed first: a crash in the handler is an attempt
+                    store.started(delivery.event.id, delivery.handler, delivery.attempts)
+                delivery.subscription.handler(delivery.event)
+            except BaseException as exc:  # noqa: BLE001 - isolation: nothing reaches the emitter
+                self._failed(delivery, exc)
+            else:
+                self._succeeded(delivery, started, verbose)
+        finally:
+            local.active = outer
+
+    def _succeeded(self, delivery: DeliveryRecord, started: float, verbose: bool) -> None:
+        store = self._store
+        if store is not None:
+            self._persist(store.succeeded, delivery.event.id, delivery.handler)
+        # Recorded and signalled before it settles, so that once drain() returns every
+        # outcome line has been written and every receiver has run.
+        if verbose:
+            duration = self._clock.monotonic() - started
+            self._outcomes.succeeded(delivery.event, delivery.handler, delivery.attempts, duration)
+        if signals.has_receivers(signals.handler_succeeded):
+            done = Delivery(delivery.handler, "succeeded", delivery.attempts, delivery.error)
+            self._signal(signals.handler_succeeded, event=delivery.event, delivery=done)
+        self._settle(delivery, "succeeded")
+
+    def _next_step(
+        self, delivery: DeliveryRecord, error: BaseException
+    ) -> tuple[float | None, DeadLetterReason]:
+        """The delay before the next attempt (``None``: there is none), and the dead-letter
+        reason for when there is none. A retry policy that raises (a wait strategy reading an
+        attribute the error lacks) ends the delivery as ``"not_retryable"``, with both errors
+        in its ``error``: it cannot say when to try again, and must not leave it unsettled."""
+        policy = delivery.policy
+        try:
+            elapsed = self._clock.monotonic() - delivery.first_attempt_at
+            delay = policy.next_delay(delivery.attempts, error, elapsed=elapsed)
+            if delay is not None:
+                return delay, "exhausted"
+            return None, "exhausted" if policy.is_retryable(error) else "not_retryable"
+        except BaseException as policy_error:  # noqa: BLE001 - any error of the policy's code
+            delivery.error = (
+                f"{delivery.error}; the retry policy raised {format_error(policy_error)}"
+            )
+            return None, "not_retryable"
 
     def _failed(self, delivery: DeliveryRecord, error: BaseException) -> None:
         delivery.error = format_error(error)
-        elapsed = self._clock.monotonic() - delivery.first_attempt_at
-        delay = delivery.policy.next_delay(delivery.attempts, error, elapsed=elapsed)
+        delay, reason = self._next_step(delivery, error)
         self._outcomes.failed(
             delivery.event, delivery.handler, delivery.attempts, error, delay is not None
         )
@@ -533,9 +564,6 @@ class EventBus:
                 error=error,
             )
         if delay is None:
-            reason: DeadLetterReason = (
-                "exhausted" if delivery.policy.is_retryable(error) else "not_retryable"
-            )
             self._dead_letter(delivery, reason, _traceback(error))
             return
         if self._store is not None:
@@ -675,7 +703,16 @@ class EventBus:
             self._sleepers -= 1
 
     def _signal(self, signal: Any, **kwargs: Any) -> None:
-        signals.send(signal, self, self._outcomes.receiver_failed, **kwargs)
+        # Receivers run on whichever thread made the outcome (a worker, the timer, close()),
+        # often while the outcome's delivery still counts as active: close() or drain() from
+        # a receiver would wait for itself, so they raise DrainInHandlerError there.
+        local = self._in_handler
+        outer = getattr(local, "active", False)
+        local.active = True
+        try:
+            signals.send(signal, self, self._outcomes.receiver_failed, **kwargs)
+        finally:
+            local.active = outer
 
     # -- waiting, inspecting, replaying ---------------------------------------------------
 

@@ -7,6 +7,7 @@ nothing sleeps.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from collections.abc import Iterator
 
 import pytest
@@ -163,3 +164,37 @@ def test_negative_block_timeout_is_rejected():
     """A negative block_timeout is rejected when the bus is built."""
     with pytest.raises(ValueError, match="block_timeout"):
         EventBus(block_timeout=-1)
+
+
+def test_idempotency_key_delivers_once_when_two_emits_wait_for_room(gate):
+    """Two emits with one key, both blocked on a full bus, deliver one event between them."""
+    bus, calls = _held_bus(gate, max_pending=1)
+    results: list[str] = []
+
+    def emit_keyed() -> None:
+        results.append(bus.emit("job:run", "keyed", key="K").id)
+
+    # Told each time an emit starts waiting for room (it waits under the bus's lock, so a
+    # delivery that finishes after this cannot miss it).
+    waiting = threading.Semaphore(0)
+    wait = bus._wait
+
+    def counted_wait(predicate: Callable[[], bool], timeout: float | None) -> bool:
+        waiting.release()
+        return wait(predicate, timeout)
+
+    bus._wait = counted_wait  # type: ignore[method-assign]
+    with bus:
+        bus.emit("job:run", "a")  # takes the only slot; its handler waits at the gate
+        threads = [threading.Thread(target=emit_keyed) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        assert waiting.acquire(timeout=WAIT)
+        assert waiting.acquire(timeout=WAIT)  # both emits wait for room now
+        gate.set()
+        for thread in threads:
+            thread.join(WAIT)
+        assert bus.drain(WAIT)
+    assert calls.count("keyed") == 1
+    assert len(results) == 2
+    assert results[0] == results[1]
