@@ -48,7 +48,7 @@ def _no_metadata() -> Mapping[str, str]:
     return _EMPTY_METADATA
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Event:
     """One occurrence of something that happened, as handlers receive it. Immutable.
 
@@ -63,6 +63,15 @@ class Event:
     metadata: Mapping[str, str] = field(default_factory=_no_metadata)
     id: str = field(default_factory=new_id)
     occurred_at: datetime = field(default_factory=_now)
+
+    def __repr__(self) -> str:
+        # Names the payload's type only: reprs reach tracebacks, debuggers and log lines,
+        # and payloads and metadata may hold secrets.
+        return (
+            f"Event(name={self.name!r}, id={self.id!r}, "
+            f"occurred_at={self.occurred_at.isoformat()!r}, "
+            f"payload=<{type(self.payload).__name__}>)"
+        )
 
 
 def freeze_metadata(metadata: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -111,7 +120,7 @@ class DeadLetter:
     attempts: int
     error: str
     reason: DeadLetterReason
-    traceback: str | None = None
+    traceback: str | None = field(default=None, repr=False)  # long, and may quote source
     failed_at: datetime = field(default_factory=_now)
 
     @property

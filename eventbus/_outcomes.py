@@ -1,29 +1,24 @@
 """Outcome recording: one structlog record per outcome (the only module that imports structlog).
 
-Levels are chosen so that a production filter at INFO drops the per-delivery chatter:
-
-=========================== ======== ==========================================================
-event                       level    extra keys
-=========================== ======== ==========================================================
-``event.emitted``           debug    ``handlers``
-``event.unhandled``         info     (nobody listens to this name)
-``handler.succeeded``       debug    ``duration_ms``
-``handler.failed``          warning  ``error``, ``exc_info`` (the traceback), ``will_retry``
-``handler.retry_scheduled`` info     ``delay``
-``handler.dead_lettered``   error    ``error``, ``reason``, ``dead_letter_id``
-``handler.replayed``        info     ``dead_letter_id`` (no ``attempt``: the count restarts)
-``bus.closed``              info     ``abandoned``, ``still_running`` (warning if either > 0)
-=========================== ======== ==========================================================
+Levels are chosen so that a production filter at INFO drops the per-delivery chatter. The
+table of every record, its level and its keys is docs/logging-and-signals.md (a test keeps
+it equal to the records this module can write).
 
 Every handler record carries ``event_id``, ``event_name``, ``handler`` and ``attempt``.
 Payloads are never logged unless the bus is built with ``log_payloads=True``, and then with
-secret-looking keys redacted (see :func:`redact`). The library never configures structlog.
+secret-looking keys redacted (see :func:`redact`); the local variables of a logged
+exception's finished frames are cleared first, so renderers that show locals cannot print a
+payload either. No method raises, whatever the log sink does. The library never configures
+structlog.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+import contextlib
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 import structlog
 
@@ -64,7 +59,7 @@ def redact(value: Any, keys: Iterable[str] = DEFAULT_REDACT_KEYS) -> Any:
     return _redact(value, fragments, depth=0)
 
 
-def _redact(value: Any, fragments: tuple[str, ...], depth: int) -> Any:
+def _redact(value: Any, fragments: tuple[str, ...], depth: int) -> Any:  # noqa: PLR0911
     if depth > 20:  # a cyclic or absurdly deep structure: do not risk logging it
         return "[TOO DEEP]"
     if isinstance(value, Mapping):
@@ -74,6 +69,9 @@ def _redact(value: Any, fragments: tuple[str, ...], depth: int) -> Any:
             else _redact(v, fragments, depth + 1)
             for k, v in value.items()
         }
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple: by field name
+        fields = dict(zip(value._fields, value, strict=False))
+        return {"__type__": type(value).__name__, **_redact(fields, fragments, depth + 1)}
     if isinstance(value, list | tuple):
         return [_redact(v, fragments, depth + 1) for v in value]
     if hasattr(value, "__dict__") and not isinstance(value, type):
@@ -82,6 +80,35 @@ def _redact(value: Any, fragments: tuple[str, ...], depth: int) -> Any:
         fields = {name: getattr(value, name) for name in value.__dataclass_fields__}
         return {"__type__": type(value).__name__, **_redact(fields, fragments, depth + 1)}
     return value
+
+
+P = ParamSpec("P")
+
+
+def _never_raises(
+    method: Callable[Concatenate[OutcomeRecorder, P], None],
+) -> Callable[Concatenate[OutcomeRecorder, P], None]:
+    """Make an outcome method swallow its own failures (see :class:`OutcomeRecorder`)."""
+
+    def guarded(self: OutcomeRecorder, /, *args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a log sink never decides whether work happens
+            self._sink_failed(method.__name__, exc)
+
+    return guarded
+
+
+def _without_locals(error: BaseException) -> BaseException:
+    """*error*, with the local variables of its finished frames cleared.
+
+    Renderers that show a traceback's locals (``dict_tracebacks``, rich) would print the
+    payload a handler or receiver held in a variable, whatever ``log_payloads`` says. The
+    frames still running (the bus's own, which hold no payload) cannot be cleared and are
+    skipped; file names, line numbers and source lines are kept.
+    """
+    traceback.clear_frames(error.__traceback__)
+    return error
 
 
 def format_error(error: BaseException) -> str:
@@ -94,7 +121,14 @@ def format_error(error: BaseException) -> str:
 
 
 class OutcomeRecorder:
-    """Turns delivery outcomes into structlog records. Thread-safe (structlog loggers are)."""
+    """Turns delivery outcomes into structlog records. Thread-safe (structlog loggers are).
+
+    No method ever raises: a log sink that fails (a full disk, a closed socket, a processor
+    with a bug) must not decide whether a delivery happens, so a failed write drops that one
+    record, and the first failure of each recorder is reported on ``sys.stderr`` (``warnings``
+    would turn into errors under ``-W error`` and may itself log). Blocks only as long as the
+    configured sink blocks.
+    """
 
     def __init__(
         self,
@@ -106,6 +140,17 @@ class OutcomeRecorder:
         self._log = structlog.get_logger(logger_name)
         self._log_payloads = log_payloads
         self._redact_keys = frozenset(redact_keys)
+        self._sink_reported = False
+
+    def _sink_failed(self, outcome: str, error: Exception) -> None:
+        if self._sink_reported:
+            return
+        self._sink_reported = True
+        with contextlib.suppress(Exception):  # stderr is gone too: nobody is left to tell
+            sys.stderr.write(
+                f"eventbus: cannot write log record {outcome!r} ({format_error(error)}); "
+                "deliveries go on, later log failures are not reported\n"
+            )
 
     def _event_keys(self, event: Event) -> dict[str, Any]:
         keys: dict[str, Any] = {"event_id": event.id, "event_name": event.name}
@@ -121,15 +166,22 @@ class OutcomeRecorder:
         ``structlog.configure(cache_logger_on_first_use=True)`` the question costs about
         0.5 us; without it, structlog builds a logger per call (about 1.5 us).
         """
-        is_enabled_for = getattr(self._log, "is_enabled_for", None)
-        return True if is_enabled_for is None else bool(is_enabled_for(_DEBUG))
+        try:
+            is_enabled_for = getattr(self._log, "is_enabled_for", None)
+            return True if is_enabled_for is None else bool(is_enabled_for(_DEBUG))
+        except Exception as exc:  # noqa: BLE001 - a broken configuration: log as if enabled
+            self._sink_failed("debug_enabled", exc)
+            return True
 
+    @_never_raises
     def emitted(self, event: Event, handlers: int) -> None:
         self._log.debug("event.emitted", handlers=handlers, **self._event_keys(event))
 
+    @_never_raises
     def unhandled(self, event: Event) -> None:
         self._log.info("event.unhandled", **self._event_keys(event))
 
+    @_never_raises
     def succeeded(self, event: Event, handler: str, attempt: int, duration: float) -> None:
         self._log.debug(
             "handler.succeeded",
@@ -140,6 +192,7 @@ class OutcomeRecorder:
             duration_ms=round(duration * 1000, 3),
         )
 
+    @_never_raises
     def failed(
         self, event: Event, handler: str, attempt: int, error: BaseException, will_retry: bool
     ) -> None:
@@ -149,10 +202,11 @@ class OutcomeRecorder:
             attempt=attempt,
             error=format_error(error),
             will_retry=will_retry,
-            exc_info=error,
+            exc_info=_without_locals(error),
             **self._event_keys(event),
         )
 
+    @_never_raises
     def retry_scheduled(self, event: Event, handler: str, attempt: int, delay: float) -> None:
         self._log.info(
             "handler.retry_scheduled",
@@ -163,6 +217,7 @@ class OutcomeRecorder:
             delay=round(delay, 3),
         )
 
+    @_never_raises
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
         self._log.error(
             "handler.dead_lettered",
@@ -174,6 +229,7 @@ class OutcomeRecorder:
             **self._event_keys(dead_letter.event),
         )
 
+    @_never_raises
     def replayed(self, dead_letter: DeadLetter) -> None:
         self._log.info(
             "handler.replayed",
@@ -183,9 +239,11 @@ class OutcomeRecorder:
             dead_letter_id=dead_letter.id,
         )
 
+    @_never_raises
     def left_in_store(self, event: Event, handler: str, state: str) -> None:
         self._left("handler.left_in_store", event, handler, state)
 
+    @_never_raises
     def left_in_stream(self, event: Event, handler: str, state: str) -> None:
         self._left("handler.left_in_stream", event, handler, state)
 
@@ -194,9 +252,11 @@ class OutcomeRecorder:
             record, event_id=event.id, event_name=event.name, handler=handler, state=state
         )
 
+    @_never_raises
     def published(self, event: Event) -> None:
         self._log.debug("event.published", **self._event_keys(event))
 
+    @_never_raises
     def stream_dead_lettered(self, entry_id: str, fields: Mapping[str, str], reason: str) -> None:
         self._log.error(
             "stream.dead_lettered",
@@ -207,9 +267,11 @@ class OutcomeRecorder:
             reason=reason,
         )
 
+    @_never_raises
     def stream_taken_over(self, count: int) -> None:
         self._log.warning("stream.taken_over", events=count)
 
+    @_never_raises
     def unknown_handler(self, handler: str, deliveries: int) -> None:
         self._log.warning(
             "delivery.unknown_handler",
@@ -218,21 +280,31 @@ class OutcomeRecorder:
             action="left pending in the store for a process that subscribes it",
         )
 
+    @_never_raises
     def recovered(self, queued: int, quarantined: int) -> None:
         self._log.info("bus.recovered", queued=queued, quarantined=quarantined)
 
+    @_never_raises
     def closed(self, abandoned: int, still_running: int, left_in_store: int | None) -> None:
         """*left_in_store* is ``None`` for a bus without a store (the key is then left out)."""
         level = self._log.warning if abandoned or still_running else self._log.info
         extra = {} if left_in_store is None else {"left_in_store": left_in_store}
         level("bus.closed", abandoned=abandoned, still_running=still_running, **extra)
 
+    @_never_raises
     def receiver_failed(self, signal: str, error: BaseException) -> None:
         self._log.error(
-            "signal.receiver_failed", signal=signal, error=format_error(error), exc_info=error
+            "signal.receiver_failed",
+            signal=signal,
+            error=format_error(error),
+            exc_info=_without_locals(error),
         )
 
+    @_never_raises
     def internal_error(self, where: str, error: BaseException) -> None:
         self._log.critical(
-            "eventbus.internal_error", where=where, error=format_error(error), exc_info=error
+            "eventbus.internal_error",
+            where=where,
+            error=format_error(error),
+            exc_info=_without_locals(error),
         )

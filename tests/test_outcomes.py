@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from eventbus import RetryPolicy, signals
 from eventbus._event import DeadLetter, Event
 from eventbus._outcomes import REDACTED, OutcomeRecorder, format_error, redact
+from eventbus.testing import inline_bus
 
 HANDLER_KEYS = {"event", "log_level", "event_id", "event_name", "handler", "attempt"}
 
@@ -447,3 +450,126 @@ def test_recorder_never_configures_structlog(event: Event) -> None:
     with capture_logs():
         _every_event_record(recorder, event)
     assert structlog.get_config() == before
+
+
+# --- secrets never reach a record ------------------------------------------------------------
+
+SECRET = "4111-1111-1111-1111"
+
+
+def _json_logs() -> io.StringIO:
+    """Configure the JSON chain the docs recommend (dict_tracebacks, JSONRenderer); return
+    the text stream the records are written to."""
+    out = io.StringIO()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+    )
+    return out
+
+
+def test_failed_handler_locals_do_not_reach_json_logs() -> None:
+    """A failing handler's local variables (holding payload values) are not rendered."""
+    out = _json_logs()
+    bus, _ = inline_bus(retry=RetryPolicy(max_attempts=1))
+    with bus:
+
+        @bus.on("order:paid")
+        def charge(event: Event) -> None:
+            card = event.payload["card"]
+            raise RuntimeError(f"declined ({len(card)} digits)")
+
+        bus.emit("order:paid", {"card": SECRET})
+    text = out.getvalue()
+    assert '"handler.failed"' in text
+    assert '"frames"' in text  # the traceback is there, only its locals are not
+    assert SECRET not in text
+
+
+def test_failing_signal_receiver_locals_do_not_reach_json_logs() -> None:
+    """A raising signal receiver's locals (the event's payload) are not rendered either."""
+    out = _json_logs()
+    bus, _ = inline_bus()
+
+    def receiver(sender: object, event: Event, **kwargs: Any) -> None:
+        card = event.payload["card"]
+        raise ValueError(f"cannot count {len(card)}")
+
+    signals.handler_succeeded.connect(receiver, sender=bus)
+    try:
+        with bus:
+            bus.subscribe("order:paid", lambda event: None, name="noop")
+            bus.emit("order:paid", {"card": SECRET})
+    finally:
+        signals.handler_succeeded.disconnect(receiver, sender=bus)
+    text = out.getvalue()
+    assert '"signal.receiver_failed"' in text
+    assert SECRET not in text
+
+
+class Card(NamedTuple):
+    """A named tuple whose field names say which values are secret."""
+
+    holder: str
+    card_number: str
+
+
+def test_redact_reads_named_tuples_by_field_name() -> None:
+    """A NamedTuple is redacted by field name, not logged by position."""
+    assert redact(Card("Ada", SECRET)) == {
+        "__type__": "Card",
+        "holder": "Ada",
+        "card_number": REDACTED,
+    }
+
+
+def test_logged_named_tuple_payload_is_redacted() -> None:
+    """With log_payloads=True, a NamedTuple payload's secret field is redacted in records."""
+    recorder = OutcomeRecorder(log_payloads=True)
+    with capture_logs() as logs:
+        recorder.unhandled(Event(name="card:added", payload=Card("Ada", SECRET)))
+    assert SECRET not in repr(logs)
+    assert _one(logs)["payload"]["card_number"] == REDACTED
+
+
+class BrokenSink:
+    """A logger that fails on every write."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise OSError("sink gone")
+
+        return fail
+
+
+def test_every_outcome_method_survives_a_failing_sink() -> None:
+    """No outcome method raises when the configured sink does."""
+    structlog.configure(processors=[], logger_factory=lambda *args: BrokenSink())
+    recorder = OutcomeRecorder(log_payloads=True)
+    event = Event(name="order:created", payload={"id": 1})
+    letter = DeadLetter(
+        id="d1", event=event, handler="h", attempts=1, error="E", reason="exhausted"
+    )
+    error = RuntimeError("boom")
+    recorder.emitted(event, 1)
+    recorder.unhandled(event)
+    recorder.succeeded(event, "h", 1, 0.1)
+    recorder.failed(event, "h", 1, error, will_retry=True)
+    recorder.retry_scheduled(event, "h", 1, 0.5)
+    recorder.dead_lettered(letter)
+    recorder.replayed(letter)
+    recorder.left_in_store(event, "h", "pending")
+    recorder.left_in_stream(event, "h", "pending")
+    recorder.published(event)
+    recorder.stream_dead_lettered("1-0", {"id": "x"}, "bad")
+    recorder.stream_taken_over(1)
+    recorder.unknown_handler("h", 1)
+    recorder.recovered(1, 0)
+    recorder.closed(0, 0, None)
+    recorder.receiver_failed("handler_failed", error)
+    recorder.internal_error("worker", error)
+    assert recorder.debug_enabled() is True
