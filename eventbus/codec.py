@@ -38,9 +38,9 @@ from enum import Enum
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 from uuid import UUID
 
-from eventbus.exceptions import CodecError
+from eventbus.exceptions import CodecError, PayloadTooLargeError
 
-__all__ = ["CodecError", "JsonCodec"]
+__all__ = ["CodecError", "DEFAULT_MAX_SIZE", "JsonCodec", "MAX_DEPTH", "PayloadTooLargeError"]  # noqa: RUF022 - sorted as the public API test checks
 
 T = TypeVar("T")
 
@@ -56,20 +56,52 @@ _TEXT_TYPES: dict[type, Callable[[str], Any]] = {
 # --- encoding ------------------------------------------------------------------------------------
 
 
-def _walk(value: object, path: str, scalar: Callable[[Any, str], Any]) -> Any:
-    """*value* as a JSON value: lists, tuples and dicts walked here, everything else by *scalar*."""
-    if isinstance(value, list | tuple):
-        return [_walk(item, f"{path}[{i}]", scalar) for i, item in enumerate(value)]
-    if isinstance(value, dict):
-        for key in value:
-            if not isinstance(key, str):
-                kind = type(key).__name__
-                raise TypeError(f"{path}: dict key {key!r} of type {kind} is not a str")
-        return {key: _walk(item, f"{path}[{key!r}]", scalar) for key, item in value.items()}
-    return scalar(value, path)
+#: How deeply lists, dicts and dataclasses may nest in a payload: far beyond any domain event,
+#: and far below the interpreter's recursion limit.
+MAX_DEPTH = 100
+
+#: The default largest payload a codec encodes, in bytes of JSON text: 1 MiB. A durable row or
+#: a stream entry that size is already a sign that the payload should be a reference (an id, a
+#: URL) to data kept elsewhere.
+DEFAULT_MAX_SIZE = 1024 * 1024
+
+Scalar = Callable[[Any, str, list[int]], Any]
 
 
-def _plain_scalar(value: object, path: str) -> Any:
+def _walk(value: object, path: str, scalar: Scalar, parents: list[int]) -> Any:
+    """*value* as a JSON value: lists, tuples and dicts walked here, everything else by *scalar*.
+
+    *parents* holds the ids of the containers on the path to *value*, so that a cycle is a
+    ``TypeError`` naming where it closes, not a ``RecursionError``.
+    """
+    if isinstance(value, list | tuple | dict):
+        _enter(value, path, parents)
+        try:
+            if isinstance(value, dict):
+                for key in value:
+                    if not isinstance(key, str):
+                        kind = type(key).__name__
+                        raise TypeError(f"{path}: dict key {key!r} of type {kind} is not a str")
+                return {
+                    key: _walk(item, f"{path}[{key!r}]", scalar, parents)
+                    for key, item in value.items()
+                }
+            return [_walk(item, f"{path}[{i}]", scalar, parents) for i, item in enumerate(value)]
+        finally:
+            parents.pop()
+    return scalar(value, path, parents)
+
+
+def _enter(container: object, path: str, parents: list[int]) -> None:
+    """Push *container* onto *parents*; ``TypeError`` for a cycle or too deep a structure."""
+    if id(container) in parents:
+        raise TypeError(f"{path}: cyclic reference (a container that contains itself)")
+    if len(parents) >= MAX_DEPTH:
+        raise TypeError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+    parents.append(id(container))
+
+
+def _plain_scalar(value: object, path: str, parents: list[int]) -> Any:
     """*value* itself if it is a JSON scalar; ``TypeError`` otherwise."""
     if isinstance(value, float) and not math.isfinite(value):
         raise TypeError(f"{path}: float {value!r} is not allowed in strict JSON")
@@ -81,26 +113,30 @@ def _plain_scalar(value: object, path: str) -> Any:
     raise TypeError(message)
 
 
-def _field_scalar(value: object, path: str) -> Any:
+def _field_scalar(value: object, path: str, parents: list[int]) -> Any:
     """A dataclass field value (or an item inside one) that is not a list, tuple or dict."""
     if is_dataclass(value) and not isinstance(value, type):
-        return _encode_dataclass(value, path)
+        return _encode_dataclass(value, path, parents)
     if isinstance(value, Enum):
-        return _plain_scalar(value.value, path)
+        return _plain_scalar(value.value, path, parents)
     if isinstance(value, date):  # datetime included
         return value.isoformat()
     if isinstance(value, Decimal | UUID):
         return str(value)
-    return _plain_scalar(value, path)
+    return _plain_scalar(value, path, parents)
 
 
-def _encode_dataclass(obj: Any, path: str = _ROOT) -> dict[str, Any]:
+def _encode_dataclass(obj: Any, path: str, parents: list[int]) -> dict[str, Any]:
     """The ``init`` fields of the dataclass instance *obj* as a JSON object."""
-    return {
-        f.name: _walk(getattr(obj, f.name), f"{path}.{f.name}", _field_scalar)
-        for f in fields(obj)
-        if f.init
-    }
+    _enter(obj, path, parents)
+    try:
+        return {
+            f.name: _walk(getattr(obj, f.name), f"{path}.{f.name}", _field_scalar, parents)
+            for f in fields(obj)
+            if f.init
+        }
+    finally:
+        parents.pop()
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -115,6 +151,8 @@ def _loads(text: str) -> Any:
         return json.loads(text, parse_constant=_reject_constant)
     except (TypeError, ValueError) as exc:
         raise CodecError(f"stored payload is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise CodecError("stored payload is nested too deeply to decode") from None
 
 
 def _rebuild(hint: Any, value: Any) -> Any:
@@ -164,7 +202,7 @@ class _Entry:
     decode: Callable[[Any], Any] | None
 
     def to_json(self, obj: object) -> Any:
-        return _encode_dataclass(obj) if self.encode is None else self.encode(obj)
+        return _encode_dataclass(obj, _ROOT, []) if self.encode is None else self.encode(obj)
 
     def from_json(self, value: Any) -> Any:
         return _decode_dataclass(self.cls, value) if self.decode is None else self.decode(value)
@@ -184,10 +222,20 @@ def _check_registration(cls: object, encode: object, decode: object) -> None:
 class JsonCodec:
     """Encodes payloads to JSON text and back; only registered classes decode.
 
+    *max_size* bounds the JSON text of one payload, in bytes (default
+    :data:`DEFAULT_MAX_SIZE`, 1 MiB; ``None``: no bound); :meth:`encode` raises
+    :class:`~eventbus.exceptions.PayloadTooLargeError` above it, so a store or transport
+    refuses the event before writing anything.
+
     Thread-safe: registration, encoding and decoding may run from any threads at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_size: int | None = DEFAULT_MAX_SIZE) -> None:
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1
+        ):
+            raise ValueError(f"max_size must be a positive int or None, got {max_size!r}")
+        self.max_size = max_size
         self._lock = threading.Lock()
         self._by_name: dict[str, _Entry] = {}
         self._by_class: dict[type, _Entry] = {}
@@ -227,12 +275,20 @@ class JsonCodec:
 
         An unregistered dataclass instance registers its class first. Raises ``TypeError``,
         naming the offending type and its path, for anything that cannot round-trip faithfully
-        (see the module docstring), and ``ValueError`` if an unregistered dataclass's default
-        name is taken by another class.
+        (see the module docstring), a cyclic structure or one nested deeper than
+        :data:`MAX_DEPTH`; ``PayloadTooLargeError`` (a ``ValueError``) above ``max_size``; and
+        ``ValueError`` if an unregistered dataclass's default name is taken by another class.
         """
         entry = self._entry_for(type(payload))
         value = payload if entry is None else entry.to_json(payload)
-        text = json.dumps(_walk(value, _ROOT, _plain_scalar), allow_nan=False)
+        # ensure_ascii (json's default): the text's length is its size in bytes.
+        text = json.dumps(_walk(value, _ROOT, _plain_scalar, []), allow_nan=False)
+        if self.max_size is not None and len(text) > self.max_size:
+            raise PayloadTooLargeError(
+                f"payload is {len(text):,} bytes of JSON, above the codec's max_size of "
+                f"{self.max_size:,}: emit a reference (an id, a URL) to data kept elsewhere, "
+                "or raise JsonCodec(max_size=...)"
+            )
         return (None if entry is None else entry.name), text
 
     def decode(self, type_name: str | None, text: str) -> Any:

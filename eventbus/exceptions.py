@@ -17,6 +17,7 @@ __all__ = [
     "InvalidEventError",
     "InvalidEventNameError",
     "InvalidHandlerError",
+    "PayloadTooLargeError",
     "QueueFullError",
     "TransportError",
     "UnknownDeadLetterError",
@@ -72,6 +73,11 @@ class DrainInHandlerError(EventBusError, RuntimeError):
 class CodecError(EventBusError, ValueError):
     """A stored payload cannot be decoded: bad JSON, an unknown type name, or a failed rebuild
     (raised by :class:`eventbus.codec.JsonCodec`; a store quarantines such rows)."""
+
+
+class PayloadTooLargeError(EventBusError, ValueError):
+    """A payload's JSON text is larger than the codec's ``max_size``; nothing was stored or
+    sent (raised by ``emit()`` with a store or transport that encodes payloads)."""
 
 
 class UnknownEventError(EventBusError, KeyError):

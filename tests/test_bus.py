@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -1334,3 +1335,28 @@ def test_receiver_raising_base_exception_is_isolated_like_a_handler(signal):
     finally:
         signal.disconnect(fatal, sender=bus)
         bus.close(timeout=0.5)
+
+
+def test_emit_of_an_oversized_payload_with_a_store_stores_nothing(tmp_path: Path) -> None:
+    """With a store, emit() of a payload above the codec's max_size raises and stores nothing."""
+    from eventbus import PayloadTooLargeError
+    from eventbus.stores import SQLiteStore
+
+    with EventBus(max_workers=1, store=SQLiteStore(tmp_path / "events.sqlite3")) as bus:
+        bus.subscribe("doc:uploaded", lambda event: None, name="index")
+        with pytest.raises(PayloadTooLargeError):
+            bus.emit("doc:uploaded", {"body": "x" * 2_000_000})
+        assert bus.drain(timeout=5)
+        assert bus.recover() == 0  # nothing half-written for a later process to find
+
+
+def test_emit_of_a_cyclic_payload_with_a_store_is_a_type_error(tmp_path: Path) -> None:
+    """With a store, emit() of a payload that contains itself raises TypeError, not recursion."""
+    from eventbus.stores import SQLiteStore
+
+    payload: dict[str, object] = {}
+    payload["self"] = payload
+    with EventBus(max_workers=1, store=SQLiteStore(tmp_path / "events.sqlite3")) as bus:
+        bus.subscribe("doc:uploaded", lambda event: None, name="index")
+        with pytest.raises(TypeError, match="cyclic"):
+            bus.emit("doc:uploaded", payload)

@@ -15,7 +15,7 @@ from uuid import UUID
 import pytest
 
 import eventbus.codec
-from eventbus.codec import CodecError, JsonCodec
+from eventbus.codec import CodecError, JsonCodec, PayloadTooLargeError
 from eventbus.exceptions import EventBusError
 
 
@@ -418,5 +418,120 @@ def test_module_source_never_mentions_pickle() -> None:
 
 
 def test_module_exports_exactly_the_public_names() -> None:
-    """The codec exports CodecError and JsonCodec, nothing else."""
-    assert eventbus.codec.__all__ == ["CodecError", "JsonCodec"]
+    """The codec exports its class, its errors and its two limits, nothing else."""
+    assert eventbus.codec.__all__ == [
+        "CodecError",
+        "DEFAULT_MAX_SIZE",
+        "JsonCodec",
+        "MAX_DEPTH",
+        "PayloadTooLargeError",
+    ]
+
+
+# --- limits: cycles, depth, size ----------------------------------------------------------------
+
+
+def test_cyclic_dict_is_a_type_error_naming_where_it_closes(codec: JsonCodec) -> None:
+    """A dict that contains itself is a TypeError with its path, not a RecursionError."""
+    payload: dict[str, Any] = {"order": {"id": 1}}
+    payload["order"]["self"] = payload
+    with pytest.raises(TypeError, match=r"payload\['order'\]\['self'\]: cyclic"):
+        codec.encode(payload)
+
+
+def test_cyclic_list_is_a_type_error(codec: JsonCodec) -> None:
+    """A list that contains itself is a TypeError."""
+    payload: list[Any] = [1]
+    payload.append(payload)
+    with pytest.raises(TypeError, match="cyclic"):
+        codec.encode(payload)
+
+
+@dataclass
+class Node:
+    """A dataclass that can point at itself."""
+
+    name: str
+    next: Any = None
+
+
+def test_cyclic_dataclass_is_a_type_error(codec: JsonCodec) -> None:
+    """A dataclass whose field refers back to it is a TypeError."""
+    node = Node("a")
+    node.next = node
+    with pytest.raises(TypeError, match="cyclic"):
+        codec.encode(node)
+
+
+def test_the_same_object_twice_is_not_a_cycle(codec: JsonCodec) -> None:
+    """A value shared by two branches (not its own ancestor) encodes normally."""
+    shared = {"sku": "A-1"}
+    assert json.loads(codec.encode({"a": shared, "b": [shared]})[1]) == {
+        "a": {"sku": "A-1"},
+        "b": [{"sku": "A-1"}],
+    }
+
+
+def test_too_deep_a_payload_is_a_type_error(codec: JsonCodec) -> None:
+    """A payload nested deeper than MAX_DEPTH is a TypeError, not a RecursionError."""
+    payload: Any = "leaf"
+    for _ in range(eventbus.codec.MAX_DEPTH + 1):
+        payload = [payload]
+    with pytest.raises(TypeError, match="nested deeper than"):
+        codec.encode(payload)
+
+
+def test_payload_at_max_depth_encodes(codec: JsonCodec) -> None:
+    """A payload exactly MAX_DEPTH containers deep is accepted."""
+    payload: Any = "leaf"
+    for _ in range(eventbus.codec.MAX_DEPTH):
+        payload = [payload]
+    assert codec.encode(payload)[0] is None
+
+
+def test_deeply_nested_stored_json_is_a_codec_error(codec: JsonCodec) -> None:
+    """Stored JSON nested past the interpreter's limit decodes to CodecError."""
+    with pytest.raises(CodecError, match="nested too deeply"):
+        codec.decode(None, "[" * 100_000 + "]" * 100_000)
+
+
+def test_payload_above_max_size_is_refused() -> None:
+    """A payload whose JSON text exceeds max_size raises PayloadTooLargeError (a ValueError)."""
+    codec = JsonCodec(max_size=100)
+    with pytest.raises(PayloadTooLargeError, match="above the codec's max_size of 100"):
+        codec.encode({"text": "x" * 100})
+    with pytest.raises(ValueError, match="max_size"):
+        codec.encode("y" * 101)
+
+
+def test_payload_at_max_size_is_accepted() -> None:
+    """A payload whose JSON text is exactly max_size bytes is accepted."""
+    codec = JsonCodec(max_size=12)
+    assert codec.encode("x" * 10) == (None, '"' + "x" * 10 + '"')
+
+
+def test_default_max_size_refuses_a_ten_megabyte_string(codec: JsonCodec) -> None:
+    """The default codec refuses a 10 MB string payload."""
+    assert codec.max_size == eventbus.codec.DEFAULT_MAX_SIZE == 1024 * 1024
+    with pytest.raises(PayloadTooLargeError):
+        codec.encode("x" * 10_000_000)
+
+
+def test_non_ascii_payload_is_measured_in_bytes() -> None:
+    """Size counts the bytes of the JSON text, where non-ASCII text is escaped."""
+    codec = JsonCodec(max_size=8)
+    assert codec.encode("é")[1] == '"\\u00e9"'  # 8 bytes: fits
+    with pytest.raises(PayloadTooLargeError):
+        codec.encode("éé")  # 14 bytes
+
+
+def test_max_size_none_means_unbounded() -> None:
+    """max_size=None accepts any size."""
+    assert len(JsonCodec(max_size=None).encode("x" * 2_000_000)[1]) == 2_000_002
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "big"])
+def test_invalid_max_size_is_a_value_error(bad: object) -> None:
+    """max_size must be a positive int or None."""
+    with pytest.raises(ValueError, match="max_size"):
+        JsonCodec(max_size=bad)  # type: ignore[arg-type]

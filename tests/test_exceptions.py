@@ -15,6 +15,7 @@ from eventbus.exceptions import (
     InvalidEventError,
     InvalidEventNameError,
     InvalidHandlerError,
+    PayloadTooLargeError,
     QueueFullError,
     TransportError,
     UnknownDeadLetterError,
@@ -22,12 +23,13 @@ from eventbus.exceptions import (
     UnknownHandlerError,
 )
 
-#: Each error and the builtin exception its docstring (and the issue) promise.
+#: Each error and the builtin exception its docstring promises.
 DOCUMENTED_BUILTIN: dict[type[EventBusError], type[Exception]] = {
     InvalidEventNameError: ValueError,
     TransportError: RuntimeError,
     DuplicateInFlightError: RuntimeError,
     CodecError: ValueError,
+    PayloadTooLargeError: ValueError,
     DuplicateHandlerError: ValueError,
     InvalidHandlerError: TypeError,
     InvalidEventError: TypeError,
