@@ -20,7 +20,7 @@ PUBLIC_MODULES = [
     "eventbus.codec",
 ]
 
-#: The names the issue's example and contract use (tests outside this repository rely on them).
+#: The documented names that code outside this repository relies on.
 CONTRACT_NAMES = [
     "EventBus",
     "Event",
@@ -74,8 +74,8 @@ def test_public_module_all_is_sorted(module_name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CONTRACT_NAMES)
-def test_issue_contract_names_are_exported(name: str) -> None:
-    """The names of the issue's example are in eventbus.__all__."""
+def test_contract_names_are_exported(name: str) -> None:
+    """The documented contract names are in eventbus.__all__."""
     assert name in eventbus.__all__
 
 

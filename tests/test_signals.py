@@ -196,8 +196,8 @@ def test_has_receivers_follows_connections(signal: NamedSignal) -> None:
 
 
 @pytest.mark.parametrize("name", ISSUE_SIGNALS)
-def test_issue_signals_exist(name: str) -> None:
-    """Each lifecycle signal the issue names is a blinker signal of that name."""
+def test_lifecycle_signals_exist(name: str) -> None:
+    """Each documented lifecycle signal is a blinker signal of that name."""
     signal = getattr(signals, name)
     assert isinstance(signal, NamedSignal)
     assert signal.name == name
