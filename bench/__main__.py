@@ -1,5 +1,5 @@
-"""``python -m bench``: every scenario, in one process and one run; prints the table and the
-target checks of issue 4. See ``docs/benchmarks.md``."""
+"""``python -m bench``: every scenario, in one process and one run; prints the results table,
+each result with its ratio to a reference in the same run. See ``docs/benchmarks.md``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench._harness import FULL, QUICK, Check, Row, Section, Sizes, configure_structlog
+from bench._harness import FULL, QUICK, Row, Section, Sizes, configure_structlog
 
 
 def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
@@ -41,7 +41,7 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
 RUN_FIRST = ("memory",)
 
 
-def run(sizes: Sizes, progress: Callable[[str], None]) -> tuple[list[Row], list[Check]]:
+def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
     configure_structlog()
     ordered = scenarios()
     order = sorted(range(len(ordered)), key=lambda i: ordered[i][0] not in RUN_FIRST)
@@ -52,11 +52,9 @@ def run(sizes: Sizes, progress: Callable[[str], None]) -> tuple[list[Row], list[
         sections[i] = scenario(sizes)
         progress(f"  {title}: {time.perf_counter() - start:.1f} s")
     rows: list[Row] = []
-    checks: list[Check] = []
     for i in range(len(ordered)):
         rows += sections[i].rows
-        checks += sections[i].checks
-    return rows, checks
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick smoke run: numbers are NOT meaningful" if args.quick else "full run"
     print(f"running every scenario ({mode}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    rows, checks = run(sizes, lambda line: print(line, file=sys.stderr, flush=True))
+    rows = run(sizes, lambda line: print(line, file=sys.stderr, flush=True))
     info["seconds"] = round(time.perf_counter() - start, 1)
     info["sizes"] = vars(sizes)
-    print(report.text_report(info, rows, checks))
+    print(report.text_report(info, rows))
     print(f"\n{mode}; took {info['seconds']} s")
     if args.json:
-        report.write_json(args.json, info, rows, checks, args.quick)
+        report.write_json(args.json, info, rows, args.quick)
     if args.markdown:
-        report.write_markdown(args.markdown, info, rows, checks)
+        report.write_markdown(args.markdown, info, rows)
     if args.chart:
         skipped = report.write_chart(args.chart, rows)
         print(skipped or f"chart written to {args.chart}")

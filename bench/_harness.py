@@ -362,32 +362,10 @@ class Row:
 
 
 @dataclass
-class Check:
-    """One target of issue 4, checked against this run's numbers."""
-
-    target: str
-    measured: float
-    limit: float
-    higher_is_better: bool
-    note: str = ""
-    #: How to print the measured value (default: as a ratio, "1.23x").
-    shown: str = ""
-
-    @property
-    def passed(self) -> bool:
-        if math.isnan(self.measured):
-            return False
-        if self.higher_is_better:
-            return self.measured >= self.limit
-        return self.measured <= self.limit
-
-
-@dataclass
 class Section:
-    """What one scenario reports: rows for the table and the checks it can decide."""
+    """What one scenario reports: its rows of the results table."""
 
     rows: list[Row] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
 
 
 def add_ratios(rows: Sequence[Row], reference: Row) -> None:

@@ -8,7 +8,6 @@ reaches the total. Synchronous dispatchers are done when ``emit`` returns.
 from __future__ import annotations
 
 from bench._harness import (
-    Check,
     Dispatcher,
     Section,
     Sizes,
@@ -30,10 +29,7 @@ from bench._harness import (
 )
 
 FLOOR = "SimpleQueue + 8 threads (thread floor)"
-PYEE_EXECUTOR = "pyee ExecutorEventEmitter"
-EVENTBUS = "eventbus EventBus(max_workers=8)"
 BLINKER = "blinker Signal.send (sync)"
-EVENTBUS_INLINE = "eventbus EventBus(executor=InlineExecutor())"
 
 
 def _measure(
@@ -77,30 +73,7 @@ def thread_dispatch(sizes: Sizes, k: int) -> Section:
         sizes.dispatch_events,
         FLOOR,
     )
-    section = Section(rows)
-    if k == 4:
-        by = {r.dispatcher: r for r in rows}
-        bus, floor, pyee = by[EVENTBUS], by[FLOOR], by[PYEE_EXECUTOR]
-        section.checks.append(
-            Check(
-                "thread dispatch, 4 handlers: eventbus <= 2.0x the SimpleQueue floor",
-                bus.value / floor.value,
-                2.0,
-                higher_is_better=False,
-                note=f"{bus.value:.1f} vs {floor.value:.1f} us/event",
-            )
-        )
-        section.checks.append(
-            Check(
-                "thread dispatch, 4 handlers: eventbus >= 10x faster than pyee "
-                "ExecutorEventEmitter",
-                pyee.value / bus.value,
-                10.0,
-                higher_is_better=True,
-                note=f"{pyee.value:.1f} vs {bus.value:.1f} us/event",
-            )
-        )
-    return section
+    return Section(rows)
 
 
 def inline(sizes: Sizes) -> Section:
@@ -113,23 +86,13 @@ def inline(sizes: Sizes) -> Section:
         sizes.inline_events,
         BLINKER,
     )
-    by = {r.dispatcher: r for r in rows}
-    bus, blinker = by[EVENTBUS_INLINE], by[BLINKER]
-    check = Check(
-        "inline mode, 4 handlers: eventbus no slower than blinker send",
-        bus.value / blinker.value,
-        1.0,
-        higher_is_better=False,
-        note=f"{bus.value:.1f} vs {blinker.value:.1f} us/event",
-    )
-    return Section(rows, [check])
+    return Section(rows)
 
 
 def latch_sensitivity(sizes: Sizes) -> Section:
     """For information: thread dispatch, 4 handlers that each take a shared lock (a countdown
     latch written the usual way). A heavier handler raises the floor, and every ratio to it
-    shrinks: issue 4's reference table was evidently measured with heavier handlers than the
-    lock-free counter used everywhere else here."""
+    shrinks, compared with the lock-free counter used everywhere else here."""
     rows = _measure(
         "info: thread dispatch, 4 handlers taking a lock",
         [sync_loop, queue_floor, pyee_executor, eventbus_threads],

@@ -1,4 +1,4 @@
-"""The machine, the results table, the target checks: as text, JSON, Markdown and a chart."""
+"""The machine and the results table: as text, JSON, Markdown and a chart."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench._harness import STRUCTLOG_SETUP, Check, Row
+from bench._harness import STRUCTLOG_SETUP, Row
 
 PACKAGES = ("eventbus", "pyee", "blinker", "structlog", "tenacity")
 
@@ -92,10 +92,6 @@ def format_ratio(row: Row) -> str:
     return f"{row.ratio:.2f}x"
 
 
-def format_check(check: Check) -> str:
-    return check.shown or f"{check.measured:.2f}x"
-
-
 def _columns(rows: Sequence[Row]) -> list[tuple[str, ...]]:
     lines = []
     for r in rows:
@@ -112,7 +108,7 @@ def _columns(rows: Sequence[Row]) -> list[tuple[str, ...]]:
     return lines
 
 
-def text_report(info: dict[str, Any], rows: Sequence[Row], checks: Sequence[Check]) -> str:
+def text_report(info: dict[str, Any], rows: Sequence[Row]) -> str:
     out = [
         f"eventbus benchmarks — {info['date']}",
         f"machine: {info['nproc']} CPUs ({info['cpu']}), {info['python']}, {info['platform']}",
@@ -141,13 +137,7 @@ def text_report(info: dict[str, Any], rows: Sequence[Row], checks: Sequence[Chec
         if line is header:
             out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
             previous = None
-    out += ["", "ratio = result / the 'ratio to' row's result, same scenario, same run.", ""]
-    out.append("Targets (issue 4):")
-    for c in checks:
-        status = "PASS" if c.passed else "MISS"
-        op = ">=" if c.higher_is_better else "<="
-        limit = "" if c.shown else f" (target {op} {c.limit:g}x)"
-        out.append(f"  {status}  {c.target}: {format_check(c)}{limit}; {c.note}")
+    out += ["", "ratio = result / the 'ratio to' row's result, same scenario, same run."]
     return "\n".join(out)
 
 
@@ -159,35 +149,17 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def markdown_checks(checks: Sequence[Check]) -> str:
-    lines = ["| target | measured | result | note |", "|---|---:|---|---|"]
-    for c in checks:
-        status = "PASS" if c.passed else "MISS"
-        lines.append(f"| {c.target} | {format_check(c)} | **{status}** | {c.note} |")
-    return "\n".join(lines)
-
-
-def write_json(
-    path: str, info: dict[str, Any], rows: Sequence[Row], checks: Sequence[Check], quick: bool
-) -> None:
-    doc = {
-        "quick": quick,
-        "machine": info,
-        "results": [asdict(r) for r in rows],
-        "checks": [{**asdict(c), "passed": c.passed} for c in checks],
-    }
+def write_json(path: str, info: dict[str, Any], rows: Sequence[Row], quick: bool) -> None:
+    doc = {"quick": quick, "machine": info, "results": [asdict(r) for r in rows]}
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
 
 
-def write_markdown(
-    path: str, info: dict[str, Any], rows: Sequence[Row], checks: Sequence[Check]
-) -> None:
+def write_markdown(path: str, info: dict[str, Any], rows: Sequence[Row]) -> None:
     text = (
         f"Measured {info['date']} on {info['nproc']} CPUs ({info['cpu']}), {info['python']}, "
-        f"commit {info['commit']}.\n\n"
-        f"{markdown_table(rows)}\n\n{markdown_checks(checks)}\n"
+        f"commit {info['commit']}.\n\n{markdown_table(rows)}\n"
     )
     Path(path).write_text(text)
 

@@ -132,7 +132,7 @@ KILL_AFTER = 1_000
 CLAIM_IDLE = 1.0
 
 
-# About 20 s on a 2-CPU machine, 26 s with two runs at once; 120 s leaves slower CI room.
+# About 20 s on a 2-CPU machine; 120 s leaves room for slower CI machines.
 @pytest.mark.timeout(120)
 def test_three_consumers_one_killed_midway_handle_every_event_once_in_effect(
     spawn: Any, client: Any, effects: Path
@@ -173,7 +173,7 @@ def test_three_consumers_one_killed_midway_handle_every_event_once_in_effect(
     )
     duplicates = calls - unique
     left = pending_of(client)
-    print(  # shown with -s or on failure: the numbers the issue asks to measure
+    print(  # shown with -s or on failure: takeover, duplicates and recovery time
         f"\nvictim: {victim_calls} calls, {victim_pending} pending at the kill; "
         f"duplicates {duplicates}: {duplicated[:5]}; all handled "
         f"{finished - killed_at:.1f} s after the kill, {finished - started:.1f} s in all"
