@@ -31,6 +31,7 @@ from eventbus._registry import (
     check_target,
     event_name_of,
 )
+from eventbus._routing import GiveUp, RetryAfter, route
 from eventbus.exceptions import (
     BusClosedError,
     DrainInHandlerError,
@@ -530,31 +531,18 @@ class EventBus:
             self._signal(signals.handler_succeeded, event=delivery.event, delivery=done)
         self._settle(delivery, "succeeded")
 
-    def _next_step(
-        self, delivery: DeliveryRecord, error: BaseException
-    ) -> tuple[float | None, DeadLetterReason]:
-        """The delay before the next attempt (``None``: there is none), and the dead-letter
-        reason for when there is none. A retry policy that raises (a wait strategy reading an
-        attribute the error lacks) ends the delivery as ``"not_retryable"``, with both errors
-        in its ``error``: it cannot say when to try again, and must not leave it unsettled."""
-        policy = delivery.policy
-        try:
-            elapsed = self._clock.monotonic() - delivery.first_attempt_at
-            delay = policy.next_delay(delivery.attempts, error, elapsed=elapsed)
-            if delay is not None:
-                return delay, "exhausted"
-            return None, "exhausted" if policy.is_retryable(error) else "not_retryable"
-        except BaseException as policy_error:  # noqa: BLE001 - any error of the policy's code
-            delivery.error = (
-                f"{delivery.error}; the retry policy raised {format_error(policy_error)}"
-            )
-            return None, "not_retryable"
-
     def _failed(self, delivery: DeliveryRecord, error: BaseException) -> None:
         delivery.error = format_error(error)
-        delay, reason = self._next_step(delivery, error)
+        elapsed = self._clock.monotonic() - delivery.first_attempt_at
+        step = route(delivery.policy, delivery.attempts, error, elapsed)
+        if isinstance(step, GiveUp) and step.policy_error is not None:
+            delivery.error = f"{delivery.error}; the retry policy raised {step.policy_error}"
         self._outcomes.failed(
-            delivery.event, delivery.handler, delivery.attempts, error, delay is not None
+            delivery.event,
+            delivery.handler,
+            delivery.attempts,
+            error,
+            isinstance(step, RetryAfter),
         )
         if signals.has_receivers(signals.handler_failed):
             self._signal(
@@ -563,9 +551,10 @@ class EventBus:
                 delivery=delivery.snapshot(),
                 error=error,
             )
-        if delay is None:
-            self._dead_letter(delivery, reason, _traceback(error))
+        if isinstance(step, GiveUp):
+            self._dead_letter(delivery, step.reason, _traceback(error))
             return
+        delay = step.delay
         if self._store is not None:
             due_at = time.time() + delay  # wall-clock: the next process reads it too
             self._persist(
