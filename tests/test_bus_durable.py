@@ -690,3 +690,77 @@ def test_a_store_already_in_use_leaves_no_threads_behind(tmp_path):
             EventBus(store=store, max_workers=3, name="second")
         started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
         assert started == []
+
+
+# -- rows that cannot be decoded ------------------------------------------------------------
+
+#: (column, stored text, words the dead letter's error must contain): one damaged field each.
+DAMAGE = [
+    pytest.param("occurred_at", "yesterday", "occurred_at is not an ISO 8601", id="bad-time"),
+    pytest.param("occurred_at", "2024-05-01T12:00:00", "no time zone", id="naive-time"),
+    pytest.param("metadata", "[]", "metadata must be a JSON object", id="metadata-list"),
+    pytest.param("metadata", '{"a": 1}', "metadata 'a' is not a string", id="metadata-int"),
+    pytest.param("name", "no spaces allowed", "event name", id="bad-name"),
+    pytest.param("payload", "{not json", "not valid JSON", id="bad-payload"),
+]
+
+
+def damage(path: Path, event_id: str, column: str, text: str) -> None:
+    """Overwrite one column of one stored event, as a hand edit or a faulty writer would."""
+    with sqlite3.connect(path) as db:
+        db.execute(f"UPDATE events SET {column} = ? WHERE id = ?", (text, event_id))
+    db.close()
+
+
+@pytest.mark.parametrize(("column", "text", "why"), DAMAGE)
+def test_recover_delivers_the_good_rows_beside_a_damaged_one(sqlite_backend, column, text, why):
+    """recover() delivers every decodable pending event and turns the one that cannot be
+    decoded into a dead letter whose error says why."""
+    events = [leave_pending_for(sqlite_backend, "h") for _ in range(3)]
+    damage(sqlite_backend.path, events[1].id, column, text)
+    bus = sqlite_backend.bus()
+    calls = bus.subscribe("order:created", Calls(), name="h")
+    with capture_logs() as logs:
+        assert bus.recover() == 2
+    assert sorted(e.id for e in calls.events) == sorted([events[0].id, events[2].id])
+    [dead] = bus.dead_letters()
+    assert (dead.event.id, dead.handler, dead.reason) == (events[1].id, "h", "not_retryable")
+    assert why in dead.error
+    [record] = records(logs, "handler.dead_lettered")
+    assert record["dead_letter_id"] == dead.id
+
+
+def test_poll_quarantines_a_damaged_row_and_keeps_polling(sqlite_backend):
+    """A damaged row found by a poll becomes a dead letter, the good row beside it is
+    delivered, and the bus goes on polling."""
+    clock = FakeClock()
+    bus = sqlite_backend.bus(clock=clock)
+    calls = bus.subscribe("order:created", Calls(), name="h")
+    bus.recover()
+    bad = leave_pending_beside(sqlite_backend, ["h"])
+    good = leave_pending_beside(sqlite_backend, ["h"])
+    damage(sqlite_backend.path, bad.id, "occurred_at", "yesterday")
+    with capture_logs() as logs:
+        clock.advance(sqlite_backend.outside().poll_interval)
+    assert [e.id for e in calls.events] == [good.id]
+    assert [d.event.id for d in bus.dead_letters()] == [bad.id]
+    assert records(logs, "eventbus.internal_error") == []
+    later = leave_pending_beside(sqlite_backend, ["h"])
+    clock.advance(sqlite_backend.outside().poll_interval)
+    assert [e.id for e in calls.events] == [good.id, later.id]
+
+
+def test_replay_of_a_dead_letter_whose_event_cannot_be_decoded_raises(sqlite_backend):
+    """bus.replay() of a dead letter whose stored event no longer decodes raises CodecError
+    and the dead letter stays."""
+    from eventbus.exceptions import CodecError
+
+    dead_id = make_dead_letter(sqlite_backend)
+    bus = sqlite_backend.bus()
+    calls = bus.subscribe("order:created", Calls(), name="h")
+    [letter] = bus.dead_letters()
+    damage(sqlite_backend.path, letter.event.id, "metadata", "[]")
+    with pytest.raises(CodecError, match="metadata"):
+        bus.replay(dead_id)
+    assert [d.id for d in bus.dead_letters()] == [dead_id]
+    assert calls.count == 0

@@ -883,3 +883,269 @@ def test_sqlite_heartbeat_brings_back_an_owner_declared_dead(tmp_path):
         assert rows == [(owner,)]
     finally:
         store.close()
+
+
+# -- SQLiteStore: rows that cannot be decoded -----------------------------------------------
+
+#: (column, stored text, words the dead letter's error must contain): one damaged field each.
+DAMAGE = [
+    pytest.param("occurred_at", "yesterday", "occurred_at is not an ISO 8601", id="bad-time"),
+    pytest.param("occurred_at", "2024-05-01T12:00:00", "no time zone", id="naive-time"),
+    pytest.param("metadata", "[]", "metadata must be a JSON object", id="metadata-list"),
+    pytest.param("metadata", '{"a": 1}', "metadata 'a' is not a string", id="metadata-int"),
+    pytest.param("name", "no spaces allowed", "event name", id="bad-name"),
+    pytest.param("payload", "{not json", "not valid JSON", id="bad-payload"),
+]
+
+
+def damage(path: Path, event_id: str, column: str, text: str) -> None:
+    """Overwrite one column of one stored event, as a hand edit or a faulty writer would."""
+    with sqlite3.connect(path) as db:
+        db.execute(f"UPDATE events SET {column} = ? WHERE id = ?", (text, event_id))
+    db.close()
+
+
+def left_pending(make: Callable[..., SQLiteStore], count: int) -> list[Event]:
+    """*count* events, each with a pending delivery to "h" that nobody owns."""
+    store = make()
+    store.open()
+    events = [event(payload={"id": i}) for i in range(count)]
+    for ev in events:
+        store.add(ev, ["h"])
+    store.close()
+    return events
+
+
+@pytest.mark.parametrize(("column", "text", "why"), DAMAGE)
+def test_sqlite_claim_quarantines_a_damaged_row_and_claims_the_others(
+    sqlite_stores, db_path, column, text, why
+):
+    """A claim turns the one undecodable row into a dead letter saying why, and takes the
+    good rows around it."""
+    good, bad, other = left_pending(sqlite_stores, 3)
+    damage(db_path, bad.id, column, text)
+    store = sqlite_stores()
+    store.open()
+    claim = store.claim(["h"])
+    assert claimed(claim) == {(good.id, "h"), (other.id, "h")}
+    [quarantined] = claim.quarantined
+    assert (quarantined.event.id, quarantined.handler, quarantined.reason) == (
+        bad.id,
+        "h",
+        "not_retryable",
+    )
+    assert quarantined.error.startswith("cannot decode the stored event: CodecError: ")
+    assert why in quarantined.error
+    assert store.status(bad.id)["h"].state == "dead"
+
+
+@pytest.mark.parametrize(("column", "text", "why"), DAMAGE)
+def test_sqlite_quarantined_row_is_listed_with_what_could_be_read(
+    sqlite_stores, db_path, column, text, why
+):
+    """dead_letters() and dead_letter() list a quarantined row, keeping every readable field
+    and the stored text of the name."""
+    [bad] = left_pending(sqlite_stores, 1)
+    damage(db_path, bad.id, column, text)
+    store = sqlite_stores()
+    store.open()
+    [quarantined] = store.claim(["h"]).quarantined
+    [listed] = store.dead_letters()
+    assert listed == quarantined
+    assert store.dead_letter(quarantined.id) == quarantined
+    kept = listed.event
+    assert kept.name == (text if column == "name" else bad.name)
+    assert kept.payload == (None if column == "payload" else bad.payload)
+    assert kept.metadata == ({} if column == "metadata" else bad.metadata)
+    assert kept.occurred_at.tzinfo is not None
+    if column != "occurred_at":
+        assert kept.occurred_at == bad.occurred_at
+
+
+@pytest.mark.parametrize(("column", "text", "why"), DAMAGE)
+def test_sqlite_dead_letter_of_a_damaged_event_can_be_read_and_replayed(
+    sqlite_stores, db_path, column, text, why
+):
+    """A dead letter whose event was damaged afterwards is still listed, shown and replayed
+    without a claim (the next claim then quarantines it again)."""
+    store = sqlite_stores()
+    store.open()
+    ev = event()
+    store.add(ev, ["h"])
+    dead = letter(ev)
+    store.dead(dead)
+    store.close()
+    damage(db_path, ev.id, column, text)
+    reader = sqlite_stores()
+    assert [d.id for d in reader.dead_letters()] == [dead.id]
+    assert reader.dead_letter(dead.id).event.id == ev.id
+    replayed = reader.replay_dead_letter(dead.id)
+    assert replayed is not None
+    assert replayed.error == dead.error
+    assert reader.status(ev.id)["h"].state == "pending"
+    reader.open()
+    claim = reader.claim(["h"])
+    assert claim.deliveries == []
+    assert why in claim.quarantined[0].error
+
+
+def test_sqlite_add_under_the_key_of_a_damaged_event_returns_what_can_be_read(
+    sqlite_stores, db_path
+):
+    """add() under the key of a stored event that no longer decodes returns that event as
+    far as it can be read, and writes nothing."""
+    store = sqlite_stores()
+    store.open()
+    first = event()
+    store.add(first, ["h"], key="order-1")
+    damage(db_path, first.id, "occurred_at", "yesterday")
+    second = event()
+    kept = store.add(second, ["h"], key="order-1")
+    assert kept is not None
+    assert (kept.id, kept.name, kept.payload, kept.metadata) == (
+        first.id,
+        first.name,
+        first.payload,
+        first.metadata,
+    )
+    assert store.status(second.id) is None
+
+
+def test_sqlite_replay_with_claim_refuses_an_event_that_cannot_be_decoded(sqlite_stores, db_path):
+    """replay_dead_letter(claim=True) of an undecodable event raises CodecError and changes
+    nothing: the dead letter stays and its delivery stays dead."""
+    from eventbus.exceptions import CodecError
+
+    store = sqlite_stores()
+    store.open()
+    ev = event()
+    store.add(ev, ["h"])
+    dead = letter(ev)
+    store.dead(dead)
+    damage(db_path, ev.id, "occurred_at", "yesterday")
+    with pytest.raises(CodecError, match="occurred_at"):
+        store.replay_dead_letter(dead.id, claim=True)
+    assert [d.id for d in store.dead_letters()] == [dead.id]
+    assert store.status(ev.id)["h"].state == "dead"
+
+
+@pytest.mark.parametrize(
+    ("column", "text", "why"),
+    [
+        pytest.param("attempts", "two", "attempts", id="attempts"),
+        pytest.param("due_at", "soon", "due_at", id="due-at"),
+    ],
+)
+def test_sqlite_claim_quarantines_a_damaged_delivery_row(sqlite_stores, db_path, column, text, why):
+    """A delivery row whose attempt count or due time is not a number is quarantined with a
+    dead letter naming the column; the other rows are claimed."""
+    good, bad = left_pending(sqlite_stores, 2)
+    with sqlite3.connect(db_path) as db:
+        db.execute(f"UPDATE deliveries SET {column} = ? WHERE event_id = ?", (text, bad.id))
+    db.close()
+    store = sqlite_stores()
+    store.open()
+    claim = store.claim(["h"])
+    assert claimed(claim) == {(good.id, "h")}
+    [quarantined] = claim.quarantined
+    assert quarantined.event == bad
+    assert quarantined.error.startswith("cannot decode the stored delivery: ")
+    assert why in quarantined.error
+
+
+def test_sqlite_dead_letter_with_a_damaged_failure_time_is_listed(sqlite_stores, db_path):
+    """A dead letter whose stored failure time is not a timestamp is listed all the same."""
+    store = sqlite_stores()
+    store.open()
+    ev = event()
+    store.add(ev, ["h"])
+    dead = letter(ev)
+    store.dead(dead)
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE dead_letters SET failed_at = 'a while ago'")
+    db.close()
+    [listed] = store.dead_letters()
+    assert (listed.id, listed.event) == (dead.id, ev)
+    assert listed.failed_at.tzinfo is not None
+
+
+# -- SQLiteStore(create=False): an existing store only --------------------------------------
+
+
+def test_sqlite_create_false_opens_an_existing_store(sqlite_stores, db_path):
+    """create=False opens a store file made earlier and reads and writes it as usual."""
+    first = sqlite_stores()
+    first.open()
+    ev = event()
+    first.add(ev, ["h"])
+    first.close()
+    store = sqlite_stores(create=False)
+    store.open()
+    assert claimed(store.claim(["h"])) == {(ev.id, "h")}
+
+
+def test_sqlite_create_false_refuses_a_missing_file_and_creates_none(tmp_path):
+    """create=False on a path that does not exist raises FileNotFoundError naming it, and
+    creates no file."""
+    path = tmp_path / "typo.db"
+    with pytest.raises(FileNotFoundError, match=r"typo\.db"):
+        SQLiteStore(path, create=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sqlite_create_false_refuses_an_empty_file_and_leaves_it_empty(tmp_path):
+    """create=False on a 0-byte file raises ValueError ("not an eventbus store") and writes
+    nothing: the file stays empty and no journal file appears."""
+    path = tmp_path / "empty.db"
+    path.touch()
+    with pytest.raises(ValueError, match="not an eventbus store"):
+        SQLiteStore(path, create=False)
+    assert {p.name: p.stat().st_size for p in tmp_path.iterdir()} == {"empty.db": 0}
+
+
+def test_sqlite_create_false_refuses_a_store_missing_a_table(sqlite_stores, db_path):
+    """create=False on a file with some eventbus tables missing raises ValueError naming them
+    and creates none."""
+    sqlite_stores().close()
+    with sqlite3.connect(db_path) as db:
+        db.execute("DROP TABLE dead_letters")
+    db.close()
+    with pytest.raises(ValueError, match="dead_letters"):
+        SQLiteStore(db_path, create=False)
+    with sqlite3.connect(db_path) as db:
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    db.close()
+    assert "dead_letters" not in tables
+
+
+def test_sqlite_refuses_another_applications_database_either_way(db_path):
+    """A database holding only other tables raises ValueError ("not an eventbus store"), with
+    create=True as with create=False, and gets no eventbus table."""
+    with sqlite3.connect(db_path) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    db.close()
+    for create in (True, False):
+        with pytest.raises(ValueError, match="not an eventbus store"):
+            SQLiteStore(db_path, create=create)
+    with sqlite3.connect(db_path) as db:
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    db.close()
+    assert tables == {"customers"}
+
+
+def test_sqlite_create_false_refuses_a_newer_schema(sqlite_stores, db_path):
+    """create=False on a file of a newer schema version raises RuntimeError naming the file."""
+    from eventbus.stores.sqlite import SCHEMA_VERSION
+
+    sqlite_stores().close()
+    with sqlite3.connect(db_path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match=r"events\.db.*upgrade eventbus"):
+        SQLiteStore(db_path, create=False)
+
+
+def test_sqlite_create_false_refuses_memory(tmp_path):
+    """create=False with ":memory:" (always a new, empty database) raises ValueError."""
+    with pytest.raises(ValueError, match="create=False"):
+        SQLiteStore(":memory:", create=False)

@@ -6,6 +6,7 @@ serialised by SQLite itself (WAL, ``busy_timeout``, ``BEGIN IMMEDIATE`` for ever
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -15,10 +16,10 @@ import time
 import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeGuard, cast
 
 from eventbus._envelope import Envelope, from_envelope, to_envelope
 from eventbus._event import DeadLetter, Delivery, Event, new_id
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS owners (
 
 #: The layout of the tables above, kept in ``PRAGMA user_version``.
 SCHEMA_VERSION = 1
+#: The tables of an eventbus store, all present in every schema version so far.
+_TABLES = frozenset({"events", "deliveries", "dead_letters", "owners"})
+#: What a dead letter shows for a stored time that cannot be read.
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 _OPEN_STATES = "('pending', 'running', 'retrying')"
 #: Gives deliveries up: unowned, and an interrupted attempt is pending again.
@@ -111,8 +116,14 @@ class SQLiteStore:
       runs every 1,000 emits, so up to 1,000 more may be kept meanwhile. Idempotency keys
       live as long as their event.
     * ``codec``: how payloads become JSON (:class:`eventbus.codec.JsonCodec` by default).
+    * ``create``: ``True`` (default) creates the file and its tables when missing. ``False``
+      opens an existing store only and never writes the schema: a missing path raises
+      ``FileNotFoundError``, a file without the eventbus tables (an empty file included)
+      ``ValueError``. This is how the command line opens stores.
 
     The file and its ``-wal``/``-shm`` companions are created readable by the owner only.
+    Either way, a database holding other tables and none of ours raises ``ValueError``, and
+    one written by a newer schema version ``RuntimeError``.
     """
 
     def __init__(
@@ -126,6 +137,7 @@ class SQLiteStore:
         retention: int = 100_000,
         retention_seconds: float = 7 * 24 * 3600,
         codec: JsonCodec | None = None,
+        create: bool = True,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
@@ -134,7 +146,10 @@ class SQLiteStore:
                 raise ValueError(f"{what} must be > 0, got {value!r}")
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        if not create and str(path) == ":memory:":
+            raise ValueError("create=False needs a store file; ':memory:' is always a new database")
         self.path = Path(path)
+        self._create = create
         self.codec = codec if codec is not None else JsonCodec()
         self.poll_interval = poll_interval
         self._synchronous = synchronous
@@ -159,19 +174,34 @@ class SQLiteStore:
     # -- connection ----------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        if str(self.path) != ":memory:" and not self.path.exists():
-            # Created owner-only here; SQLite gives -wal and -shm the database file's mode.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        target: str | Path = self.path
+        if self._create:
+            if str(self.path) != ":memory:" and not self.path.exists():
+                # Created owner-only here; SQLite gives -wal and -shm the database file's mode.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        elif not self.path.exists():
+            raise FileNotFoundError(errno.ENOENT, "no eventbus store here", str(self.path))
+        elif self.path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a directory, not a store", str(self.path))
+        else:
+            target = f"{self.path.absolute().as_uri()}?mode=rw"  # never creates the file
         db = sqlite3.connect(
-            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            target,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=not self._create,
         )
         try:
             db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
-            _check_is_ours(db, self.path)
+            # Checked before anything is written: journal_mode=WAL writes to the file.
+            _check_is_ours(db, self.path, complete=not self._create)
+            _check_version(db, self.path)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
-            with self._write(db):
-                _create_schema(db)
+            if self._create:
+                with self._write(db):
+                    _create_schema(db, self.path)
         except BaseException:
             db.close()
             raise
@@ -280,8 +310,10 @@ class SQLiteStore:
     def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
         """Commit *event* and one pending delivery per handler, owned by this session.
 
-        Returns ``None``, or the event first stored under *key* (then nothing is written).
-        Raises ``TypeError`` for a payload the codec cannot encode, before writing anything.
+        Returns ``None``, or the event first stored under *key* (then nothing is written;
+        fields of that event that cannot be decoded any more are given as for a quarantined
+        row). Raises ``TypeError`` for a payload the codec cannot encode, before writing
+        anything.
         """
         row = (*to_envelope(self.codec, event), key, time.time())
 
@@ -291,7 +323,7 @@ class SQLiteStore:
                     f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.key = ?", (key,)
                 ).fetchone()
                 if found is not None:
-                    return self._event_from_row(found)
+                    return self._event_or_undecoded(found)
             owner = self._require_owner()
             db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
             db.executemany(
@@ -396,9 +428,12 @@ class SQLiteStore:
         """Take over every unfinished delivery nobody alive owns (released ones, replays
         from the command line, those of a crashed process), for the given handler names.
 
-        Deliveries for other handler names are left alone and counted in ``unknown``; rows
-        whose event cannot be decoded become dead letters (``quarantined``). Two processes
-        claiming at once never get the same delivery: the claim is one write transaction.
+        Deliveries for other handler names are left alone and counted in ``unknown``. A
+        delivery whose event cannot be decoded (payload, name, metadata or time), or whose
+        own row is damaged (attempts or due time not a number), becomes a ``not_retryable``
+        dead letter whose error says why (``quarantined``); its stored text is kept as it is,
+        and the claim goes on with the other rows. Two processes claiming at once never get
+        the same delivery: the claim is one write transaction.
         """
         claim = Claim()
         with self._lock:
@@ -422,7 +457,17 @@ class SQLiteStore:
                     try:
                         event = self._event_from_row(event_row)
                     except Exception as exc:  # noqa: BLE001 - any decoding error quarantines
-                        claim.quarantined.append(_quarantine(db, event_row, handler, attempts, exc))
+                        why = f"cannot decode the stored event: {type(exc).__name__}: {exc}"
+                        claim.quarantined.append(
+                            self._quarantine(db, event_row, handler, attempts, why)
+                        )
+                        continue
+                    problem = _delivery_problem(attempts, error, due_at)
+                    if problem is not None:
+                        why = f"cannot decode the stored delivery: {problem}"
+                        claim.quarantined.append(
+                            self._quarantine(db, event_row, handler, attempts, why)
+                        )
                         continue
                     db.execute(
                         "UPDATE deliveries SET owner = ? WHERE event_id = ? AND handler = ?",
@@ -473,7 +518,8 @@ class SQLiteStore:
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first. A dead letter whose event cannot be decoded is
-        shown with the payload ``None``."""
+        listed all the same, its unreadable fields replaced: payload ``None``, metadata
+        empty, time the Unix epoch (the stored text stays in the file)."""
         with self._lock:
             rows = (
                 self._read()
@@ -483,7 +529,7 @@ class SQLiteStore:
         return [self._dead_letter_from_row(row) for row in rows]
 
     def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
-        """One dead letter by id, or ``None``."""
+        """One dead letter by id, or ``None``; read as :meth:`dead_letters` reads them."""
         with self._lock:
             row = (
                 self._read()
@@ -495,12 +541,18 @@ class SQLiteStore:
     def replay_dead_letter(self, dead_letter_id: str, *, claim: bool = False) -> DeadLetter | None:
         """Delete the dead letter and make its delivery pending again with a fresh attempt
         count. With *claim*, this session owns it (the bus runs it now); without, the next
-        bus to claim runs it (a replay from the command line). ``None`` if no such letter."""
+        bus to claim runs it (a replay from the command line). ``None`` if no such letter.
+
+        With *claim*, an event that cannot be decoded raises ``CodecError`` and nothing
+        changes (the bus would have no event to run). Without, the delivery is made pending
+        all the same: a claim quarantines it again unless the stored text was repaired."""
         with self._lock, self._write() as db:
             owner = self._require_owner() if claim else None
             found = db.execute(f"{_DEAD_LETTER_QUERY} WHERE x.id = ?", (dead_letter_id,)).fetchone()
             if found is None:
                 return None
+            if claim:
+                self._event_from_row(found[7:])  # raises CodecError; the transaction rolls back
             letter = self._dead_letter_from_row(found)
             db.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
             db.execute(
@@ -555,22 +607,53 @@ class SQLiteStore:
     def _event_from_row(self, row: Any) -> Event:
         return from_envelope(self.codec, Envelope(*row))
 
+    def _event_or_undecoded(self, row: Any) -> Event:
+        """The event of *row*, or what can be read of it (see :func:`_undecoded_event`)."""
+        try:
+            return self._event_from_row(row)
+        except Exception:  # noqa: BLE001 - whatever the codec raises, show what can be read
+            return _undecoded_event(self.codec, row)
+
     def _dead_letter_from_row(self, row: Any) -> DeadLetter:
         letter_id, handler, attempts, error, reason, trace, failed_at, *event_row = row
-        try:
-            event = self._event_from_row(event_row)
-        except Exception:  # noqa: BLE001 - show the letter even if its payload is unreadable
-            event = _undecoded_event(event_row)
         return DeadLetter(
             id=letter_id,
-            event=event,
+            event=self._event_or_undecoded(event_row),
             handler=handler,
             attempts=attempts,
             error=error,
             reason=reason,
             traceback=trace,
-            failed_at=datetime.fromisoformat(failed_at),
+            failed_at=_readable_time(failed_at),
         )
+
+    def _quarantine(
+        self, db: sqlite3.Connection, event_row: Any, handler: str, attempts: object, why: str
+    ) -> DeadLetter:
+        """Inside a claim: turn a delivery that cannot be run into a dead letter saying *why*.
+        The stored event is left as it is, for the command line to show and a person to
+        repair."""
+        letter = DeadLetter(
+            id=new_id(),
+            event=self._event_or_undecoded(event_row),
+            handler=handler,
+            attempts=attempts if _is_count(attempts) else 0,
+            error=why,
+            reason="not_retryable",
+        )
+        _insert_dead_letter(db, letter)
+        return letter
+
+    def _stored_event(self, event_id: str) -> Envelope | None:
+        """The event's fields as the file holds them, not decoded; ``None`` if it is not
+        stored. The command line shows them for an event that cannot be decoded."""
+        with self._lock:
+            row = (
+                self._read()
+                .execute(f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.id = ?", (event_id,))
+                .fetchone()
+            )
+        return None if row is None else Envelope(*row)
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r}>"
@@ -597,16 +680,23 @@ def _print_error(error: BaseException) -> None:
     traceback.print_exception(error, file=sys.stderr)
 
 
-def _create_schema(db: sqlite3.Connection) -> None:
-    """Create the tables if missing and stamp the schema version (``PRAGMA user_version``),
-    so a later release can migrate the file, and this one refuses a file it does not know.
-    Raises ``RuntimeError`` for a file written by a newer schema."""
+def _check_version(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse a file written by a newer schema (``PRAGMA user_version``), so it is not
+    misread. Raises ``RuntimeError``."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise RuntimeError(
-            f"this store was written with schema version {version}; this eventbus reads "
+            f"{path} was written with store schema version {version}; this eventbus reads "
             f"version {SCHEMA_VERSION}: upgrade eventbus"
         )
+
+
+def _create_schema(db: sqlite3.Connection, path: Path) -> None:
+    """Create the tables if missing and stamp the schema version (``PRAGMA user_version``),
+    so a later release can migrate the file, and this one refuses a file it does not know.
+    Raises ``RuntimeError`` for a file written by a newer schema."""
+    _check_version(db, path)  # again, inside the write transaction
+    version = db.execute("PRAGMA user_version").fetchone()[0]
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)
@@ -640,43 +730,74 @@ def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter) -> None
     )
 
 
-def _undecoded_event(row: Any) -> Event:
-    """The event of a row whose payload cannot be decoded: everything else, payload ``None``."""
-    event_id, name, _, _, metadata, occurred_at = row
+def _undecoded_event(codec: JsonCodec, row: Any) -> Event:
+    """The event of a row that cannot be decoded, for its dead letter: each field that can be
+    read as it is stored, the others replaced (payload ``None``, metadata empty, time the
+    Unix epoch; a time without a zone is taken as UTC). Never raises."""
+    event_id, name, payload_type, payload, metadata, occurred_at = row
     try:
-        meta = MappingProxyType(json.loads(metadata))
-    except ValueError:
-        meta = MappingProxyType({})
+        value = codec.decode(payload_type, payload)
+    except Exception:  # noqa: BLE001 - an unreadable payload is shown as None
+        value = None
     return Event(
-        name=name,
-        payload=None,
-        metadata=meta,
-        id=event_id,
-        occurred_at=datetime.fromisoformat(occurred_at),
+        name=name if isinstance(name, str) else repr(name),
+        payload=value,
+        metadata=_readable_metadata(metadata),
+        id=event_id if isinstance(event_id, str) else repr(event_id),
+        occurred_at=_readable_time(occurred_at),
     )
 
 
-def _check_is_ours(db: sqlite3.Connection, path: Path) -> None:
+def _readable_metadata(text: object) -> MappingProxyType[str, str]:
+    """Stored metadata if it is a JSON object of strings, else empty."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
+        return MappingProxyType(value)
+    return MappingProxyType({})
+
+
+def _readable_time(text: object) -> datetime:
+    """A stored timestamp (UTC if it has no zone), or the Unix epoch if it is not one."""
+    try:
+        when = datetime.fromisoformat(text) if isinstance(text, str) else _EPOCH
+    except ValueError:
+        return _EPOCH
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    """Whether a stored attempt count is one: an int (not a bool), zero or more."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _delivery_problem(attempts: object, error: object, due_at: object) -> str | None:
+    """What is wrong with a delivery row's own columns, or ``None`` if they can be used."""
+    if not _is_count(attempts):
+        return f"attempts is not a whole number: {attempts!r:.40}"
+    if due_at is not None and (isinstance(due_at, bool) or not isinstance(due_at, int | float)):
+        return f"due_at is not a time: {due_at!r:.40}"
+    if error is not None and not isinstance(error, str):
+        return f"error is not text: {error!r:.40}"
+    return None
+
+
+def _check_is_ours(db: sqlite3.Connection, path: Path, *, complete: bool) -> None:
     """Refuse a database that holds other tables and none of ours: adding our tables to
-    somebody else's database would be a surprise. Raises ``ValueError``."""
+    somebody else's database would be a surprise. With *complete*, also refuse one missing
+    any of our tables (an empty file too), since nothing will create them. Raises
+    ``ValueError``."""
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if tables and not tables & {"events", "deliveries"}:
         raise ValueError(
-            f"{str(path)!r} is an SQLite database of something else (tables: "
+            f"{path} is an SQLite database of something else (tables: "
             f"{', '.join(sorted(tables))}), not an eventbus store"
         )
-
-
-def _quarantine(
-    db: sqlite3.Connection, event_row: Any, handler: str, attempts: int, error: Exception
-) -> DeadLetter:
-    letter = DeadLetter(
-        id=new_id(),
-        event=_undecoded_event(event_row),
-        handler=handler,
-        attempts=attempts,
-        error=f"cannot decode the stored event: {type(error).__name__}: {error}",
-        reason="not_retryable",
-    )
-    _insert_dead_letter(db, letter)
-    return letter
+    if complete and not tables:
+        raise ValueError(f"{path} is not an eventbus store: it is an empty database")
+    if complete and (missing := _TABLES - tables):
+        raise ValueError(
+            f"{path} is not an eventbus store: tables missing: {', '.join(sorted(missing))}"
+        )
