@@ -1,7 +1,8 @@
 """The command line, ``python -m eventbus``: look at a :class:`~eventbus.stores.SQLiteStore`
 file from outside the service that writes it.
 
-* ``dead-letters list`` / ``show ID``: the dead letters, as a table or ``--json``.
+* ``dead-letters list`` / ``show ID``: the dead letters, as a table (``--wide``: errors not
+  cut) or ``--json``.
 * ``dead-letters replay ID... | --all``: make their deliveries pending again, unowned, so that
   a running service (which polls the store after ``recover()``) or its next start delivers
   them.
@@ -9,12 +10,14 @@ file from outside the service that writes it.
 * ``status EVENT_ID``: where each delivery of an event stands.
 
 Exit codes: 0 done, 1 something named was not found (the rest was still done), 2 usage error
-(bad arguments, no such store file, a file that is not an SQLite database), 141 the reader of
-the output went away (``... | head``). The command line never creates a store file.
+(bad arguments, or a store path that is missing, a directory, not an SQLite database, not an
+eventbus store or of a newer schema), 141 the reader of the output went away
+(``... | head``). The command line never creates a store file or writes a schema into one.
 
 Payloads are shown in their stored JSON form, with their type name (``null`` for a plain JSON
 payload): typed payloads are not rebuilt, so no class has to be importable or registered, and
-every payload can be printed.
+every payload can be printed. A dead letter whose stored event cannot be decoded (a damaged
+row) is shown with the stored text of each field and why it cannot be decoded.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from eventbus._envelope import Envelope, from_envelope
 from eventbus._event import DeadLetter, Delivery
 from eventbus.codec import JsonCodec
+from eventbus.exceptions import CodecError
 from eventbus.stores.sqlite import SQLiteStore
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "StoredPayload", "main"]
@@ -68,8 +73,19 @@ class _StoredFormCodec(JsonCodec):
     """Decodes every payload to a :class:`StoredPayload`, so typed payloads need no class."""
 
     def decode(self, type_name: str | None, text: str) -> StoredPayload:
-        """The stored form of the payload; ``ValueError`` for text that is not JSON."""
-        return StoredPayload(type_name, json.loads(text))
+        """The stored form of the payload; ``CodecError`` for text that is not JSON."""
+        try:
+            return StoredPayload(type_name, json.loads(text))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CodecError(f"stored payload is not valid JSON: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Why a dead letter's stored event cannot be decoded, and its fields as stored."""
+
+    why: str
+    stored: Envelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +147,24 @@ def main(
 
 
 def _open_store(path: Path, output: _Output) -> SQLiteStore | None:
-    """The store in the existing file *path*, or ``None`` after saying why it cannot be."""
+    """The store in the existing file *path*, opened without creating anything, or ``None``
+    after saying on one line why it cannot be."""
     if not path.exists():
         output.problem(f"error: no store at {path}: the file does not exist")
         return None
-    try:
-        return SQLiteStore(path, codec=_StoredFormCodec())
-    except sqlite3.Error as exc:
-        output.problem(f"error: cannot open {path} as an eventbus store: {exc}")
+    cannot = f"error: cannot open {path} as an eventbus store"
+    if path.is_dir():
+        output.problem(f"{cannot}: it is a directory")
         return None
+    try:
+        return SQLiteStore(path, codec=_StoredFormCodec(), create=False)
+    except sqlite3.Error as exc:
+        output.problem(f"{cannot}: {exc}")
+    except OSError as exc:
+        output.problem(f"{cannot}: {exc.strerror or exc}")
+    except (ValueError, RuntimeError) as exc:  # the store's own refusals, naming the file
+        output.problem(f"error: {exc}")
+    return None
 
 
 def _discard(stream: TextIO) -> None:
@@ -162,6 +187,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for scripts")
+    wide = argparse.ArgumentParser(add_help=False)
+    wide.add_argument(
+        "--wide", action="store_true", help="print errors in full instead of cutting them"
+    )
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -175,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
         "dead-letters", help="list, show, replay or purge dead letters"
     ).add_subparsers(title="commands", required=True, metavar="COMMAND")
     listing = letters.add_parser(
-        "list", parents=[store, as_json], help="list every dead letter, oldest first"
+        "list", parents=[store, as_json, wide], help="list every dead letter, oldest first"
     )
     listing.set_defaults(command=_list)
     show = letters.add_parser(
@@ -186,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_targets(
         letters.add_parser(
             "replay",
-            parents=[store],
+            parents=[store, as_json],
             help="make dead letters' deliveries pending again, for the service to run",
             description="Delete the dead letters and make their deliveries pending again, "
             f"unowned, with a fresh attempt count: {_REPLAY_HINT}",
@@ -197,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_targets(
         letters.add_parser(
             "purge",
-            parents=[store],
+            parents=[store, as_json],
             help="delete dead letters (their deliveries stay recorded as dead)",
         ),
         verb="purge",
@@ -205,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     status = groups.add_parser(
-        "status", parents=[store, as_json], help="where each delivery of an event stands"
+        "status", parents=[store, as_json, wide], help="where each delivery of an event stands"
     )
     status.add_argument("event_id", metavar="EVENT_ID", help="an event id")
     status.set_defaults(command=_status)
@@ -234,7 +263,9 @@ def _no_check(args: argparse.Namespace) -> None:
 def _list(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
     letters = store.dead_letters()
     if args.json:
-        output.print(_dumps([_dead_letter_json(letter) for letter in letters]))
+        output.print(
+            _dumps([_dead_letter_json(letter, _undecodable(store, letter)) for letter in letters])
+        )
     elif not letters:
         output.print("no dead letters")
     else:
@@ -252,7 +283,7 @@ def _list(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
             )
             for letter in letters
         ]
-        output.print(_table((*header, "ERROR"), rows))
+        output.print(_table((*header, "ERROR"), rows, wide=args.wide))
     return EXIT_OK
 
 
@@ -261,45 +292,52 @@ def _show(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
     if letter is None:
         output.problem(f"no dead letter with id {args.id} in {store.path}")
         return EXIT_NOT_FOUND
+    undecodable = _undecodable(store, letter)
     if args.json:
-        output.print(_dumps(_dead_letter_json(letter)))
+        output.print(_dumps(_dead_letter_json(letter, undecodable)))
     else:
-        output.print(_dead_letter_text(letter))
+        output.print(_dead_letter_text(letter, undecodable))
     return EXIT_OK
 
 
 def _replay(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
     ids = [letter.id for letter in store.dead_letters()] if args.all else _unique(args.ids)
-    replayed = 0
+    replayed: list[str] = []
     missing: list[str] = []
     for letter_id in ids:
         letter = store.replay_dead_letter(letter_id)
         if letter is None:
             missing.append(letter_id)
             continue
-        replayed += 1
-        output.print(f"replayed {letter.id}  {letter.event.name} -> {letter.handler}")
-    if replayed:
-        output.print(f"{_count(replayed, 'dead letter')} replayed; {_REPLAY_HINT}")
+        replayed.append(letter.id)
+        if not args.json:
+            output.print(f"replayed {letter.id}  {letter.event.name} -> {letter.handler}")
+    if args.json:
+        output.print(_dumps({"replayed": replayed, "not_found": missing}))
+    elif replayed:
+        output.print(f"{_count(len(replayed), 'dead letter')} replayed; {_REPLAY_HINT}")
     else:
         output.print("no dead letters replayed")
-    return _report_missing(missing, replayed, "replayed", output)
+    return _report_missing(missing, len(replayed), "replayed", output)
 
 
 def _purge(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
-    if args.all:
-        purged = store.purge_dead_letters()
-        output.print(f"{_count(purged, 'dead letter')} purged")
-        return EXIT_OK
     purged = 0
     missing: list[str] = []
-    for letter_id in _unique(args.ids):
-        if store.purge_dead_letters([letter_id]):
+    if args.all:
+        purged = store.purge_dead_letters()
+    else:
+        for letter_id in _unique(args.ids):
+            if not store.purge_dead_letters([letter_id]):
+                missing.append(letter_id)
+                continue
             purged += 1
-            output.print(f"purged {letter_id}")
-        else:
-            missing.append(letter_id)
-    output.print(f"{_count(purged, 'dead letter')} purged")
+            if not args.json:
+                output.print(f"purged {letter_id}")
+    if args.json:
+        output.print(_dumps({"purged": purged, "not_found": missing}))
+    else:
+        output.print(f"{_count(purged, 'dead letter')} purged")
     return _report_missing(missing, purged, "purged", output)
 
 
@@ -313,7 +351,7 @@ def _status(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> in
         output.print(_dumps([_delivery_json(d) for d in deliveries]))
     else:
         rows = [(d.handler, d.state, str(d.attempts), d.error or "-") for d in deliveries]
-        output.print(_table(("HANDLER", "STATE", "ATTEMPTS", "ERROR"), rows))
+        output.print(_table(("HANDLER", "STATE", "ATTEMPTS", "ERROR"), rows, wide=args.wide))
     return EXIT_OK
 
 
@@ -330,10 +368,48 @@ def _report_missing(missing: list[str], done: int, verb: str, output: _Output) -
 # -- formatting ------------------------------------------------------------------------------
 
 
-def _dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
-    """Everything about *letter* as JSON values: full error, traceback and stored payload."""
+def _undecodable(store: SQLiteStore, letter: DeadLetter) -> _Undecodable | None:
+    """Why *letter*'s stored event cannot be decoded, with its stored fields; ``None`` if it
+    decodes (or is no longer stored)."""
+    stored = store._stored_event(letter.event.id)
+    if stored is None:
+        return None
+    try:
+        from_envelope(store.codec, stored)
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged row raises is shown, not raised
+        return _Undecodable(str(exc), stored)
+    return None
+
+
+def _stored_fields(stored: Envelope) -> dict[str, Any]:
+    """The stored text of an event's fields, each as a JSON value (text, or null)."""
+    fields = stored._asdict()
+    del fields["id"]
+    return {name: _json_scalar(value) for name, value in fields.items()}
+
+
+def _json_scalar(value: object) -> Any:
+    """A column as SQLite returned it, as a JSON value: what is not text, a number or null
+    (a blob written by hand) is shown by its ``repr``."""
+    return value if value is None or isinstance(value, str | int | float) else repr(value)
+
+
+def _dead_letter_json(letter: DeadLetter, undecodable: _Undecodable | None) -> dict[str, Any]:
+    """Everything about *letter* as JSON values: full error, traceback and stored payload;
+    for an event that cannot be decoded, also why and its stored fields."""
     event = letter.event
     payload_type, payload = _stored_form(event.payload)
+    event_json: dict[str, Any] = {
+        "id": event.id,
+        "name": event.name,
+        "occurred_at": event.occurred_at.isoformat(),
+        "metadata": dict(event.metadata),
+        "payload_type": payload_type,
+        "payload": payload,
+    }
+    if undecodable is not None:
+        event_json["undecodable"] = undecodable.why
+        event_json["stored"] = _stored_fields(undecodable.stored)
     return {
         "id": letter.id,
         "handler": letter.handler,
@@ -342,18 +418,21 @@ def _dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
         "error": letter.error,
         "traceback": letter.traceback,
         "failed_at": letter.failed_at.isoformat(),
-        "event": {
-            "id": event.id,
-            "name": event.name,
-            "occurred_at": event.occurred_at.isoformat(),
-            "metadata": dict(event.metadata),
-            "payload_type": payload_type,
-            "payload": payload,
-        },
+        "event": event_json,
     }
 
 
-def _dead_letter_text(letter: DeadLetter) -> str:
+#: How ``show`` labels the stored fields of an event that cannot be decoded.
+_STORED_LABELS = {
+    "name": "name",
+    "payload_type": "payload type",
+    "payload": "payload",
+    "metadata": "metadata",
+    "occurred_at": "occurred at",
+}
+
+
+def _dead_letter_text(letter: DeadLetter, undecodable: _Undecodable | None) -> str:
     event = letter.event
     payload_type, payload = _stored_form(event.payload)
     fields = [
@@ -369,6 +448,12 @@ def _dead_letter_text(letter: DeadLetter) -> str:
         ("payload type", payload_type or "(plain JSON)"),
     ]
     lines = [f"{name:<14}{value}" for name, value in fields]
+    if undecodable is not None:
+        lines += [f"{'undecodable':<14}{undecodable.why}", "stored"]
+        lines += [
+            f"  {_STORED_LABELS[name]:<14}{'(none)' if value is None else value}"
+            for name, value in _stored_fields(undecodable.stored).items()
+        ]
     lines += ["payload", _indent(_dumps(payload))]
     lines += ["traceback", _indent(letter.traceback or "(none recorded)")]
     return "\n".join(lines)
@@ -391,21 +476,28 @@ def _stored_form(payload: object) -> tuple[str | None, Any]:
     return None, None
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart; the last column, on one line, is cut to what is
-    left of the terminal's width (``COLUMNS`` if set), but to no less than MIN_ERROR_WIDTH."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], *, wide: bool) -> str:
+    """Left-aligned columns two spaces apart, every cell on one line. Unless *wide*, the last
+    column is cut to what is left of the terminal's width (``COLUMNS`` if set), but to no
+    less than MIN_ERROR_WIDTH."""
+    table = [[_one_line(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     room = max(shutil.get_terminal_size().columns - sum(w + 2 for w in widths), MIN_ERROR_WIDTH)
     lines = []
-    for row in [header, *rows]:
+    for row in table:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, _shorten(row[-1], room)]).rstrip())
+        last = row[-1] if wide else _shorten(row[-1], room)
+        lines.append("  ".join([*cells, last]).rstrip())
     return "\n".join(lines)
 
 
-def _shorten(text: str, width: int) -> str:
-    """*text* on one line, cut to *width* characters with a trailing ``...`` if longer."""
-    line = " ".join(text.split())
+def _one_line(value: object) -> str:
+    """*value* as text on one line: runs of whitespace (newlines too) become one space."""
+    return " ".join(str(value).split())
+
+
+def _shorten(line: str, width: int) -> str:
+    """*line* cut to *width* characters with a trailing ``...`` if longer."""
     return line if len(line) <= width else line[: width - 3] + "..."
 
 

@@ -136,6 +136,28 @@ def test_list_keeps_some_of_the_error_on_a_narrow_terminal(
     assert error.endswith("...")
 
 
+def test_list_wide_prints_whole_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`list --wide` prints each error in full, on one line, however narrow the terminal."""
+    path = tmp_path / "events.db"
+    message = "SMTP down " * 50
+    make_dead_letters(path, {"order_id": 1}, message=message)
+    monkeypatch.setenv("COLUMNS", "40")
+    result = run("dead-letters", "list", "--wide", "--store", path)
+    assert result.code == 0
+    [row] = result.out.splitlines()[1:]
+    assert row.endswith(f"ConnectionError: {message.strip()}")
+
+
+def test_status_wide_prints_whole_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status --wide` prints each delivery's error in full, on one line."""
+    path = tmp_path / "events.db"
+    message = "SMTP down " * 50
+    [letter] = make_dead_letters(path, {"order_id": 1}, message=message)
+    monkeypatch.setenv("COLUMNS", "40")
+    rows = run("status", letter.event.id, "--wide", "--store", path).out.splitlines()
+    assert rows[1].endswith(f"ConnectionError: {message.strip()}")
+
+
 def test_list_says_when_there_are_no_dead_letters(tmp_path: Path) -> None:
     """`list` on a store without dead letters says so and exits 0."""
     path = tmp_path / "events.db"
@@ -198,6 +220,93 @@ def test_list_json_shows_an_unreadable_payload_as_null(db: Path) -> None:
         (None, None),
         (None, None),
     ]
+
+
+#: (column, stored text, words of the decoding error): one damaged field of a stored event.
+DAMAGE = [
+    pytest.param("occurred_at", "yesterday", "occurred_at is not an ISO 8601", id="bad-time"),
+    pytest.param("metadata", "[]", "metadata must be a JSON object", id="metadata-list"),
+    pytest.param("metadata", '{"a": 1}', "metadata 'a' is not a string", id="metadata-int"),
+    pytest.param("name", "no spaces allowed", "event name", id="bad-name"),
+    pytest.param("payload", "{not json", "not valid JSON", id="bad-payload"),
+]
+#: How `show` labels each stored column.
+LABELS = {
+    "name": "name",
+    "metadata": "metadata",
+    "occurred_at": "occurred at",
+    "payload": "payload",
+}
+
+
+def damage(path: Path, event_id: str, column: str, text: str) -> None:
+    """Overwrite one column of one stored event, as a hand edit or a faulty writer would."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(f"UPDATE events SET {column} = ? WHERE id = ?", (text, event_id))
+
+
+@pytest.mark.parametrize(("column", "text", "why"), DAMAGE)
+def test_list_and_show_a_dead_letter_whose_event_cannot_be_decoded(
+    db: Path, column: str, text: str, why: str
+) -> None:
+    """A dead letter whose stored event cannot be decoded is listed and shown with the
+    stored text of each field and why it cannot be decoded, exit 0."""
+    first, second = letters_in(db)
+    damage(db, first.event.id, column, text)
+    table = run("dead-letters", "list", "--store", db)
+    assert (table.code, table.err) == (0, "")
+    assert [row.split()[0] for row in table.out.splitlines()[1:]] == [first.id, second.id]
+    listed = run("dead-letters", "list", "--json", "--store", db).json()
+    event = listed[0]["event"]
+    assert why in event["undecodable"]
+    assert event["stored"][column] == text
+    assert event["stored"]["name"] == (text if column == "name" else "order:created")
+    assert "undecodable" not in listed[1]["event"]
+    shown = run("dead-letters", "show", first.id, "--store", db)
+    assert shown.code == 0
+    lines = shown.out.splitlines()
+    assert any(line.startswith("undecodable") and why in line for line in lines)
+    assert f"  {LABELS[column]:<14}{text}" in lines
+    assert run("dead-letters", "show", first.id, "--json", "--store", db).json() == listed[0]
+
+
+def test_quarantined_row_is_listed_with_its_decoding_error(tmp_path: Path) -> None:
+    """A row quarantined by recover() is listed with the decoding error, in full with
+    --wide, and the good rows beside it were delivered."""
+    path = tmp_path / "events.db"
+    store = SQLiteStore(path)
+    store.open()
+    good, bad = Event(name="order:created"), Event(name="order:created")
+    for event in (good, bad):
+        store.add(event, ["send_email"])
+    store.close()
+    damage(path, bad.id, "occurred_at", "yesterday")
+    delivered: list[str] = []
+    bus = new_bus(path)
+    bus.subscribe("order:created", lambda event: delivered.append(event.id), name="send_email")
+    assert bus.recover() == 1
+    bus.close()
+    assert delivered == [good.id]
+    result = run("dead-letters", "list", "--wide", "--store", path)
+    assert result.code == 0
+    [row] = result.out.splitlines()[1:]
+    assert row.split()[1:4] == ["order:created", bad.id, "send_email"]
+    assert row.endswith(
+        "cannot decode the stored event: CodecError: "
+        "event occurred_at is not an ISO 8601 timestamp: 'yesterday'"
+    )
+
+
+def test_replay_of_a_dead_letter_whose_event_cannot_be_decoded(db: Path) -> None:
+    """`replay` of a dead letter whose stored event is damaged makes its delivery pending
+    like any other, exit 0."""
+    first, _ = letters_in(db)
+    damage(db, first.event.id, "occurred_at", "yesterday")
+    result = run("dead-letters", "replay", first.id, "--store", db)
+    assert result.code == 0
+    assert result.out.splitlines()[0] == f"replayed {first.id}  order:created -> send_email"
+    status = run("status", first.event.id, "--json", "--store", db).json()
+    assert [d["state"] for d in status] == ["pending"]
 
 
 # -- dead-letters show -------------------------------------------------------------------------
@@ -305,6 +414,25 @@ def test_replay_unknown_id_exits_1_after_replaying_the_known_ones(db: Path) -> N
     assert [letter.id for letter in letters_in(db)] == [second.id]
 
 
+def test_replay_json_prints_the_replayed_ids(db: Path) -> None:
+    """`replay --json` prints an object with the ids replayed and the ids not found, and
+    still names each unknown id on stderr with exit 1."""
+    first, second = letters_in(db)
+    result = run("dead-letters", "replay", first.id, "nope", "--json", "--store", db)
+    assert result.code == 1
+    assert result.json() == {"replayed": [first.id], "not_found": ["nope"]}
+    assert result.err.splitlines()[0] == "eventbus: no dead letter with id nope"
+    assert [letter.id for letter in letters_in(db)] == [second.id]
+
+
+def test_replay_all_json_lists_every_replayed_id(db: Path) -> None:
+    """`replay --all --json` prints every replayed id, exit 0."""
+    ids = [letter.id for letter in letters_in(db)]
+    result = run("dead-letters", "replay", "--all", "--json", "--store", db)
+    assert (result.code, result.err) == (0, "")
+    assert result.json() == {"replayed": ids, "not_found": []}
+
+
 @pytest.mark.parametrize(
     "targets", [(), ("--all", "some-id")], ids=["neither ids nor --all", "both"]
 )
@@ -346,6 +474,23 @@ def test_purge_all_deletes_every_dead_letter_without_asking(db: Path) -> None:
     """`purge --all` asks nothing, deletes every dead letter and prints how many."""
     result = run("dead-letters", "purge", "--all", "--store", db)
     assert (result.code, result.out) == (0, "2 dead letters purged\n")
+    assert letters_in(db) == []
+
+
+def test_purge_json_prints_how_many(db: Path) -> None:
+    """`purge ID --json` prints how many dead letters were purged and the ids not found."""
+    first, second = letters_in(db)
+    result = run("dead-letters", "purge", first.id, "nope", "--json", "--store", db)
+    assert result.code == 1
+    assert result.json() == {"purged": 1, "not_found": ["nope"]}
+    assert [letter.id for letter in letters_in(db)] == [second.id]
+
+
+def test_purge_all_json_prints_how_many(db: Path) -> None:
+    """`purge --all --json` prints how many dead letters it deleted, exit 0."""
+    result = run("dead-letters", "purge", "--all", "--json", "--store", db)
+    assert (result.code, result.err) == (0, "")
+    assert result.json() == {"purged": 2, "not_found": []}
     assert letters_in(db) == []
 
 
@@ -426,6 +571,89 @@ def test_file_that_is_not_a_database_exits_2(tmp_path: Path) -> None:
     assert path.read_text() == "not a database, " * 100
 
 
+def one_line_error(result: Result) -> str:
+    """The single stderr line of a run that failed with a usage error, checked as such."""
+    assert (result.code, result.out) == (2, "")
+    [line] = result.err.splitlines()
+    assert result.err == f"{line}\n"
+    return line
+
+
+def files_in(directory: Path) -> dict[str, int]:
+    """Each file of *directory* with its size."""
+    return {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+
+
+def test_database_of_another_application_exits_2_and_is_left_alone(tmp_path: Path) -> None:
+    """A --store file that is some other application's SQLite database is a one-line usage
+    error naming the file; no table is added to it."""
+    path = tmp_path / "orders.sqlite3"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    before = path.read_bytes()
+    line = one_line_error(run("dead-letters", "list", "--store", path))
+    assert line == (
+        f"eventbus: error: {path} is an SQLite database of something else "
+        "(tables: customers), not an eventbus store"
+    )
+    assert path.read_bytes() == before
+
+
+def test_empty_file_is_not_an_eventbus_store_and_stays_empty(tmp_path: Path) -> None:
+    """A 0-byte --store file is reported as not an eventbus store and is left 0 bytes, with
+    no journal files beside it."""
+    path = tmp_path / "events.db"
+    path.touch()
+    line = one_line_error(run("dead-letters", "list", "--store", path))
+    assert line == f"eventbus: error: {path} is not an eventbus store: it is an empty database"
+    assert files_in(tmp_path) == {"events.db": 0}
+
+
+def test_directory_as_store_exits_2(tmp_path: Path) -> None:
+    """A --store path that is a directory is a one-line usage error saying so."""
+    line = one_line_error(run("status", "some-id", "--store", tmp_path))
+    assert line == (
+        f"eventbus: error: cannot open {tmp_path} as an eventbus store: it is a directory"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_store_of_a_newer_schema_exits_2(db: Path) -> None:
+    """A --store file written by a newer schema version is a one-line usage error that says
+    to upgrade eventbus, and the file is left as it was."""
+    from eventbus.stores.sqlite import SCHEMA_VERSION
+
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    line = one_line_error(run("dead-letters", "list", "--store", db))
+    assert line == (
+        f"eventbus: error: {db} was written with store schema version {SCHEMA_VERSION + 1}; "
+        f"this eventbus reads version {SCHEMA_VERSION}: upgrade eventbus"
+    )
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+def test_store_missing_an_eventbus_table_exits_2(db: Path) -> None:
+    """A --store file with only some of the eventbus tables is a one-line usage error naming
+    what is missing; nothing is created."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TABLE owners")
+    line = one_line_error(run("dead-letters", "list", "--store", db))
+    assert line == f"eventbus: error: {db} is not an eventbus store: tables missing: owners"
+    with closing(sqlite3.connect(db)) as conn:
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "owners" not in tables
+
+
+def test_not_a_database_error_is_one_line(tmp_path: Path) -> None:
+    """A --store file that is not SQLite at all gets one line on stderr, exit 2."""
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database, " * 100)
+    line = one_line_error(run("dead-letters", "list", "--store", path))
+    assert line.startswith(f"eventbus: error: cannot open {path} as an eventbus store: ")
+
+
 def test_help_goes_to_the_given_stdout_and_returns_0() -> None:
     """`--help` of a subcommand is written to the injected stdout and returns 0."""
     result = run("dead-letters", "replay", "--help")
@@ -457,3 +685,23 @@ def test_python_m_eventbus_help_runs_in_a_subprocess() -> None:
     assert result.stdout.startswith("usage: python -m eventbus")
     assert "dead-letters" in result.stdout
     assert "status" in result.stdout
+
+
+def test_python_m_eventbus_on_another_applications_database_exits_2(tmp_path: Path) -> None:
+    """The real command pointed at another application's SQLite file prints one line on
+    stderr, no traceback, and exits 2."""
+    path = tmp_path / "orders.sqlite3"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus", "dead-letters", "list", "--store", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"eventbus: error: {path} is an SQLite database of something else "
+        "(tables: customers), not an eventbus store\n"
+    )
