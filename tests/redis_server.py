@@ -2,8 +2,9 @@
 
 :class:`RedisServer` runs one server process with persistence off (``--save ''``,
 ``--appendonly no``), bound to 127.0.0.1 only. It can be stopped and started again on the same
-port, for connection-loss tests. :func:`redis_server_path` finds the executable, skipping the
-test when it is missing, except under CI (``CI`` set), where the tests must run and fail instead.
+port, for connection-loss tests, and paused (SIGSTOP) and resumed, for tests of a Redis that
+stops answering. :func:`redis_server_path` finds the executable, skipping the test when it is
+missing, except under CI (``CI`` set), where the tests must run and fail instead.
 
 Waiting here is for an external process to start or stop (a bounded loop of connection
 attempts with a deadline), never for work of the code under test.
@@ -134,12 +135,29 @@ class RedisServer:
             f"(exit code {returncode}); its log:\n{self.log()}"
         )
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): it keeps its port and connections, and the kernel still
+        accepts new ones, but it answers nothing, as a hung or swapped-out Redis would.
+        :meth:`resume` (or :meth:`stop`) lets it run again."""
+        if not self.running:
+            raise RuntimeError(f"redis-server on port {self.port} is not running")
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT); a no-op when it is not running."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
-        """Stop the server: SIGTERM, then SIGKILL if it has not exited in time. Idempotent."""
+        """Stop the server, paused or not: SIGTERM, then SIGKILL if it has not exited in time.
+        Idempotent."""
         process, self._process = self._process, None
         if process is None:
             return
         if process.poll() is None:
+            # A paused server handles SIGTERM only once it runs again.
+            process.send_signal(signal.SIGCONT)
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=STOP_DEADLINE)

@@ -200,7 +200,7 @@ def test_no_event_accepted_by_emit_is_lost_when_redis_restarts_or_drops_connecti
     counts = handled.counts
     duplicates = sum(counts.values()) - len(counts)
     refused_but_handled = refused & counts.keys()
-    print(  # shown with -s or on failure: the numbers the issue asks to measure
+    print(  # shown with -s or on failure: what the run measured
         f"\n{what}: attempted {producer.attempted}, accepted {len(accepted)} "
         f"({producer.accepted_when_restored} before the disruption ended), refused "
         f"{len(refused)}, handled {len(counts)} distinct, duplicates {duplicates}, refused "
@@ -322,7 +322,7 @@ def test_poison_event_is_dead_lettered_after_max_deliveries_with_consumers_kille
                 consumer.cleanup()
             client.close()
 
-    print(  # shown with -s or on failure: the numbers the issue asks to measure
+    print(  # shown with -s or on failure: what the run measured
         f"\npoison reached {poisoned} (exit codes {deaths}); dead-lettered by {current.name} "
         f"({dead_line}) {dead_lettered - started:.1f} s after start; dead entry {dead}; "
         f"{time.monotonic() - started:.1f} s in all"

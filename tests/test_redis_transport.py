@@ -1,10 +1,11 @@
 """RedisStreamsTransport against a real redis-server (started by tests/redis_server.py):
-publishing, consuming in groups, acknowledgement, take-over, dead-lettering, keeping entries
-fresh, trimming, connection loss, closing, and the ``once`` helper.
+publishing, consuming in groups, acknowledgement, take-over, dead-lettering (undecodable
+entries included), keeping entries fresh, trimming, connection loss, a Redis that stops
+answering (paused with SIGSTOP), ``ping()``, closing, and the ``once`` helper.
 
 Every test gets its own stream and group names. Synchronisation is by ``threading.Event``s
-set by handlers, ``drain()``, and bounded polls of Redis state (XPENDING, XLEN): nothing here
-sleeps to wait for work.
+set by handlers, ``drain()``, and bounded polls of Redis state (XPENDING, XLEN) and of
+captured log records: nothing here sleeps to wait for work.
 """
 
 from __future__ import annotations
@@ -489,6 +490,177 @@ def test_undecodable_entry_goes_to_the_dead_stream_and_the_bus_goes_on(
     wait_until(lambda: streams.pending() == 0, "both entries were acknowledged")
 
 
+def _raw_entry(**fields: str | bytes | None) -> dict[str, str | bytes]:
+    """A stream entry as the transport writes it, for an event ``order:placed``, with
+    *fields* replacing or adding fields, or removing those given as ``None``."""
+    entry: dict[str, str | bytes | None] = {
+        "id": f"raw-{uuid.uuid4().hex}",
+        "name": "order:placed",
+        "payload_type": "",
+        "payload": '{"order_id": 1}',
+        "metadata": "{}",
+        "occurred_at": datetime.now(UTC).isoformat(),
+        **fields,
+    }
+    return {key: value for key, value in entry.items() if value is not None}
+
+
+def test_non_utf8_entry_is_dead_lettered_and_the_rest_of_its_batch_delivered(
+    streams: Streams,
+) -> None:
+    """An entry whose bytes are not UTF-8, read in one batch with good entries, goes to the
+    dead stream with its fields backslash-escaped and a reason naming the field, and the good
+    entries are delivered and every entry acknowledged."""
+    bad_id = streams.redis.xadd(streams.stream, _raw_entry(payload=b'{"order_id": "\xff"}'))
+    producer = streams.bus()
+    good = [producer.emit("order:placed", {"order_id": n}).id for n in range(2)]
+    consumer = streams.bus()
+    received = Tally(expected=2)
+    consumer.subscribe("order:placed", received)
+    consumer.recover()  # reads the three entries in one XREADGROUP batch
+    received.wait("the good entries of the batch were delivered")
+    assert sorted(received.ids) == sorted(good)
+    [(_dead_id, fields)] = streams.dead_entries()
+    assert fields["entry_id"] == bad_id
+    assert fields["payload"] == '{"order_id": "\\xff"}'
+    assert fields["reason"].startswith("cannot decode: CodecError: field 'payload' is not UTF-8")
+    wait_until(lambda: streams.pending() == 0, "every entry of the batch was acknowledged")
+
+
+def test_non_utf8_entry_taken_over_is_dead_lettered_and_the_others_delivered(
+    streams: Streams,
+) -> None:
+    """recover() taking over a stopped consumer's entries dead-letters one that is not UTF-8
+    and delivers the others."""
+    raw = redis.Redis.from_url(streams.url)  # bytes: the bad entry cannot be read as text
+    try:
+        bad_id = streams.redis.xadd(streams.stream, _raw_entry(name=b"order:\xfe"))
+        good = streams.bus().emit("order:placed", {"order_id": 2})
+        reply = raw.xreadgroup(streams.group, "dead-consumer", {streams.stream: ">"}, count=10)
+    finally:
+        raw.close()
+    [(_stream, entries)] = reply
+    assert len(entries) == 2
+    for entry_id, _fields in entries:
+        streams.age("dead-consumer", entry_id.decode())
+    consumer = streams.bus(claim_idle=30)
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    assert consumer.recover() == 1
+    received.wait("the good taken-over entry was delivered")
+    assert received.ids == [good.id]
+    [(_dead_id, fields)] = streams.dead_entries()
+    assert fields["entry_id"] == bad_id
+    assert fields["name"] == "order:\\xfe"
+    assert fields["reason"].startswith("cannot decode: CodecError: field 'name' is not UTF-8")
+    wait_until(lambda: streams.pending() == 0, "both entries were acknowledged")
+
+
+MALICIOUS_NAME = "a:b\n[critical] FAKE\x1b[2J"
+
+
+def test_entry_with_a_malformed_name_is_dead_lettered_without_the_raw_name_in_the_log(
+    streams: Streams,
+) -> None:
+    """An entry whose name is not a valid event name goes to the dead stream (raw name kept
+    there), is logged with the name escaped, and the next entry is delivered."""
+    bad_id = streams.redis.xadd(streams.stream, _raw_entry(name=MALICIOUS_NAME))
+    good = streams.bus().emit("order:placed", {"order_id": 2})
+    consumer = streams.bus()
+    received = Tally()
+    consumer.subscribe("**", received)
+    with capture_logs() as logs:
+        consumer.recover()
+        received.wait("the good entry after the malformed one was delivered")
+        wait_until(lambda: streams.pending() == 0, "both entries were acknowledged")
+        assert consumer.drain(WAIT)
+    assert received.ids == [good.id]
+    [(_dead_id, fields)] = streams.dead_entries()
+    assert fields["entry_id"] == bad_id
+    assert fields["name"] == MALICIOUS_NAME
+    assert "invalid event name" in fields["reason"]
+    [dead] = [log for log in logs if log["event"] == "stream.dead_lettered"]
+    assert dead["entry_id"] == bad_id
+    assert dead["event_name"] == repr(MALICIOUS_NAME)
+    assert "invalid event name" in dead["reason"]
+    logged = [v for log in logs for v in log.values() if isinstance(v, str)]
+    assert [v for v in logged if "\n" in v or "\x1b" in v] == []
+    assert "event.unhandled" not in [log["event"] for log in logs]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"payload": None}, "entry has no 'payload' field"),
+        ({"id": ""}, "event id is empty"),
+        ({"name": ""}, "invalid event name"),
+        ({"metadata": "[1, 2]"}, "metadata must be a JSON object"),
+        ({"metadata": '{"a": 1}'}, "metadata 'a' is not a string"),
+        ({"occurred_at": "yesterday"}, "occurred_at is not an ISO 8601 timestamp"),
+        ({"occurred_at": "2024-01-01T00:00:00"}, "occurred_at has no time zone"),
+        ({"payload_type": "no.such.Type"}, "unknown type name"),
+    ],
+    ids=[
+        "missing-field",
+        "empty-id",
+        "empty-name",
+        "metadata-not-object",
+        "metadata-not-text",
+        "bad-timestamp",
+        "naive-timestamp",
+        "unknown-type",
+    ],
+)
+def test_undecodable_entry_is_dead_lettered_with_the_reason(
+    streams: Streams, fields: dict[str, str | None], reason: str
+) -> None:
+    """An entry the envelope refuses goes to the dead stream at once with a reason naming the
+    error, and the next entry is delivered."""
+    bad_id = streams.redis.xadd(streams.stream, _raw_entry(**fields))
+    good = streams.bus().emit("order:placed", {"order_id": 2})
+    consumer = streams.bus()
+    received = Tally()
+    consumer.subscribe("order:placed", received)
+    consumer.recover()
+    received.wait("the good entry after the undecodable one was delivered")
+    assert received.ids == [good.id]
+    [(_dead_id, dead)] = streams.dead_entries()
+    assert dead["entry_id"] == bad_id
+    assert dead["reason"].startswith("cannot decode: CodecError: ")
+    assert reason in dead["reason"]
+    wait_until(lambda: streams.pending() == 0, "both entries were acknowledged")
+
+
+def test_entry_whose_hand_over_fails_is_released_and_the_rest_of_its_batch_delivered(
+    streams: Streams,
+) -> None:
+    """When handing one entry of a batch over raises, the reader reports the error, delivers
+    the rest of the batch, and takes the failed entry over again after claim_idle."""
+    producer = streams.bus()
+    first, second = (producer.emit("tick", {"n": n}).id for n in range(2))
+    transport = streams.transport(claim_idle=0.3)
+    errors: list[BaseException] = []
+    transport.on_error = errors.append
+    lock = threading.Lock()
+    calls: Counter[str] = Counter()
+    done = threading.Event()
+
+    def deliver(event: Event, entry_id: str) -> None:
+        with lock:
+            calls[event.id] += 1
+            if event.id == first and calls[first] == 1:
+                raise RuntimeError("cannot take this one now")
+            if calls[first] == 2 and calls[second] == 1:
+                done.set()
+        transport.settled(entry_id)
+
+    transport.start(deliver)
+    assert done.wait(WAIT), f"deliveries so far: {dict(calls)}, errors: {errors}"
+    wait_until(lambda: streams.pending() == 0, "both entries were acknowledged")
+    assert [str(e) for e in errors] == ["cannot take this one now"]
+    assert calls == {first: 2, second: 1}
+
+
 # -- keeping in-flight entries fresh ---------------------------------------------------------
 
 
@@ -697,6 +869,113 @@ def test_running_consumer_resumes_after_redis_restarts_without_its_data(
         f"{own_streams.redis.xinfo_groups(own_streams.stream)}"
     )
     assert received.ids == [first.id, second.id]
+
+
+# -- a Redis that does not answer ------------------------------------------------------------
+
+#: socket_timeout of the tests below: short, so that they are quick.
+SOCKET_TIMEOUT = 0.5
+#: The documented bound on a producer command against a Redis that does not answer (connect,
+#: then the reply, each at most socket_timeout), plus slack for a loaded machine.
+PRODUCER_BOUND = 2 * SOCKET_TIMEOUT + 1.0
+
+
+@pytest.fixture
+def paused_later(own_server: RedisServer) -> Iterator[RedisServer]:
+    """The test's own server, which the test may pause; resumed afterwards in any case, so that
+    closing the test's buses and stopping the server do not wait on it."""
+    try:
+        yield own_server
+    finally:
+        own_server.resume()
+
+
+def test_emit_raises_transport_error_within_the_bound_while_redis_does_not_answer(
+    paused_later: RedisServer, own_streams: Streams
+) -> None:
+    """emit() against a Redis that stopped answering raises TransportError within twice
+    socket_timeout, on the connection it had and on a new one."""
+    producer = own_streams.bus(socket_timeout=SOCKET_TIMEOUT)
+    producer.emit("tick", {"n": 0})  # connected, group created
+    paused_later.pause()
+    durations = []
+    for n in (1, 2):  # the first times out on its open connection, the second connecting anew
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="could not publish 'tick'"):
+            producer.emit("tick", {"n": n})
+        durations.append(time.monotonic() - started)
+    paused_later.resume()
+    assert max(durations) < PRODUCER_BOUND, durations
+    producer.emit("tick", {"n": 3})  # answering again: emit works again
+
+
+def test_ping_raises_transport_error_while_redis_does_not_answer(
+    paused_later: RedisServer, own_streams: Streams
+) -> None:
+    """ping() returns None while Redis answers and raises TransportError within twice
+    socket_timeout once it stops answering."""
+    transport = own_streams.transport(socket_timeout=SOCKET_TIMEOUT)
+    assert transport.ping() is None
+    paused_later.pause()
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="did not answer PING"):
+        transport.ping()
+    assert time.monotonic() - started < PRODUCER_BOUND
+    paused_later.resume()
+    assert transport.ping() is None
+
+
+def test_ping_raises_transport_error_while_redis_is_down(
+    own_server: RedisServer, own_streams: Streams
+) -> None:
+    """ping() raises TransportError when nothing listens on Redis's port."""
+    transport = own_streams.transport(socket_timeout=SOCKET_TIMEOUT)
+    own_server.stop()
+    with pytest.raises(TransportError, match="did not answer PING"):
+        transport.ping()
+
+
+def test_reader_times_out_on_a_stalled_redis_and_resumes_afterwards(
+    paused_later: RedisServer, own_streams: Streams
+) -> None:
+    """A consumer's reader whose Redis stops answering reports a timeout within block +
+    socket_timeout (and some slack), and delivers again once Redis answers."""
+    # A short claim_idle: an XREADGROUP that timed out may still be run by Redis once it
+    # answers again, and hand the next entry to that closed connection; the entry is then
+    # pending for this consumer, which takes it over after claim_idle.
+    consumer = own_streams.bus(socket_timeout=SOCKET_TIMEOUT, claim_idle=1.0)
+    received = Tally(expected=2)
+    consumer.subscribe("tick", received)
+    consumer.recover()
+    producer = own_streams.bus(socket_timeout=SOCKET_TIMEOUT)
+    first = producer.emit("tick", {"n": 1})
+    wait_until(lambda: received.ids == [first.id], "the first event was delivered")
+    wait_until(lambda: own_streams.pending() == 0, "the first entry was acknowledged")
+    with capture_logs() as logs:
+        paused_at = time.monotonic()
+        paused_later.pause()
+        wait_until(
+            lambda: any(
+                log["event"] == "eventbus.internal_error" and "Timeout" in log["error"]
+                for log in logs
+            ),
+            "the reader reported the stalled connection",
+        )
+        reported_after = time.monotonic() - paused_at
+        paused_later.resume()
+        second = producer.emit("tick", {"n": 2})
+        received.wait("the second event was delivered after Redis answered again")
+    assert received.ids == [first.id, second.id]
+    assert reported_after < BLOCK + SOCKET_TIMEOUT + 1.0
+    errors = [log for log in logs if log["event"] == "eventbus.internal_error"]
+    assert {log["where"] for log in errors} == {"transport"}
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf")])
+def test_socket_timeout_must_be_a_positive_number_of_seconds(value: float) -> None:
+    """RedisStreamsTransport refuses a socket_timeout that is not a finite number > 0."""
+    with pytest.raises(ValueError, match="socket_timeout must be a finite number of seconds > 0"):
+        RedisStreamsTransport("redis://127.0.0.1:1/0", socket_timeout=value)
 
 
 # -- closing ---------------------------------------------------------------------------------

@@ -1,27 +1,31 @@
 """RedisStreamsTransport: the event flow of several processes through one Redis stream.
 
-The only module that imports ``redis``. Thread-safe: ``publish`` may be called from any thread;
-one reader thread per transport consumes the group.
+The only module that imports ``redis``. Thread-safe: ``publish`` and ``ping`` may be called from
+any thread; one reader thread per transport consumes the group.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from eventbus._envelope import Envelope, from_envelope, to_envelope
 from eventbus._event import Event, new_id
 from eventbus._registry import handler_name
 from eventbus.codec import JsonCodec
-from eventbus.exceptions import DuplicateInFlightError, TransportError
+from eventbus.exceptions import CodecError, DuplicateInFlightError, TransportError
 from eventbus.typing import HandlerT
 
 __all__ = ["RedisStreamsTransport"]
@@ -30,6 +34,13 @@ __all__ = ["RedisStreamsTransport"]
 Deliver = Callable[[Event, str], None]
 
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+#: The fields an entry must have to be decoded (``payload_type`` and ``metadata`` may be absent).
+_REQUIRED_FIELDS = ("id", "name", "payload", "occurred_at")
+
+#: Characters of one field, and of a reason, handed to ``on_dead`` (which the bus logs).
+_LOGGED_FIELD_LIMIT = 200
+_LOGGED_REASON_LIMIT = 1000
 
 
 class RedisStreamsTransport:
@@ -43,6 +54,18 @@ class RedisStreamsTransport:
     so a slow handler or a long backoff is not taken from it. An entry delivered more than
     ``max_deliveries`` times goes to the dead-letter stream ``dead_stream`` (default
     ``"<stream>:dead"``) with its delivery history, instead of looping.
+
+    An entry that cannot be decoded (fields that are not UTF-8, a missing field, bad JSON, an
+    invalid event name, metadata that is not an object of strings, a timestamp without a time
+    zone: anything the event decoding refuses) goes to the dead-letter stream at once, whether
+    read or taken over, and is acknowledged; the rest of its batch is delivered. Its fields
+    are kept as they were, bytes that are not UTF-8 written as backslash escapes (``\\xff``),
+    with a ``reason`` naming the error (``cannot decode: CodecError: ...``). ``on_dead`` (so
+    the bus's ``stream.dead_lettered`` record) gets the fields and the reason made safe for a
+    log line: cut to a few hundred characters, and written as a Python literal
+    (``'a:b\\n...'``) unless every character is printable. If handing one entry over fails
+    otherwise, the error goes to ``on_error``, the rest of the batch is delivered, and that
+    entry is left pending, to be taken over after ``claim_idle`` like a stopped consumer's.
 
     Options:
 
@@ -59,13 +82,23 @@ class RedisStreamsTransport:
       published; a group that nobody named before entries were trimmed does not see them.
     * ``codec``: how payloads become JSON, the same as the durable store's.
     * ``done_ttl``: how long :meth:`once` remembers that a handler succeeded for an event.
+    * ``socket_timeout``: seconds (default 5, a finite number > 0) that a command waits to
+      connect and, again, for Redis's reply. It bounds ``publish``, :meth:`ping`,
+      acknowledgements and upkeep: against a Redis that does not answer (hung, paused,
+      swapped out) each gives up within ``2 * socket_timeout``. Commands are not retried
+      inside the client, which would multiply that bound and could append a timed-out entry
+      twice. The reader's ``XREADGROUP`` waits ``block`` seconds on purpose, so its
+      connection allows ``block + socket_timeout`` for the reply.
 
     Connection loss: ``publish`` (so ``emit``) raises :class:`~eventbus.TransportError`; it
     never drops an event silently. When Redis was unreachable nothing was appended; when the
-    connection broke after the command was sent, the entry may have been appended anyway
-    (Redis ran it, the reply was lost), so a caller that publishes again may publish twice,
-    which consumers tolerate as they tolerate any redelivery. The reader reconnects with
-    backoff (0.1 s doubling to 5 s) and resumes; entries it held stay pending.
+    connection broke or timed out after the command was sent, the entry may have been appended
+    anyway (Redis ran it, or runs it once it answers again; the reply was lost), so a caller
+    that publishes again may publish twice, which consumers tolerate as they tolerate any
+    redelivery. The reader reports the error through ``on_error`` (the bus logs
+    ``eventbus.internal_error``), reconnects with backoff (0.1 s doubling to 5 s) and resumes;
+    entries it held stay pending. :meth:`ping` tells whether Redis answers now, for a health
+    check.
     """
 
     def __init__(
@@ -83,6 +116,7 @@ class RedisStreamsTransport:
         trim: bool = True,
         codec: JsonCodec | None = None,
         done_ttl: float = 7 * 24 * 3600,
+        socket_timeout: float = 5.0,
     ) -> None:
         for what, value in (("stream", stream), ("group", group)):
             if not isinstance(value, str) or not value:
@@ -91,6 +125,14 @@ class RedisStreamsTransport:
             raise ValueError("claim_idle and block must be > 0")
         if max_deliveries < 1 or batch < 1:
             raise ValueError("max_deliveries and batch must be at least 1")
+        if (
+            isinstance(socket_timeout, bool)
+            or not isinstance(socket_timeout, int | float)
+            or not (math.isfinite(socket_timeout) and socket_timeout > 0)
+        ):
+            raise ValueError(
+                f"socket_timeout must be a finite number of seconds > 0, got {socket_timeout!r}"
+            )
         self.url = url
         self.stream = stream
         self.group = group
@@ -100,12 +142,18 @@ class RedisStreamsTransport:
         self.claim_idle = claim_idle
         self.max_deliveries = max_deliveries
         self.done_ttl = int(done_ttl)
+        self.socket_timeout = float(socket_timeout)
         self._batch = batch
         self._block = block
         self._trim = trim
+        # Credentials left out of error messages, which may end up in logs or a health page.
+        self._where = _without_password(url)
         # Typed as Any: redis-py's command methods return "Awaitable[T] | T" unions shared
         # with its asyncio client, which would need a cast at every call.
-        self._redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None)
+        self._redis: Any = self._client(self.socket_timeout)
+        # The reader's own client: its XREADGROUP blocks for up to ``block`` by design, so only
+        # a reply later than that means Redis is not answering.
+        self._reader_redis: Any = self._client(block + self.socket_timeout)
         self._deliver: Deliver | None = None
         self._reader: threading.Thread | None = None
         self._refresher: threading.Thread | None = None
@@ -121,13 +169,27 @@ class RedisStreamsTransport:
         #: Called with how many entries of stopped consumers this one took over (when > 0).
         self.on_taken_over: Callable[[int], None] = lambda count: None
 
+    def _client(self, timeout: float) -> Any:
+        # No retries inside redis-py: its retries would stretch every bound documented in terms
+        # of socket_timeout, and a retried XADD that had only timed out appends the event again.
+        # A failed command raises instead: to publish()'s caller, or into the reader's backoff.
+        return redis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.socket_timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+
     # -- producing -----------------------------------------------------------------------
 
     def publish(self, event: Event) -> str:
-        """Append *event* to the stream; return the entry id. Raises ``TypeError`` for a
-        payload the codec cannot encode (nothing appended) and
-        :class:`~eventbus.TransportError` when Redis cannot be reached or the connection broke
-        (appended only if Redis ran the command before the break: see the class docs)."""
+        """Append *event* to the stream; return the entry id. Thread-safe. Blocks for at most
+        ``2 * socket_timeout`` (connecting, then the reply) when Redis does not answer.
+
+        Raises ``TypeError`` for a payload the codec cannot encode (nothing appended) and
+        :class:`~eventbus.TransportError` when Redis cannot be reached, the connection broke or
+        Redis did not answer within ``socket_timeout`` (appended only if Redis ran, or later
+        runs, the command: see the class docs)."""
         fields = self._encode(event)
         try:
             self._ensure_group()
@@ -138,12 +200,38 @@ class RedisStreamsTransport:
             ) from exc
         return _text(entry_id)
 
+    def ping(self) -> None:
+        """Return if Redis answers one ``PING`` (on the producer's connections) within
+        ``socket_timeout``; raise :class:`~eventbus.TransportError` if it does not, or
+        answers with an error. Thread-safe. Blocks for at most ``2 * socket_timeout``
+        (connecting, then the reply). Meant for health checks."""
+        try:
+            self._redis.ping()
+        except _CONNECTION_ERRORS as exc:
+            raise TransportError(
+                f"Redis at {self._where} did not answer PING within {self.socket_timeout:g} s: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        except redis.RedisError as exc:  # an error reply (say, NOAUTH): not healthy either
+            raise TransportError(
+                f"Redis at {self._where} answered PING with an error: {type(exc).__name__}: {exc}"
+            ) from exc
+
     def _encode(self, event: Event) -> dict[str, str]:
         envelope = to_envelope(self.codec, event)
         # A stream entry's fields are strings: plain JSON's missing type name is "".
         return {**envelope._asdict(), "payload_type": envelope.payload_type or ""}
 
-    def _decode(self, fields: Mapping[str, str]) -> Event:
+    def _decode(self, raw: Mapping[Any, Any] | None) -> Event:
+        """The event of an entry's fields as Redis hands them over (bytes). Raises
+        ``CodecError`` (a ``ValueError``) for fields that are not UTF-8, a missing field, or
+        anything :func:`from_envelope` refuses."""
+        fields = _utf8_fields(raw)
+        missing = [repr(name) for name in _REQUIRED_FIELDS if name not in fields]
+        if missing:
+            raise CodecError(
+                f"entry has no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}"
+            )
         return from_envelope(
             self.codec,
             Envelope(
@@ -173,7 +261,7 @@ class RedisStreamsTransport:
             if taken:
                 self.on_taken_over(taken)
         except _CONNECTION_ERRORS as exc:
-            raise TransportError(f"could not reach Redis at {self.url}: {exc}") from exc
+            raise TransportError(f"could not reach Redis at {self._where}: {exc}") from exc
         self._stop.clear()
         self._reader = threading.Thread(
             target=self._read_forever, name=f"eventbus-redis-{self.stream}", daemon=True
@@ -188,7 +276,9 @@ class RedisStreamsTransport:
         return taken
 
     def settled(self, entry_id: str) -> None:
-        """Acknowledge an entry whose local deliveries have all settled."""
+        """Acknowledge an entry whose local deliveries have all settled. Thread-safe; blocks
+        for at most ``2 * socket_timeout``; a failure is reported through ``on_error`` (the
+        entry then stays pending and is delivered again), never raised."""
         with self._lock:
             self._in_flight.discard(entry_id)
         try:
@@ -206,6 +296,7 @@ class RedisStreamsTransport:
                 thread.join(self._block + 5)
         self._reader = self._refresher = None
         self._redis.close()
+        self._reader_redis.close()
 
     def _ensure_group(self) -> None:
         if self._group_ready:
@@ -250,7 +341,7 @@ class RedisStreamsTransport:
                 self._stop.wait(min(5.0, 0.1 * 2 ** min(failures - 1, 6)))
 
     def _read_once(self) -> None:
-        response = self._redis.xreadgroup(
+        response = self._reader_redis.xreadgroup(
             self.group,
             self.consumer,
             {self.stream: ">"},
@@ -258,21 +349,55 @@ class RedisStreamsTransport:
             block=int(self._block * 1000),
         )
         for _stream, entries in response or []:
+            held = [(_text(entry_id), raw, 1) for entry_id, raw in entries]
             with self._lock:  # all of them held from now on, not only the one being handed
-                self._in_flight.update(_text(entry_id) for entry_id, _ in entries)
-            for entry_id, raw in entries:
-                self._hand_over(_text(entry_id), _fields(raw))
+                self._in_flight.update(entry_id for entry_id, _raw, _n in held)
+            self._hand_over_all(held)
 
-    def _hand_over(self, entry_id: str, fields: Mapping[str, str]) -> None:
-        """Decode an entry this consumer already holds (in ``_in_flight``) and deliver it."""
+    def _hand_over_all(self, entries: list[tuple[str, Any, int]]) -> int:
+        """Hand over each (entry id, raw fields, deliveries) this consumer holds (in
+        ``_in_flight``); return how many reached ``deliver``.
+
+        One entry's failure (``deliver`` raised, dead-lettering failed) is reported through
+        ``on_error`` and that entry released, the rest go on. A lost connection releases the
+        rest too and raises, into the caller's handling of lost connections."""
+        delivered = 0
+        for index, (entry_id, raw, deliveries) in enumerate(entries):
+            try:
+                if self._hand_over(entry_id, raw, deliveries):
+                    delivered += 1
+            except _CONNECTION_ERRORS:
+                self._release(held for held, _raw, _n in entries[index:])
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported; the rest of the batch goes on
+                self._release([entry_id])
+                self.on_error(exc)
+        return delivered
+
+    def _hand_over(self, entry_id: str, raw: Mapping[Any, Any] | None, deliveries: int) -> bool:
+        """Deliver an entry this consumer holds, or move it to the dead stream if it was
+        delivered too often or cannot be decoded. Returns whether it was delivered."""
+        if deliveries > self.max_deliveries:
+            reason = f"delivered {deliveries} times"
+            self._dead_letter(entry_id, _lenient_fields(raw), reason, deliveries)
+            return False
         try:
-            event = self._decode(fields)
+            event = self._decode(raw)
         except Exception as exc:  # noqa: BLE001 - quarantined, the stream goes on
-            self._dead_letter(entry_id, fields, f"cannot decode: {type(exc).__name__}: {exc}")
-            return
+            reason = f"cannot decode: {type(exc).__name__}: {exc}"
+            self._dead_letter(entry_id, _lenient_fields(raw), reason, deliveries)
+            return False
         deliver = self._deliver
         assert deliver is not None
         deliver(event, entry_id)
+        return True
+
+    def _release(self, entry_ids: Iterable[str]) -> None:
+        # No longer kept fresh: once idle for claim_idle the entries are taken over (by this
+        # consumer or another), which counts a delivery, so one that always fails ends up in
+        # the dead stream instead of being held, unread, for ever.
+        with self._lock:
+            self._in_flight.difference_update(entry_ids)
 
     # -- upkeep: take over, keep fresh, dead-letter, trim ----------------------------------
 
@@ -302,17 +427,13 @@ class RedisStreamsTransport:
                 # not handed over twice; the rest are held from now on.
                 mine = self._in_flight.intersection(ids)
                 self._in_flight.update(ids)
-            for entry in entries:
-                entry_id, raw = _text(entry[0]), entry[1]
-                if entry_id in mine:
-                    continue
-                fields = _fields(raw)
-                deliveries = counts.get(entry_id, 1)
-                if deliveries > self.max_deliveries:
-                    self._dead_letter(entry_id, fields, f"delivered {deliveries} times", deliveries)
-                    continue
-                self._hand_over(entry_id, fields)
-                handed += 1
+            handed += self._hand_over_all(
+                [
+                    (entry_id, entry[1], counts.get(entry_id, 1))
+                    for entry_id, entry in zip(ids, entries, strict=True)
+                    if entry_id not in mine
+                ]
+            )
             if start == "0-0":
                 return handed
 
@@ -331,8 +452,10 @@ class RedisStreamsTransport:
         return counts
 
     def _dead_letter(
-        self, entry_id: str, fields: Mapping[str, str], reason: str, deliveries: int = 1
+        self, entry_id: str, fields: Mapping[str, str], reason: str, deliveries: int
     ) -> None:
+        """Move a held entry to the dead stream and acknowledge it (one transaction), then
+        tell ``on_dead``, with the fields and reason made safe for a log line."""
         history = {
             **fields,
             "entry_id": entry_id,
@@ -348,7 +471,11 @@ class RedisStreamsTransport:
         pipe.execute()
         with self._lock:
             self._in_flight.discard(entry_id)
-        self.on_dead(entry_id, history, reason)
+        loggable = {
+            _loggable(key, _LOGGED_FIELD_LIMIT): _loggable(value, _LOGGED_FIELD_LIMIT)
+            for key, value in history.items()
+        }
+        self.on_dead(entry_id, loggable, _loggable(reason, _LOGGED_REASON_LIMIT))
 
     def trim(self) -> int:
         """Delete entries every group has acknowledged; return how many were deleted.
@@ -360,7 +487,7 @@ class RedisStreamsTransport:
             return 0
         keep_from: list[str] = []
         for info in groups:
-            name = _text(info["name"])
+            name = info["name"]  # as Redis has it: a name that is not UTF-8 still works
             keep_from.append(_text(info["last-delivered-id"]))
             if int(info["pending"]):
                 summary = self._redis.xpending(self.stream, name)
@@ -418,13 +545,57 @@ class RedisStreamsTransport:
         return f"<RedisStreamsTransport {self.stream!r} group={self.group!r}>"
 
 
-def _fields(raw: Mapping[Any, Any] | None) -> dict[str, str]:
-    """An entry's fields as text (redis-py hands them over as bytes)."""
-    return {_text(k): _text(v) for k, v in (raw or {}).items()}
+def _utf8_fields(raw: Mapping[Any, Any] | None) -> dict[str, str]:
+    """An entry's fields as text (redis-py hands them over as bytes). Raises ``CodecError``
+    naming the first field that is not UTF-8."""
+    fields: dict[str, str] = {}
+    for key, value in (raw or {}).items():
+        name = _utf8(key, f"field name {_lenient(key)!r}")
+        fields[name] = _utf8(value, f"field {name!r}")
+    return fields
+
+
+def _utf8(value: Any, what: str) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CodecError(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+
+
+def _lenient_fields(raw: Mapping[Any, Any] | None) -> dict[str, str]:
+    """An entry's fields as text whatever their bytes: what is not UTF-8 becomes backslash
+    escapes (``\\xff``), so that a dead-letter record keeps all that can be kept."""
+    return {_lenient(key): _lenient(value) for key, value in (raw or {}).items()}
+
+
+def _lenient(value: Any) -> str:
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def _loggable(text: str, limit: int) -> str:
+    """*text* fit for one field of a log record: cut to *limit* characters, and written as a
+    Python literal (quotes, backslash escapes) unless every character is printable, so that
+    text read from the stream cannot forge log lines or send terminal escape sequences."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text if text.isprintable() else repr(text)
 
 
 def _text(value: Any) -> str:
+    """An entry id, or other text Redis itself made, as ``str`` (always ASCII)."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _without_password(url: str) -> str:
+    """*url* with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
