@@ -1,4 +1,5 @@
 """Runnable examples for eventbus; run them from the repository root.
 
-``python -m examples.order_service demo`` (or ``make example``) is the place to start.
+``make example`` (which creates ``.venv``), then ``.venv/bin/python -m examples.order_service
+demo``, is the place to start.
 """

@@ -1,4 +1,5 @@
-"""The order-service demo: its summary agrees with the bus's own records, and the command runs."""
+"""The order-service demo: its summary agrees with the bus's own records, and the command runs.
+The example's README, the story users read first, is held to the commands that work."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from examples.order_service.demo import HandlerStats, demo_settings, run_demo
 from examples.order_service.handlers import (
@@ -19,7 +22,7 @@ from examples.order_service.handlers import (
     TRACK_ANALYTICS,
     UPDATE_ORDER_STATUS,
 )
-from examples.order_service.wiring import build_app
+from examples.order_service.wiring import build_app, display_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,3 +126,55 @@ def _rows(stats: dict[str, HandlerStats]) -> dict[str, tuple[str | int, ...]]:
         name: (s.handler, s.deliveries, s.succeeded, s.retried, s.dead_lettered, s.attempts)
         for name, s in stats.items()
     }
+
+
+EXAMPLE_DIR = ROOT / "examples" / "order_service"
+README = EXAMPLE_DIR / "README.md"
+
+
+def _console_commands(text: str) -> list[str]:
+    """The commands (after ``$ ``) of a Markdown text's ``console`` blocks."""
+    blocks = re.findall(r"```console\n(.*?)```", text, flags=re.DOTALL)
+    return [line[2:] for block in blocks for line in block.splitlines() if line.startswith("$ ")]
+
+
+def test_readme_runs_python_from_the_virtual_environment() -> None:
+    """Every Python command the example's README shows, in its console blocks and in its
+    text, runs the virtual environment's interpreter (.venv/bin/python or .venv/bin/pytest),
+    never a bare `python` that has no eventbus outside that environment."""
+    text = README.read_text()
+    commands = [c for c in _console_commands(text) if re.search(r"\b(python|pytest)\b", c)]
+    assert len(commands) > 10
+    bare = [c for c in commands if not c.startswith((".venv/bin/python -m ", ".venv/bin/pytest "))]
+    # A one-off script to make a test body is plain python3, outside the example's commands.
+    assert [c for c in bare if not c.startswith("python3 -c ")] == []
+    assert re.findall(r"(?<![/\w])(?:python|pytest) (?:-m )?[\w.]+", text) == []
+
+
+def test_readme_starts_from_a_clean_var_directory() -> None:
+    """The README gives the command that empties examples/order_service/var before a run."""
+    assert "rm -rf examples/order_service/var" in _console_commands(README.read_text())
+
+
+def test_example_text_speaks_of_the_product_only() -> None:
+    """The example's README and sources name no local absolute path, no issue number and no
+    host name of a machine a run happened on (consumer names use the placeholder myhost)."""
+    texts = {path: path.read_text() for path in sorted(EXAMPLE_DIR.glob("*.py"))}
+    texts[README] = README.read_text()
+    for path, text in texts.items():
+        assert not re.search(r"(?<![\w.])/(?:work|home|root|Users|tmp)/", text), path
+        assert not re.search(r"\bissues? ?#?\d+", text, flags=re.IGNORECASE), path
+    hosts = re.findall(r"(?:name  |consumer=)([\w.-]+):\d+:", texts[README])
+    assert hosts
+    assert set(hosts) == {"myhost"}
+
+
+def test_commands_print_paths_relative_to_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths under the current directory are printed relative to it (what the README shows
+    when run from the repository root); others stay as they are."""
+    monkeypatch.chdir(tmp_path)
+    assert display_path(tmp_path / "var" / "orders.sqlite3") == "var/orders.sqlite3"
+    assert display_path("/elsewhere/orders.sqlite3") == "/elsewhere/orders.sqlite3"
+    assert display_path(":memory:") == ":memory:"

@@ -1,6 +1,7 @@
 """The order service is durable: a server killed with SIGKILL mid-burst is restarted, and every
 order's handlers end succeeded or as dead letters. Also: the events survive the store's JSON
-codec, and orders saved without their event get it at the next start."""
+codec, orders saved without their event get it at the next start, and the ``burst`` and
+``check`` helpers fail with one clear line and an exit status instead of a traceback."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import tenacity
 
 from eventbus.codec import JsonCodec
 from eventbus.stores import SQLiteStore
+from examples.order_service.__main__ import main
 from examples.order_service.burst import BurstOrder, order_body, place_burst, save_burst
 from examples.order_service.domain import LineItem, Order, OrderCreated, OrderShipped
 from examples.order_service.handlers import (
@@ -292,3 +294,49 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=SETTLE_DEADLINE + 30,
         check=False,
     )
+
+
+def _one_error_line(stderr: str, command: str) -> str:
+    """The single line a failing command printed on stderr, checked to be no traceback."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert f"-m examples.order_service {command}: error: " in lines[0]
+    return lines[0]
+
+
+def test_burst_at_a_stopped_server_prints_one_line_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`burst` against a URL where no server listens prints one error line on stderr that
+    names the URL and suggests starting `serve`, and exits 1."""
+    url = f"http://127.0.0.1:{free_port()}"
+    status = main(["burst", "--url", url, "--orders", "2", "--save", str(tmp_path / "b.json")])
+    assert status == 1
+    line = _one_error_line(capsys.readouterr().err, "burst")
+    assert f"cannot reach the server at {url}" in line
+    assert "serve" in line
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_check_without_a_burst_file_or_event_store_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` without the file `burst` saves, or with it but no event store, prints one
+    error line saying what to run or pass, and exits 2 (a usage problem)."""
+    burst_file = tmp_path / "burst.json"
+    events = tmp_path / "events.sqlite3"
+    args = ["check", "--burst", str(burst_file), "--events", str(events)]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err, "check")
+    assert f"no burst file at {burst_file}" in line
+    assert "run `burst` first" in line
+
+    burst_file.write_text("{not json")
+    assert main(args) == 2
+    assert "is not a file `burst` saved" in _one_error_line(capsys.readouterr().err, "check")
+
+    save_burst(burst_file, [BurstOrder("ord_1", "event-1")])
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err, "check")
+    assert f"no event store at {events}" in line

@@ -1,6 +1,7 @@
 """The order service split into processes through a real Redis: one API process that only
 publishes, two worker processes that compete for the stream. Every order's handlers run exactly
-once in total across the workers.
+once in total across the workers. While Redis is down the API saves nothing and says so (503),
+and a worker started without Redis exits with one line.
 
 Needs ``redis-server`` (Debian: ``apt-get install redis-server``); skipped without it, unless
 the ``CI`` environment variable is set, where a missing server is a failure.
@@ -8,6 +9,7 @@ the ``CI`` environment variable is set, where a missing server is a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from examples.order_service.__main__ import main
 from examples.order_service.burst import order_body
 from examples.order_service.handlers import (
     AUDIT_LOG,
@@ -34,6 +38,9 @@ from examples.order_service.handlers import (
     TRACK_ANALYTICS,
     UPDATE_ORDER_STATUS,
 )
+from examples.order_service.web import create_app
+from examples.order_service.wiring import Settings, build_app
+from tests.redis_server import RedisServer
 from tests.test_example_server import call, free_port, wait_until_listening
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,3 +285,65 @@ def test_api_and_two_workers_handle_every_order_exactly_once(
     # in a burst this small, so it is not asserted).
     shares = Counter(name for outcomes in settled.values() for name, _ in outcomes)
     print(f"deliveries per worker: {dict(shares)}")
+
+
+def test_api_answers_503_while_redis_is_down_and_201_once_it_is_back(tmp_path: Path) -> None:
+    """While Redis is stopped the API answers 503 to a new order and saves nothing, and
+    /api/health says "degraded"; once Redis is back both answer as before, and the stream
+    holds exactly the events of the saved orders."""
+    settings = Settings(
+        db_path=tmp_path / "orders.sqlite3", outbox_dir=tmp_path / "outbox", latency=0.0
+    )
+    with RedisServer(persistent=True) as server:
+        settings = dataclasses.replace(settings, redis_url=server.url)
+        with build_app(settings) as app:
+            client = create_app(app).test_client()
+            assert client.get("/api/health").get_json() == {
+                "status": "ok",
+                "transport": "reachable",
+            }
+            first = client.post("/api/orders", json=order_body(0))
+            assert first.status_code == 201
+
+            server.stop()
+            down = client.post("/api/orders", json=order_body(1))
+            assert down.status_code == 503
+            assert "nothing was saved" in down.get_json()["error"]
+            assert app.repository.count() == 1
+            health = client.get("/api/health")
+            assert health.status_code == 503
+            assert health.get_json()["status"] == "degraded"
+            assert health.get_json()["transport"].startswith("unreachable: ")
+
+            server.start()
+            assert client.get("/api/health").status_code == 200
+            again = client.post("/api/orders", json=order_body(2))
+            assert again.status_code == 201
+            assert app.repository.count() == 2
+
+        reader = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            published = [fields["id"] for _, fields in reader.xrange(settings.redis_stream)]
+        finally:
+            reader.close()
+    assert published == [first.get_json()["event_id"], again.get_json()["event_id"]]
+
+
+def test_worker_with_redis_down_prints_one_line_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`worker --redis URL` with nothing listening there prints one error line on stderr,
+    naming the URL, and exits 1; a URL that is not a Redis URL exits 2."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    files = ["--db", str(tmp_path / "orders.sqlite3"), "--outbox", str(tmp_path / "outbox")]
+    assert main(["worker", "--redis", url, *files]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "-m examples.order_service worker: error: " in lines[0]
+    assert "127.0.0.1" in lines[0]
+    assert lines[0].endswith("(is redis-server running?)")
+
+    assert main(["worker", "--redis", "http://localhost:6379", *files]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "not a Redis URL" in lines[0]

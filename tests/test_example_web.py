@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from eventbus.testing import EventRecorder
+from examples.order_service.domain import LineItem, Order
+from examples.order_service.fakes import Mailer, OutboxMailer
 from examples.order_service.handlers import (
     AUDIT_LOG,
     NOTIFY_WAREHOUSE,
@@ -24,9 +27,9 @@ from examples.order_service.handlers import (
     TRACK_ANALYTICS,
     UPDATE_ORDER_STATUS,
 )
-from examples.order_service.services import Mailer, OutboxMailer
-from examples.order_service.web import create_app
+from examples.order_service.web import MAX_BODY_BYTES, MAX_JSON_DEPTH, create_app
 from examples.order_service.wiring import OrderApp, Settings, build_app
+from tests.redis_server import free_port
 
 DRAIN = 5.0  # seconds: generous; a healthy run drains in milliseconds
 ADA = {"email": "ada@example.com", "items": [{"sku": "KB-101", "quantity": 1}]}
@@ -357,3 +360,115 @@ def test_a_closed_service_answers_503(client: FlaskClient, orders_app: OrderApp)
     orders_app.close()
     assert client.get("/api/health").status_code == 503
     assert client.post("/api/orders", json=ADA).status_code == 503
+
+
+def _nested(depth: int) -> str:
+    """An order whose email is wrapped in *depth* - 1 arrays: *depth* levels in all."""
+    arrays = depth - 1
+    return '{"email": ' + "[" * arrays + '"a@example.com"' + "]" * arrays + ', "items": []}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[" * 30_000 + "]" * 30_000,  # 60,000 bytes: within the size limit
+        _nested(MAX_JSON_DEPTH + 1),
+        '{"email": "a@example.com", "items": [' + '{"x": ' * 8_000 + "}" * 8_000 + "]}",
+    ],
+    ids=["30000-deep-array", "one-level-too-deep", "deep-objects"],
+)
+def test_too_deeply_nested_bodies_get_400_and_save_nothing(
+    client: FlaskClient, orders_app: OrderApp, body: str
+) -> None:
+    """A JSON body nested deeper than MAX_JSON_DEPTH gets a 400 naming the limit (not a 500
+    from the parser's recursion), and no order is saved and no event emitted."""
+    with EventRecorder(orders_app.bus) as recorder:
+        response = client.post("/api/orders", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert f"nested more than {MAX_JSON_DEPTH} levels" in response.get_json()["error"]
+    assert recorder.events == []
+    assert orders_app.repository.count() == 0
+
+
+def test_nesting_up_to_the_limit_and_brackets_in_strings_reach_validation(
+    client: FlaskClient,
+) -> None:
+    """A body exactly MAX_JSON_DEPTH deep is parsed (and fails validation, 400 for a field),
+    and brackets inside strings do not count as nesting."""
+    deepest = client.post(
+        "/api/orders", data=_nested(MAX_JSON_DEPTH), content_type="application/json"
+    )
+    assert deepest.status_code == 400
+    assert deepest.get_json()["fields"]["email"].startswith("must be an email")
+    bracketed = {"email": "ada@example.com", "items": [{"sku": "[" * 40 + "{", "quantity": 1}]}
+    response = client.post("/api/orders", json=bracketed)
+    assert response.status_code == 400
+    assert set(response.get_json()["fields"]) == {"items[0].sku"}  # too long, not too deep
+
+
+PREFIX = '{"email": "ada@example.com", "items": [{"sku": "KB-101", "quantity": 1}], "pad": "'
+
+
+def _padded(size: int) -> str:
+    """A valid order of exactly *size* bytes, padded with an extra field."""
+    return PREFIX + "x" * (size - len(PREFIX) - 2) + '"}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [_padded(MAX_BODY_BYTES + 1), _padded(20 * 1024 * 1024), "[" * 100_000 + "]" * 100_000],
+    ids=["one-byte-over", "20MB-order", "100000-deep-array"],
+)
+def test_bodies_over_the_size_limit_get_413_and_save_nothing(
+    client: FlaskClient, orders_app: OrderApp, body: str
+) -> None:
+    """A body larger than MAX_BODY_BYTES gets a 413 with a JSON error naming the limit, even
+    when the order in it is valid, and nothing is saved or emitted."""
+    with EventRecorder(orders_app.bus) as recorder:
+        response = client.post("/api/orders", data=body, content_type="application/json")
+    assert response.status_code == 413
+    assert response.get_json() == {"error": f"request body is larger than {MAX_BODY_BYTES} bytes"}
+    assert recorder.events == []
+    assert orders_app.repository.count() == 0
+    fits = _padded(MAX_BODY_BYTES)
+    assert client.post("/api/orders", data=fits, content_type="application/json").status_code == 201
+
+
+def test_redis_mode_with_redis_down_answers_503_saves_nothing_and_health_says_so(
+    tmp_path: Path,
+) -> None:
+    """In redis mode with nothing listening at the Redis URL, a new order and a shipment get
+    503 with Retry-After, the order is rolled back (the shipped one stays placed), and
+    /api/health answers 503 "degraded" naming the unreachable transport."""
+    settings = Settings(
+        db_path=tmp_path / "orders.sqlite3",
+        outbox_dir=tmp_path / "outbox",
+        latency=0.0,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    with build_app(settings) as app:
+        client = create_app(app).test_client()
+        response = client.post("/api/orders", json=ADA)
+        assert response.status_code == 503
+        assert "Redis" in response.get_json()["error"]
+        assert "nothing was saved" in response.get_json()["error"]
+        assert response.headers["Retry-After"].isdigit()
+        assert app.repository.count() == 0
+
+        placed = Order(
+            id="ord_placed",
+            customer_email="ada@example.com",
+            items=(LineItem("KB-101", 1),),
+            status="placed",
+            created_at=datetime.now(UTC),
+        )
+        app.repository.add(placed)
+        assert client.post("/api/orders/ord_placed/ship").status_code == 503
+        assert app.orders.get_order("ord_placed").status == "placed"
+        assert app.orders.get_order("ord_placed").tracking_number is None
+
+        health = client.get("/api/health")
+        assert health.status_code == 503
+        body = health.get_json()
+        assert body["status"] == "degraded"
+        assert body["transport"].startswith("unreachable: ")

@@ -1,4 +1,5 @@
-"""Command line: ``python -m examples.order_service COMMAND [options]`` (from the repo root).
+"""Command line: ``.venv/bin/python -m examples.order_service COMMAND [options]``, from the
+repository root (``make example`` creates ``.venv``).
 
 * ``demo``: place orders, ship some, drain, print a per-handler summary and the dead letters.
 * ``serve``: the HTTP API (``--port``, default 8000) until Ctrl-C or SIGTERM; durable: its
@@ -7,28 +8,57 @@
 * ``check``: where the burst's handlers stand, read from the event store (``--wait``).
 * ``serve --redis URL`` and ``worker --redis URL``: the API and the handlers as separate
   processes sharing one Redis stream (and the orders database); see ``worker.py``.
+
+A command that cannot do its job prints one line, ``<prog> <command>: error: <what to do>``,
+on stderr and exits with :data:`EXIT_USAGE` (2: a bad option, a missing file) or
+:data:`EXIT_FAILURE` (1: the server or Redis cannot be reached).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from examples.order_service.burst import check, load_burst, place_burst, save_burst
+from eventbus import TransportError
+from examples.order_service.burst import BurstError, check, load_burst, place_burst, save_burst
 from examples.order_service.demo import DEMO_BACKOFF, demo_settings, remove_store, run_demo
 from examples.order_service.logging_setup import configure_logging
 from examples.order_service.server import serve
-from examples.order_service.wiring import EVENTS_FILE, VAR_DIR, Settings, build_app
+from examples.order_service.wiring import (
+    EVENTS_FILE,
+    VAR_DIR,
+    Settings,
+    build_app,
+    display_path,
+    python_command,
+)
 from examples.order_service.worker import run_worker
 
 BURST_FILE = VAR_DIR / "burst.json"
+#: Exit statuses besides 0: a usage or configuration problem, and a failure to do the job.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class CommandError(Exception):
+    """A command cannot do its job: a one-line message for stderr, and the exit status."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def _prog() -> str:
+    return f"{python_command()} -m examples.order_service"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m examples.order_service",
+        prog=_prog(),
         description="The eventbus order-service example.",
     )
     common = argparse.ArgumentParser(add_help=False)
@@ -126,15 +156,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command *argv* names (default: ``sys.argv``); return the exit status."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except CommandError as error:
+        print(f"{_prog()} {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return error.exit_status
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "burst":
-        print(f"Placing {args.orders} orders through {args.url}:", flush=True)
-        orders = place_burst(args.url, args.orders, sys.stdout)
-        save_burst(args.save, orders)
-        print(f"{len(orders)} orders placed; their ids are in {args.save}", flush=True)
-        return 0
+        return _burst(args)
     if args.command == "check":
-        return 0 if check(args.events, load_burst(args.burst), sys.stdout, wait=args.wait) else 1
+        try:
+            orders = load_burst(args.burst)
+            settled = check(args.events, orders, sys.stdout, wait=args.wait)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        return 0 if settled else EXIT_FAILURE
+    if getattr(args, "redis", None) is not None:
+        _check_redis_url(args.redis)
     configure_logging(json=args.json, level=args.log_level, tracebacks=args.tracebacks)
     if args.command == "demo":
         settings = demo_settings(
@@ -145,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_demo(app, sys.stdout)
         return 0 if result.drained else 1
     if args.command == "worker":
-        return run_worker(
+        return _worker(
             Settings(
                 db_path=args.db,
                 outbox_dir=args.outbox,
@@ -169,6 +211,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         claim_idle=args.claim_idle,
     )
     return serve(settings, host=args.host, port=args.port)
+
+
+def _burst(args: argparse.Namespace) -> int:
+    print(f"Placing {args.orders} orders through {args.url}:", flush=True)
+    try:
+        orders = place_burst(args.url, args.orders, sys.stdout)
+    except BurstError as exc:
+        if exc.placed:
+            save_burst(args.save, exc.placed)
+        raise CommandError(str(exc), EXIT_FAILURE) from None
+    save_burst(args.save, orders)
+    print(f"{len(orders)} orders placed; their ids are in {display_path(args.save)}", flush=True)
+    return 0
+
+
+def _worker(settings: Settings) -> int:
+    try:
+        return run_worker(settings)
+    except TransportError as exc:
+        message = str(exc).rstrip(".")
+        raise CommandError(f"{message} (is redis-server running?)", EXIT_FAILURE) from None
+
+
+def _check_redis_url(url: str) -> None:
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in _REDIS_SCHEMES:
+        expected = ", ".join(f"{s}://" for s in _REDIS_SCHEMES)
+        raise CommandError(
+            f"--redis {url!r}: not a Redis URL (expected {expected}, e.g. "
+            "redis://localhost:6379/0)",
+            EXIT_USAGE,
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@
 The story: ``serve --latency 10`` (slow fakes), ``burst``, ``kill -9`` the server while the
 handlers run, ``check`` (deliveries stuck ``running``/``pending``), start ``serve`` again
 (``app.recovered`` says how many it took over), ``check --wait 60``, then
-``python -m eventbus dead-letters list --store examples/order_service/var/events.sqlite3``.
+``.venv/bin/python -m eventbus dead-letters list --store
+examples/order_service/var/events.sqlite3``.
+
+Problems are exceptions with a one-line message for the command line: :class:`BurstError`
+when the server cannot be reached or refuses an order, ``FileNotFoundError`` or
+``ValueError`` when ``check`` has no burst file or event store to read.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -29,8 +35,17 @@ from typing import Any, TextIO
 from eventbus import Delivery
 from eventbus.stores import SQLiteStore
 from examples.order_service.handlers import ALL_HANDLERS
+from examples.order_service.wiring import display_path, python_command
 
-__all__ = ["BurstOrder", "check", "load_burst", "order_body", "place_burst"]
+__all__ = [
+    "BurstError",
+    "BurstOrder",
+    "check",
+    "load_burst",
+    "order_body",
+    "place_burst",
+    "save_burst",
+]
 
 _SETTLED = frozenset({"succeeded", "dead"})
 #: The burst cycles through these carts: clean, hot stock row, clean, unknown SKU, clean.
@@ -53,6 +68,15 @@ class BurstOrder:
     event_id: str
 
 
+class BurstError(Exception):
+    """The burst stopped: the server could not be reached or did not accept an order.
+    ``placed`` holds the orders placed before that."""
+
+    def __init__(self, message: str, placed: Sequence[BurstOrder]) -> None:
+        super().__init__(message)
+        self.placed = list(placed)
+
+
 def order_body(index: int) -> dict[str, Any]:
     """The JSON body of the burst's *index*-th order."""
     cart = _CARTS[index % len(_CARTS)]
@@ -63,7 +87,10 @@ def order_body(index: int) -> dict[str, Any]:
 
 
 def place_burst(url: str, count: int, out: TextIO | None = None) -> list[BurstOrder]:
-    """POST *count* orders to the server at *url*, one after the other; return them."""
+    """POST *count* orders to the server at *url*, one after the other; return them.
+
+    Raises :class:`BurstError` if the server cannot be reached or answers anything but 201.
+    """
     placed: list[BurstOrder] = []
     for index in range(count):
         request = urllib.request.Request(
@@ -72,8 +99,24 @@ def place_burst(url: str, count: int, out: TextIO | None = None) -> list[BurstOr
             method="POST",
             headers={"Content-Type": "application/json", "X-Request-ID": f"burst-{index + 1}"},
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = json.loads(response.read())
+        which = f"order {index + 1} of {count}"
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                reason = _error_message(exc.read())
+            raise BurstError(f"{which}: {url} answered {exc.code}: {reason}", placed) from None
+        except OSError as exc:  # URLError, refused or reset connections, timeouts
+            reason = getattr(exc, "reason", None) or exc
+            raise BurstError(
+                f"{which}: cannot reach the server at {url} ({reason}); is `serve` running?",
+                placed,
+            ) from None
+        except ValueError as exc:
+            raise BurstError(
+                f"{which}: {url} answered something not JSON ({exc})", placed
+            ) from None
         order = BurstOrder(body["order"]["id"], body["event_id"])
         placed.append(order)
         if out is not None:
@@ -89,7 +132,25 @@ def save_burst(path: Path, orders: Sequence[BurstOrder]) -> None:
 
 
 def load_burst(path: Path) -> list[BurstOrder]:
-    return [BurstOrder(row["order_id"], row["event_id"]) for row in json.loads(path.read_text())]
+    """The orders :func:`save_burst` wrote to *path*. Raises ``FileNotFoundError`` and
+    ``ValueError`` (not a burst file) with a message that says what to do."""
+    try:
+        rows = json.loads(path.read_text())
+        return [BurstOrder(str(row["order_id"]), str(row["event_id"])) for row in rows]
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no burst file at {display_path(path)}: run `burst` first, or pass --burst FILE"
+        ) from None
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{display_path(path)} is not a file `burst` saved ({exc!r})") from None
+
+
+def _error_message(body: bytes) -> str:
+    """The ``error`` of one of the API's JSON error bodies, else the body's start."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, TypeError, KeyError):
+        return body[:200].decode(errors="replace").strip() or "(no body)"
 
 
 def check(
@@ -99,7 +160,10 @@ def check(
     *wait* > 0, first look again every ``POLL_INTERVAL`` s until all have settled or *wait*
     seconds passed. Returns whether every delivery has settled."""
     if not events_path.is_file():
-        raise FileNotFoundError(f"no event store at {events_path}")
+        raise FileNotFoundError(
+            f"no event store at {display_path(events_path)}: `serve` creates it; "
+            "pass --events FILE if yours is elsewhere"
+        )
     store = SQLiteStore(events_path)  # read only: never opened for a bus, so it claims nothing
     try:
         deadline = time.monotonic() + wait
@@ -156,7 +220,7 @@ def _report(
     summary = ", ".join(f"{totals[s]} {s}" for s in sorted(totals))
     settled = "all settled" if _all_settled(statuses) else "NOT all settled"
     _say(out, f"{len(orders)} orders, {sum(totals.values())} deliveries: {summary} ({settled})")
-    hint = f"python -m eventbus dead-letters list --store {events_path}"
+    hint = f"{python_command()} -m eventbus dead-letters list --store {display_path(events_path)}"
     _say(out, f"{dead_letters} dead letters, listed by: {hint}")
 
 

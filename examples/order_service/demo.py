@@ -18,9 +18,9 @@ a couple of seconds; the server uses an exponential backoff instead (see ``wirin
 
 The demo's bus is durable like the server's, with its own event store, ``demo-events.sqlite3``
 beside the orders database, which the command empties before each run (``remove_store``) so
-every run tells the same story; afterwards ``python -m eventbus dead-letters list --store``
-on that file shows the demo's dead letters. It recovers nothing: that is the ``serve``,
-``burst`` and ``check`` story (README).
+every run tells the same story; afterwards ``.venv/bin/python -m eventbus dead-letters list
+--store`` on that file shows the demo's dead letters. It recovers nothing: that is the
+``serve``, ``burst`` and ``check`` story (README).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import tenacity
 
 from eventbus import DeadLetter, EventBus
 from examples.order_service.handlers import ALL_HANDLERS
-from examples.order_service.wiring import OrderApp, Settings
+from examples.order_service.wiring import OrderApp, Settings, display_path, python_command
 
 __all__ = [
     "DEMO_BACKOFF",
@@ -168,9 +168,10 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
         _say(out, f"  {accepted.order.id}  {order.email:<21} {items:<22}  {order.story}")
 
     _say(out, "eventbus order-service demo")
-    _say(out, f"  database  {app.settings.db_path}")
-    _say(out, f"  events    {app.events_path or 'in memory (no store)'}")
-    _say(out, f"  outbox    {app.settings.outbox_dir}")
+    events = "in memory (no store)" if app.events_path is None else display_path(app.events_path)
+    _say(out, f"  database  {display_path(app.settings.db_path)}")
+    _say(out, f"  events    {events}")
+    _say(out, f"  outbox    {display_path(app.settings.outbox_dir)}")
     _say(out, f"  backoff   {_describe(app.settings.retry_wait)} between attempts")
     _say(out, "")
     _say(out, "1. Placing orders (create_order returns at once; handlers run on the bus):")
@@ -287,12 +288,10 @@ def _report(
     if dead_letters:
         _say(out, "  Replay one through the API: POST /api/dead-letters/<id>/replay (README).")
     if dead_letters and events is not None and str(events) != ":memory:":
-        _say(
-            out,
-            f"  Or from the command line: python -m eventbus dead-letters list --store {events}",
-        )
+        command = f"{python_command()} -m eventbus dead-letters list --store"
+        _say(out, f"  Or from the command line: {command} {display_path(events)}")
     _say(out, "")
-    _say(out, f"Emails ({len(emails)}) written to {outbox}:")
+    _say(out, f"Emails ({len(emails)}) written to {display_path(outbox)}:")
     parser = BytesParser(policy=policy.default)
     for path in emails:
         with path.open("rb") as file:

@@ -35,8 +35,8 @@ import tenacity
 
 from eventbus import DuplicateInFlightError, Event, EventBus, RetryPolicy
 from examples.order_service.domain import OrderCreated, OrderShipped
+from examples.order_service.fakes import CATALOG, Services, TransientServiceError
 from examples.order_service.repository import AuditEntry, SqliteOrderRepository
-from examples.order_service.services import CATALOG, Services, TransientServiceError
 
 __all__ = [
     "ALL_HANDLERS",

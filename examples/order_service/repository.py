@@ -4,6 +4,10 @@ One connection guarded by a lock: the web server's request threads and the bus's
 threads share it. State changes are single conditional ``UPDATE``\\ s, so two concurrent
 requests to ship one order cannot both win, and handlers that run twice (a retry after a
 failure that happened *after* the write, a replay) change nothing the second time.
+
+:meth:`SqliteOrderRepository.transaction` groups writes with a step that may fail (in redis
+mode, publishing the order's event): they are committed if the block completes and rolled
+back if it raises.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -62,12 +68,30 @@ class SqliteOrderRepository:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.Lock()
+        # Re-entrant: the methods called inside transaction() take it again.
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block in one transaction: the writes made in it (through this repository,
+        on this thread) are committed when it completes and rolled back if it raises.
+
+        Other threads wait for the block to end (the connection is shared), so keep it short:
+        in redis mode it holds one write and the publish of its event.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # -- orders --------------------------------------------------------------------------
 

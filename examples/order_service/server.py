@@ -7,7 +7,9 @@ was left. A second signal during shutdown is not caught (Ctrl-C twice aborts it)
 
 With ``Settings.redis_url`` it is the API process only: it publishes each event to the Redis
 stream and runs no handlers (``worker.py`` does); the fake warehouse's controls are left out,
-since the warehouse the handlers talk to lives in the workers.
+since the warehouse the handlers talk to lives in the workers. It starts even when Redis does
+not answer (``server.redis_unreachable`` says so): until Redis is back, ``GET /api/health``
+and every request that would publish an event answer 503, and nothing is saved.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from types import FrameType
 import structlog
 from werkzeug.serving import make_server
 
+from eventbus import TransportError
 from examples.order_service.web import create_app
-from examples.order_service.wiring import Settings, build_app
+from examples.order_service.wiring import Settings, build_app, display_path
 
 __all__ = ["serve"]
 
@@ -64,10 +67,15 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> i
         "server.started",
         url=f"http://{host}:{server.server_port}",
         pid=os.getpid(),
-        database=str(settings.db_path),
-        outbox=str(settings.outbox_dir),
+        database=display_path(settings.db_path),
+        outbox=display_path(settings.outbox_dir),
         **({} if settings.redis_url is None else {"redis": settings.redis_url, "handlers": 0}),
     )
+    if app.transport is not None:
+        try:
+            app.transport.ping()
+        except TransportError as exc:
+            log.warning("server.redis_unreachable", error=str(exc), health="/api/health")
     stopped_by = "none"
     try:
         server.serve_forever()

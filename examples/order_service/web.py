@@ -10,13 +10,16 @@ route                                       status body
 ``GET  /api/events/<event_id>``             200    each handler's ``state``/``attempts``/``error``
 ``GET  /api/dead-letters``                  200    ``{dead_letters: [...]}``
 ``POST /api/dead-letters/<id>/replay``      202    ``{replayed, event_id, status_url}``
-``GET  /api/health``                        200    ``{status: "ok"}`` (503 once shutting down)
+``GET  /api/health``                        200    ``{status: "ok"}``; 503 when shutting down or
+                                                   (redis mode) Redis does not answer
 ``POST /api/fakes/warehouse/(down|up)``     200    only with ``fake_controls=True``
 =========================================== ====== =============================================
 
 Errors are ``{"error": message}`` (plus ``"fields"`` for validation): 400 for a body that is
-not a JSON object or misses a field (nothing is saved or emitted), 404 for unknown ids, 409 for
-a state conflict, 503 while shutting down.
+not JSON, is nested deeper than :data:`MAX_JSON_DEPTH`, is not a JSON object or misses a field;
+413 for a body larger than :data:`MAX_BODY_BYTES` (in all these cases nothing is saved or
+emitted); 404 for unknown ids; 409 for a state conflict; 503 while shutting down and, in redis
+mode, while Redis is unreachable (nothing is saved then either: see ``orders.py``).
 
 Each request gets a request id (the ``X-Request-ID`` header if it is sane, else a new one),
 bound with ``structlog.contextvars``: it appears in this request's log lines *and* in the log
@@ -28,7 +31,9 @@ processes, which keep their deliveries' status and dead letters in memory. The A
 pretend to know them: ``GET /api/orders/<id>`` shows the order and its audit trail (written by
 the workers' ``audit_log`` into the shared orders database) with a ``note``, and
 ``GET /api/events/<id>`` and ``GET /api/dead-letters`` answer 200 with ``handlers``/
-``dead_letters`` empty and a ``note`` pointing at the workers' logs.
+``dead_letters`` empty and a ``note`` pointing at the workers' logs. ``GET /api/health`` pings
+Redis (``transport.ping()``) and answers 503 ``{"status": "degraded", "transport":
+"unreachable: ..."}`` when it does not answer.
 """
 
 from __future__ import annotations
@@ -42,26 +47,38 @@ from typing import Any
 import structlog
 from flask import Flask, Response, g, request, url_for
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from eventbus import (
     BusClosedError,
     DeadLetter,
     Delivery,
+    TransportError,
     UnknownDeadLetterError,
     UnknownEventError,
     UnknownHandlerError,
 )
 from examples.order_service.domain import Order, ValidationError
+from examples.order_service.orders import Accepted, OrderNotFoundError, OrderStateError
 from examples.order_service.repository import AuditEntry
-from examples.order_service.service import Accepted, OrderNotFoundError, OrderStateError
 from examples.order_service.wiring import OrderApp
 
-__all__ = ["create_app"]
+__all__ = ["MAX_BODY_BYTES", "MAX_JSON_DEPTH", "create_app"]
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger("order_service.web")
 
+#: The largest request body accepted (Flask's ``MAX_CONTENT_LENGTH``); larger ones get a 413
+#: before they are read. An order of 50 lines (the most ``domain.MAX_ITEMS`` allows) is 3 KiB.
+MAX_BODY_BYTES = 64 * 1024
+#: How deeply a JSON body may nest arrays and objects; an order needs 3 levels. Deeper ones
+#: get a 400 before they are parsed (Python's parser recurses, and fails past ~1000 levels).
+MAX_JSON_DEPTH = 16
+#: Seconds a client is asked to wait (``Retry-After``) after a 503.
+RETRY_AFTER = 5
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+#: A JSON string (escapes included), or one of the brackets whose nesting is counted.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _SETTLED = frozenset({"succeeded", "dead"})
 #: What the API says in redis mode about the handlers, which run in the worker processes.
 WORKERS_NOTE = (
@@ -78,7 +95,9 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
     """The Flask app serving *orders_app*. The caller keeps ownership of *orders_app* (and
     closes it). *fake_controls* adds routes that take the fake warehouse down and up."""
     app = Flask("order_service")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["order_service"] = orders_app
+    transport = orders_app.transport
     # Redis mode: the handlers run in the workers; the answers about them say so (note).
     bus, orders, note = orders_app.bus, orders_app.orders, _workers_note(orders_app)
 
@@ -160,7 +179,13 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
     def health() -> ResponseReturnValue:
         if bus.closed:
             return {"status": "shutting down"}, 503
-        return {"status": "ok"}
+        if transport is None:
+            return {"status": "ok"}
+        try:
+            transport.ping()  # raises TransportError when Redis does not answer in time
+        except TransportError as exc:
+            return {"status": "degraded", "transport": f"unreachable: {exc}"}, 503
+        return {"status": "ok", "transport": "reachable"}
 
     if fake_controls:
         warehouse = orders_app.warehouse
@@ -177,7 +202,12 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
             log.info("fake.warehouse_up")
             return {"warehouse": "up"}
 
-    # -- errors --------------------------------------------------------------------------
+    _register_error_handlers(app)
+    return app
+
+
+def _register_error_handlers(app: Flask) -> None:
+    """Map the errors of the service, the bus and HTTP to JSON error answers."""
 
     @app.errorhandler(BadRequestBody)
     def bad_body(error: BadRequestBody) -> ResponseReturnValue:
@@ -209,17 +239,30 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
 
     @app.errorhandler(BusClosedError)
     def shutting_down(_: BusClosedError) -> ResponseReturnValue:
-        return {"error": "the service is shutting down; try again shortly"}, 503
+        return {"error": "the service is shutting down; try again shortly"}, 503, _retry_later()
+
+    @app.errorhandler(TransportError)
+    def transport_down(error: TransportError) -> ResponseReturnValue:
+        # The write was rolled back with the failed publish (orders.py): nothing to undo.
+        log.error("transport.unreachable", path=request.path, error=str(error))
+        message = "the event stream (Redis) is unreachable, so nothing was saved; try again shortly"
+        return {"error": message}, 503, _retry_later()
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_: RequestEntityTooLarge) -> ResponseReturnValue:
+        return {"error": f"request body is larger than {MAX_BODY_BYTES} bytes"}, 413
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> ResponseReturnValue:
         return {"error": error.description}, error.code or 500
 
-    return app
-
 
 def _workers_note(orders_app: OrderApp) -> dict[str, str]:
     return {"note": WORKERS_NOTE} if orders_app.transport is not None else {}
+
+
+def _retry_later() -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER)}
 
 
 def _correlation() -> dict[str, str]:
@@ -231,10 +274,34 @@ def _correlation() -> dict[str, str]:
 def _json_body() -> Any:
     if not request.is_json:
         raise BadRequestBody("send the order as JSON, with Content-Type: application/json")
+    # Reading the body raises RequestEntityTooLarge (413) past MAX_CONTENT_LENGTH.
+    data = request.get_data(cache=False)
     try:
-        return json.loads(request.get_data(cache=False))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        text = data.decode()
+    except UnicodeDecodeError as exc:
         raise BadRequestBody(f"request body is not valid JSON: {exc}") from None
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise BadRequestBody(
+            f"request body is not valid JSON: nested more than {MAX_JSON_DEPTH} levels deep"
+        )
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError
+        raise BadRequestBody(f"request body is not valid JSON: {exc}") from None
+
+
+def _json_depth(text: str) -> int:
+    """How deeply *text* nests arrays and objects, counted without parsing it (brackets
+    inside strings do not count; for malformed JSON the count is a guess, and the parser
+    rejects it anyway)."""
+    depth = deepest = 0
+    for token in _JSON_TOKENS.findall(text):
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
+    return deepest
 
 
 def _accepted(accepted: Accepted) -> dict[str, Any]:

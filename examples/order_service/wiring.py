@@ -18,6 +18,7 @@ registers the handlers and consumes the stream with ``bus.recover()``. See the R
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,7 @@ from eventbus.codec import JsonCodec
 from eventbus.stores import SQLiteStore
 from eventbus.transports import RedisStreamsTransport
 from examples.order_service.domain import OrderCreated, OrderShipped
-from examples.order_service.handlers import WaitStrategy, register_handlers
-from examples.order_service.repository import SqliteOrderRepository
-from examples.order_service.service import OrderService
-from examples.order_service.services import (
+from examples.order_service.fakes import (
     AnalyticsService,
     InventoryService,
     Mailer,
@@ -43,6 +41,9 @@ from examples.order_service.services import (
     Services,
     WarehouseService,
 )
+from examples.order_service.handlers import WaitStrategy, register_handlers
+from examples.order_service.orders import OrderService
+from examples.order_service.repository import SqliteOrderRepository
 
 __all__ = [
     "EVENTS_FILE",
@@ -52,6 +53,8 @@ __all__ = [
     "ShutdownReport",
     "build_app",
     "build_worker",
+    "display_path",
+    "python_command",
 ]
 
 #: Where the database and the outbox go by default (git-ignored).
@@ -64,6 +67,23 @@ MAILER_LATENCY = 0.15
 INVENTORY_LATENCY = 0.05
 WAREHOUSE_LATENCY = 0.2
 ANALYTICS_LATENCY = 0.02
+
+
+def display_path(path: Path | str) -> str:
+    """*path* as the commands print and log it: relative to the current directory when it is
+    inside it (``examples/order_service/var/...`` from the repository root), else unchanged."""
+    if str(path) == ":memory:":
+        return str(path)
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def python_command() -> str:
+    """How to run this Python again, for the commands the output suggests (``.venv/bin/python``
+    from the repository root, with the virtual environment ``make example`` creates)."""
+    return display_path(sys.executable) if sys.executable else "python"
 
 
 def _server_backoff() -> WaitStrategy:
@@ -109,6 +129,9 @@ class Settings:
     redis_group: str = "order-service"
     #: Seconds an entry may sit unacknowledged with a worker before another takes it over.
     claim_idle: float = 30.0
+    #: Seconds a Redis command waits to connect and again for the reply, before the transport
+    #: gives up (``TransportError``): bounds how long a request waits on a Redis that hangs.
+    redis_timeout: float = 2.0
 
     def events_file(self) -> Path | str | None:
         """Where the event store is: ``None`` without one, ``":memory:"`` beside an in-memory
@@ -126,7 +149,7 @@ class Settings:
 class ShutdownReport:
     """What was left when the app closed. With an event store nothing is abandoned: retries
     not yet due stay in the store for the next start (``bus.closed`` logs ``left_in_store``),
-    and ``dead_letters`` are the store's, kept for ``python -m eventbus dead-letters``."""
+    and ``dead_letters`` are the store's, kept for ``.venv/bin/python -m eventbus dead-letters``."""
 
     abandoned: list[DeadLetter]
     dead_letters: list[DeadLetter]
@@ -190,7 +213,7 @@ class OrderApp:
                 "app.closed",
                 dead_letters=len(dead_letters),
                 still_running=still_running,
-                events=str(self.events_path),
+                events=display_path(self.events_path),
             )
             return report
         level(
@@ -276,7 +299,10 @@ def build_app(
             app.close()
             raise
         structlog.get_logger("order_service").info(
-            "app.recovered", recovered=recovered, resent=resent, events=str(events_path)
+            "app.recovered",
+            recovered=recovered,
+            resent=resent,
+            events=display_path(events_path),
         )
     return app
 
@@ -288,11 +314,17 @@ def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderAp
     The handlers with outside effects are wrapped with ``transport.once``, so an event that
     is delivered again (a worker died before acknowledging it) does not repeat them. It calls
     ``bus.recover()`` after registering the handlers, so it returns with the stream's reader
-    running; ``app.taken_over`` says how many stale entries it took over at startup.
+    running; ``app.taken_over`` says how many stale entries it took over at startup. Raises
+    ``TransportError`` when Redis does not answer.
     """
     if settings.redis_url is None:
         raise ValueError("a worker needs Settings.redis_url")
     transport = _transport(settings)
+    try:
+        transport.ping()  # fail before building anything when Redis is not there
+    except BaseException:
+        transport.close()
+        raise
     bus = EventBus(
         max_workers=settings.max_workers,
         retry=RetryPolicy(max_attempts=settings.max_attempts, wait=settings.retry_wait),
@@ -338,6 +370,7 @@ def _transport(settings: Settings) -> RedisStreamsTransport:
         group=settings.redis_group,
         claim_idle=settings.claim_idle,
         codec=codec,
+        socket_timeout=settings.redis_timeout,
     )
     # The bus does not log entries the transport dead-letters (undecodable, or delivered more
     # than max_deliveries times): say so, or they vanish into the dead stream unnoticed.

@@ -1,6 +1,6 @@
 """The ``worker`` command: the order handlers in a process of their own, fed by Redis.
 
-``python -m examples.order_service worker --redis URL`` builds the worker app
+``.venv/bin/python -m examples.order_service worker --redis URL`` builds the worker app
 (:func:`~examples.order_service.wiring.build_worker`): the handlers on a bus whose
 ``RedisStreamsTransport`` consumes the stream as one consumer of the group. Several workers
 are competing consumers: each event goes to one of them. The ``worker.started`` line says
@@ -11,6 +11,10 @@ to ``Settings.close_timeout``), and leaves the entries it has not fully settled 
 waiting for their backoff) unacknowledged in the stream, for another worker to take over after
 ``claim_idle`` seconds (``handler.left_in_stream`` lines). ``kill -9`` leaves the same: the
 entries it held are taken over by the others after ``claim_idle``.
+
+When Redis does not answer at startup, nothing is built: ``build_worker`` raises
+``TransportError`` and the command prints one line and exits 1. Once running, the transport's
+reader reconnects by itself.
 """
 
 from __future__ import annotations

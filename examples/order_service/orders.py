@@ -4,22 +4,30 @@
 the saved order and the event (whose id it can use to follow the handlers through
 ``bus.status``) while emails, stock and the warehouse are still being dealt with.
 
-Saving and emitting are two steps, in two SQLite files (the orders, the bus's event store). If
-the process dies between them the order exists but its event does not. :meth:`OrderService.
-resend_unsent` closes that gap at startup: it emits again the events of orders the audit trail
-has not seen. Every emit carries an idempotency key derived from the order
-(``order-<id>-created``, ``order-<id>-shipped``), so an event the store already holds is not
-delivered a second time. The service also refuses to save when the bus is already closed.
+How saving and emitting stay together depends on where the events go:
 
-With a Redis transport (``keyed=False``) there is no store to remember keys: ``emit()`` refuses
-``key=``, so the service emits without one. The stream delivers at least once, so duplicates
-are handled where the effects happen: the workers' handlers are idempotent per event id (see
-``handlers.register_handlers(once=...)``). ``resend_unsent`` needs the keys and is refused.
+* **A bus with an event store** (``keyed=True``, the default): saving and emitting are two
+  steps, in two SQLite files (the orders, the bus's event store). If the process dies between
+  them the order exists but its event does not. :meth:`OrderService.resend_unsent` closes that
+  gap at startup: it emits again the events of orders the audit trail has not seen. Every emit
+  carries an idempotency key derived from the order (``order-<id>-created``,
+  ``order-<id>-shipped``), so an event the store already holds is not delivered a second time.
+* **A bus with a Redis transport** (``keyed=False``): there is no store to remember keys
+  (``emit()`` refuses ``key=``), so nothing could be resent safely. The write and the publish
+  are one unit instead: the order's row is written in a transaction that is committed only
+  once Redis has taken the event, and rolled back when ``emit()`` raises (``TransportError``:
+  Redis is unreachable). The caller then gets the error and nothing is saved. The stream
+  delivers at least once, so duplicates are handled where the effects happen: the workers'
+  handlers are idempotent per event id (see ``handlers.register_handlers(once=...)``).
+  ``resend_unsent`` is refused.
+
+The service also refuses to save when the bus is already closed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -38,7 +46,7 @@ from examples.order_service.repository import SqliteOrderRepository
 
 __all__ = ["Accepted", "OrderNotFoundError", "OrderService", "OrderStateError"]
 
-log: structlog.typing.FilteringBoundLogger = structlog.get_logger("order_service.service")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("order_service.orders")
 
 
 class OrderNotFoundError(LookupError):
@@ -83,7 +91,8 @@ class OrderService:
         *metadata* (e.g. the request id, which then stays with the event, dead letters too).
 
         Raises :class:`~examples.order_service.domain.ValidationError` (nothing is saved or
-        emitted) and ``BusClosedError`` while shutting down.
+        emitted), ``BusClosedError`` while shutting down, and, with a Redis transport,
+        ``TransportError`` when Redis is unreachable (the order is not saved).
         """
         request = parse_new_order(data)
         self._refuse_if_closed()
@@ -94,8 +103,9 @@ class OrderService:
             status="placed",
             created_at=self._now(),
         )
-        self._repository.add(order)
-        event = self._emit_created(order, metadata)
+        with self._saving():
+            self._repository.add(order)
+            event = self._emit_created(order, metadata)
         log.info("order.created", order_id=order.id, event_id=event.id)
         return Accepted(order, event)
 
@@ -103,17 +113,20 @@ class OrderService:
         """Book the shipment of a placed order and emit :class:`OrderShipped` (with *metadata*).
 
         Raises :class:`OrderNotFoundError`, :class:`OrderStateError` if it is not ``placed``
-        (already shipping or shipped), and ``BusClosedError`` while shutting down.
+        (already shipping or shipped), ``BusClosedError`` while shutting down, and, with a
+        Redis transport, ``TransportError`` when Redis is unreachable (the order stays
+        ``placed``).
         """
         self._refuse_if_closed()
         tracking_number = new_tracking_number()
-        if not self._repository.mark_shipping(order_id, tracking_number):
-            order = self._repository.get(order_id)
-            if order is None:
-                raise OrderNotFoundError(order_id)
-            raise OrderStateError(f"order {order_id} is already {order.status}")
-        order = self.get_order(order_id)
-        event = self._emit_shipped(order, metadata)
+        with self._saving():
+            if not self._repository.mark_shipping(order_id, tracking_number):
+                order = self._repository.get(order_id)
+                if order is None:
+                    raise OrderNotFoundError(order_id)
+                raise OrderStateError(f"order {order_id} is already {order.status}")
+            order = self.get_order(order_id)
+            event = self._emit_shipped(order, metadata)
         log.info("order.shipping", order_id=order.id, event_id=event.id)
         return Accepted(order, event)
 
@@ -164,6 +177,12 @@ class OrderService:
 
     def _key(self, key: str) -> str | None:
         return key if self._keyed else None
+
+    def _saving(self) -> AbstractContextManager[None]:
+        """Around a write and the emit of its event. With keys (a store) the write commits at
+        once and ``resend_unsent`` covers a crash before the emit; without them (a
+        transport) both are one transaction, rolled back if the emit raises."""
+        return nullcontext() if self._keyed else self._repository.transaction()
 
     def get_order(self, order_id: str) -> Order:
         """The order with this id; raises :class:`OrderNotFoundError`."""

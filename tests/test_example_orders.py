@@ -12,6 +12,7 @@ import tenacity
 
 from eventbus import Event, RetryPolicy
 from eventbus.testing import EventRecorder, FakeClock, inline_bus
+from examples.order_service import fakes, orders
 from examples.order_service.domain import (
     LineItem,
     OrderCreated,
@@ -24,8 +25,8 @@ from examples.order_service.handlers import (
     TRACK_ANALYTICS,
     payload,
 )
+from examples.order_service.orders import OrderNotFoundError, OrderStateError
 from examples.order_service.repository import SqliteOrderRepository
-from examples.order_service.service import OrderNotFoundError, OrderStateError
 from examples.order_service.wiring import OrderApp, Settings, build_app
 
 BACKOFF = 30.0  # seconds of fake time between attempts
@@ -174,3 +175,13 @@ def test_repository_creates_its_folder_and_survives_reopening(tmp_path: Path) ->
     second = SqliteOrderRepository(path)
     assert second.get("ord_missing") is None
     second.close()
+
+
+def test_modules_are_named_for_what_they_hold() -> None:
+    """The use cases live in orders.py and the fakes of the outside world in fakes.py; no
+    service.py / services.py pair remains for readers to confuse."""
+    package = Path(orders.__file__).parent
+    assert orders.OrderService.__module__ == "examples.order_service.orders"
+    assert fakes.OutboxMailer.__module__ == "examples.order_service.fakes"
+    assert not (package / "service.py").exists()
+    assert not (package / "services.py").exists()
