@@ -197,7 +197,7 @@ class SQLiteStore:
             # Checked before anything is written: journal_mode=WAL writes to the file.
             _check_is_ours(db, self.path, complete=not self._create)
             _check_version(db, self.path)
-            db.execute("PRAGMA journal_mode=WAL")
+            self._enter_wal(db)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             if self._create:
                 with self._write(db):
@@ -206,6 +206,21 @@ class SQLiteStore:
             db.close()
             raise
         return db
+
+    def _enter_wal(self, db: sqlite3.Connection) -> None:
+        # Switching a file to WAL needs an exclusive lock, and SQLite answers "database is
+        # locked" at once, without its busy handler, when another process is opening the same
+        # new file at that moment: retry within busy_timeout instead of failing the open.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)  # another process holds the lock for a moment
+            else:
+                return
 
     @contextmanager
     def _write(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
