@@ -1,5 +1,9 @@
-"""EventBus: the one place that composes registry, executor, retry queue, records, outcomes and
-signals."""
+"""EventBus: a facade that composes the parts of a bus and owns none of their logic.
+
+The registry keeps subscriptions, admission counts and bounds, the pipeline runs deliveries
+(runner, routing, observer), and a backend chosen once here keeps what must outlive the
+process. See docs/architecture.md for how an event flows through them.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +11,38 @@ import atexit
 import contextvars
 import enum
 import os
-import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
-from functools import partial
 from types import TracebackType
 from typing import Any, Literal, Self, overload
 
-from eventbus import signals
+from eventbus._admission import Admission, remaining
+from eventbus._backends import Backend, DurableBackend, LocalBackend, StreamedBackend
 from eventbus._clock import SystemClock
 from eventbus._dispatch import WorkerPool
-from eventbus._event import DeadLetter, DeadLetterReason, Delivery, Event, freeze_metadata, new_id
+from eventbus._event import DeadLetter, Delivery, Event, freeze_metadata, make_event
 from eventbus._matching import validate_name
-from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder, format_error
-from eventbus._records import DeliveryRecord, EventRecord, Records
-from eventbus._registry import (
-    Registry,
-    Subscription,
-    check_handler,
-    check_target,
-    event_name_of,
-)
-from eventbus._routing import GiveUp, RetryAfter, route
+from eventbus._observe import InDelivery, Observer
+from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder
+from eventbus._pipeline import Pipeline, job_delivery
+from eventbus._records import Records, RetryJob
+from eventbus._recovery import StoreRecovery
+from eventbus._registry import Registry, check_handler, check_target, event_name_of
 from eventbus.exceptions import (
     BusClosedError,
     DrainInHandlerError,
     InvalidEventError,
-    QueueFullError,
     UnknownDeadLetterError,
     UnknownEventError,
     UnknownHandlerError,
 )
 from eventbus.retry import RetryPolicy, RetryQueue
-from eventbus.typing import (
-    Cancellable,
-    Clock,
-    DeliveryState,
-    Executor,
-    Handler,
-    HandlerT,
-    Job,
-    Store,
-    Transport,
-)
+from eventbus.typing import Clock, Executor, Handler, HandlerT, Store, Transport
 
 __all__ = ["EventBus"]
 
-#: The default ``max_pending`` of a bus with a store.
+#: The default ``max_pending`` of a bus with a store or a transport.
 DURABLE_MAX_PENDING = 10_000
 
 
@@ -114,6 +100,8 @@ class EventBus:
       :class:`eventbus.stores.SQLiteStore`, so that work survives a crash (see
       :meth:`recover`). Without one, records live in this process's memory only. The bus
       opens the store and closes it in :meth:`close`; one store serves one open bus.
+    * ``transport``: a :class:`~eventbus.typing.Transport` that carries events between
+      processes (see :meth:`start`); not together with ``store``.
     """
 
     def __init__(
@@ -142,57 +130,68 @@ class EventBus:
             # The transport keeps undelivered work (an entry is acknowledged only once all its
             # deliveries settled), so a store would be a second record of the same thing.
             raise TypeError("pass store or transport, not both")
-        self._retry = retry if retry is not None else RetryPolicy()
-        self._records = Records(status_retention)
-        self._outcomes = OutcomeRecorder(
-            logger_name=name, log_payloads=log_payloads, redact_keys=redact_keys
-        )
-        self._registry = Registry()
-        self._lock = threading.Lock()
-        # One condition for every waiter (drain, close, emit blocked on a full queue). It is
-        # notified only while someone waits, so the delivery hot path pays one comparison.
-        self._changed = threading.Condition(self._lock)
-        self._sleepers = 0
         if max_pending is _Default.TOKEN:
             max_pending = None if store is None and transport is None else DURABLE_MAX_PENDING
-        self._max_pending = _check_bound(max_pending, "max_pending")
-        self._block_timeout = block_timeout
-        self._active = 0  # deliveries queued or running
-        self._waiting = 0  # deliveries waiting in the retry queue
-        self._abandoned = 0  # dead letters made by close()
-        self._closed = False  # no more emits
-        self._stopped = False  # no more retries: every new failure is a final one
-        self._in_handler = threading.local()
+        records = Records(status_retention)
+        outcomes = OutcomeRecorder(
+            logger_name=name, log_payloads=log_payloads, redact_keys=redact_keys
+        )
+        self._guard = InDelivery()
+        self._observer = observer = Observer(outcomes, self, self._guard)
+        self._admission = Admission(_check_bound(max_pending, "max_pending"), block_timeout)
+        self._registry = Registry()
+        self._records = records
+        self._store = store
+        self._transport = transport
         own_clock, own_executor = clock is None, executor is None
         if clock is None:
             system_clock = SystemClock(name=f"{name}-timer")
-            system_clock.on_error = lambda exc: self._outcomes.internal_error("timer", exc)
+            system_clock.on_error = lambda exc: outcomes.internal_error("timer", exc)
             clock = system_clock
-        self._clock = clock
-        self._retries: RetryQueue[DeliveryRecord] = RetryQueue(clock, self._retry_due)
         if executor is None:
             workers = max_workers if max_workers is not None else min(32, (os.cpu_count() or 1) + 4)
             executor = WorkerPool(
-                workers,
-                name=name,
-                on_error=lambda exc: self._outcomes.internal_error("worker", exc),
+                workers, name=name, on_error=lambda exc: outcomes.internal_error("worker", exc)
             )
+        self._clock = clock
         self._executor = executor
-        self._store = store
-        self._transport = transport
-        if transport is not None:
-            transport.on_error = lambda exc: self._outcomes.internal_error("transport", exc)
-            transport.on_dead = self._outcomes.stream_dead_lettered
-            transport.on_taken_over = self._outcomes.stream_taken_over
-        self._warned_unknown: set[str] = set()
-        self._poll: Cancellable | None = None
-        self._left_in_store = 0  # deliveries close() left unfinished in the store
+        self._backend = self._choose_backend(records, observer)
+        retries: RetryQueue[RetryJob] = RetryQueue(clock, self._retry_due)
+        self._retries = retries
+        self._pipeline = Pipeline(
+            registry=self._registry,
+            records=records,
+            admission=self._admission,
+            observer=observer,
+            backend=self._backend,
+            executor=executor,
+            clock=clock,
+            retries=retries,
+            policy=retry if retry is not None else RetryPolicy(),
+            guard=self._guard,
+        )
+        self._recovery: StoreRecovery | None = None
         if store is not None:
             self._open_store(store, own_executor=own_executor, own_clock=own_clock)
+            self._recovery = StoreRecovery(store, self._registry, self._pipeline, outcomes, clock)
         _open_buses.add(self)
 
+    def _retry_due(self, job: RetryJob) -> None:
+        self._pipeline.retry_due(job)
+
+    def _choose_backend(self, records: Records, observer: Observer) -> Backend:
+        if self._store is not None:
+            return DurableBackend(self._store, observer)
+        transport = self._transport
+        if transport is None:
+            return LocalBackend(records)
+        transport.on_error = lambda exc: observer.log.internal_error("transport", exc)
+        transport.on_dead = observer.log.stream_dead_lettered
+        transport.on_taken_over = observer.log.stream_taken_over
+        return StreamedBackend(records, transport, observer)
+
     def _open_store(self, store: Store, *, own_executor: bool, own_clock: bool) -> None:
-        store.on_error = lambda exc: self._outcomes.internal_error("store", exc)
+        store.on_error = lambda exc: self._observer.log.internal_error("store", exc)
         try:
             store.open()  # raises if another bus has it open
         except BaseException:
@@ -253,6 +252,14 @@ class EventBus:
         subscriptions were removed. Deliveries already accepted still run to their end."""
         return self._registry.remove(handler)
 
+    def _register_type(self, cls: type[Any]) -> None:
+        # A store or transport decodes only classes it knows (it never imports by name), so
+        # a class subscribed here is made known to whichever of them encodes payloads.
+        for carrier in (self._store, self._transport):
+            codec = getattr(carrier, "codec", None)
+            if codec is not None:
+                codec.register(cls)
+
     # -- emitting ------------------------------------------------------------------------
 
     @overload
@@ -283,7 +290,7 @@ class EventBus:
         *event* is a name, with an optional *payload*, or an instance of an event class (the
         instance is then the payload). The emitter's context variables are visible in every
         handler of this event. Never blocks on handlers. With a store, returns once the event
-        and its deliveries are committed.
+        and its deliveries are committed; with a transport, once it is published.
 
         *key* makes the emit idempotent: while the event first emitted under that key is
         retained (``status_retention``, or the store's retention), emitting again with the
@@ -292,67 +299,26 @@ class EventBus:
         Raises ``BusClosedError`` after :meth:`close`, ``InvalidEventNameError`` for a
         malformed name, ``InvalidEventError`` for a payload next to an event instance or for a
         plain value in place of an event, ``TypeError`` for non-string metadata, a non-string
-        key or (with a store) a payload the store cannot encode, ``ValueError`` for an empty
-        key, and ``QueueFullError`` when ``max_pending`` is reached and ``block_timeout`` runs
-        out. In every error case nothing was queued or stored.
+        key or (with a store or transport) a payload that cannot be encoded,
+        ``PayloadTooLargeError`` (a ``ValueError``) for one above the codec's size bound,
+        ``ValueError`` for an empty key, ``QueueFullError`` when ``max_pending`` is reached and
+        ``block_timeout`` runs out, and ``TransportError`` when the transport cannot be
+        reached. In every error case nothing was queued or stored.
         """
-        if self._closed:
+        if self._admission.closed:
             raise BusClosedError("emit() after close(): this bus accepts no more events")
-        name, cls, payload = _resolve_event(event, payload)
+        if event.__class__ is str:
+            name: str = validate_name(event)
+            cls = None
+        else:
+            name, cls, payload = _resolve_typed(event, payload)
         if key is not None:
             _check_key(key)
-        emitted = Event(
-            name=name,
-            payload=payload,
-            metadata=freeze_metadata(metadata),
-            id=new_id(),
-            occurred_at=datetime.now(UTC),
-        )
-        if self._transport is not None:
-            return self._publish(self._transport, emitted, key)
-        record = self._new_record(emitted, cls, key=key if self._store is None else None)
-        first = self._admit(record, key)
-        if first is not None:
-            return first
-        self._log_admitted(record)
-        if signals.has_receivers(signals.event_emitted):
-            self._signal(signals.event_emitted, event=emitted)
-        self._submit_all(record)
-        return emitted
-
-    def _new_record(
-        self,
-        event: Event,
-        cls: type[Any] | None,
-        *,
-        key: str | None = None,
-        token: str | None = None,
-    ) -> EventRecord:
-        """The event's record, with one delivery per subscribed handler, in the caller's
-        context (not yet counted as active)."""
-        subscriptions = self._registry.resolve(event.name, cls)
-        context = contextvars.copy_context()
-        record = EventRecord(event, key, token)
-        for sub in subscriptions:
-            record.deliveries[sub.name] = DeliveryRecord(record, sub, self._policy(sub), context)
-        record.unsettled = len(subscriptions)
-        return record
-
-    def _log_admitted(self, record: EventRecord) -> None:
-        # Asked once per event, not per delivery: filtered-out successes then cost nothing.
-        record.verbose = self._outcomes.debug_enabled()
-        if not record.deliveries:
-            self._outcomes.unhandled(record.event)
-        elif record.verbose:
-            self._outcomes.emitted(record.event, record.unsettled)
-
-    def _submit_all(self, record: EventRecord) -> None:
-        submit = self._executor.submit
-        for delivery in record.deliveries.values():
-            submit(self._job(delivery))
-
-    def _policy(self, subscription: Subscription) -> RetryPolicy:
-        return subscription.retry if subscription.retry is not None else self._retry
+        emitted = make_event(name, payload, freeze_metadata(metadata))
+        transport = self._transport
+        if transport is not None:
+            return self._publish(transport, emitted, key)
+        return self._pipeline.accept(emitted, cls, key)
 
     def _publish(self, transport: Transport, event: Event, key: str | None) -> Event:
         """emit() with a transport: hand the event over; the buses consuming it deliver it."""
@@ -361,347 +327,9 @@ class EventBus:
                 "key= needs a store; with a transport, redeliveries are expected and handlers "
                 "deduplicate by event id (see docs/scaling-out.md)"
             )
-        if self._closed:
-            raise BusClosedError("emit() after close(): this bus accepts no more events")
         transport.publish(event)
-        if self._outcomes.debug_enabled():
-            self._outcomes.published(event)
-        if signals.has_receivers(signals.event_emitted):
-            self._signal(signals.event_emitted, event=event)
+        self._observer.published(event)
         return event
-
-    def _receive(self, event: Event, token: str) -> None:
-        """The transport's hand-over of one event (on its reader thread): deliver it to the
-        local handlers. Blocks while the bus is full (backpressure on the reader); does not
-        acknowledge anything when the bus is closing, so the event goes to another consumer."""
-        # No local holds the payload: a traceback renderer that shows locals would print it.
-        cls = None if type(event.payload).__module__ == "builtins" else type(event.payload)
-        record = self._new_record(event, cls, token=token)
-        count = record.unsettled
-        limit = self._max_pending
-        with self._lock:
-            if limit is not None:  # no timeout: a full bus holds the reader back
-                self._wait(lambda: self._closed or self._has_room(count, limit), None)
-            if self._closed:
-                return
-            self._active += count
-            self._records.add(record)
-        self._log_admitted(record)
-        if not record.deliveries:
-            self._acknowledge(token)
-        self._submit_all(record)
-
-    def _acknowledge(self, token: str) -> None:
-        transport = self._transport
-        assert transport is not None
-        try:
-            transport.settled(token)
-        except Exception as exc:  # noqa: BLE001 - not acknowledged: delivered again later
-            self._outcomes.internal_error("transport", exc)
-
-    def _admit(self, record: EventRecord, key: str | None) -> Event | None:
-        """Count the event's deliveries as active (waiting for room if the bus is full) and
-        record it, in the store if there is one. Returns the first event emitted under *key*
-        instead, having admitted nothing, when there is one."""
-        store = self._store
-        count = record.unsettled
-        with self._lock:
-            if self._closed:  # lost the race with close(): nothing was queued
-                raise BusClosedError("emit() after close(): this bus accepts no more events")
-            if key is not None and store is None:
-                first = self._records.find_key(key)
-                if first is not None:
-                    return first
-            limit = self._max_pending
-            if limit is not None and self._active + count > limit:
-                self._wait_for_room(count, limit)
-                # The lock was let go while waiting: another emit may have taken the key.
-                if key is not None and store is None:
-                    first = self._records.find_key(key)
-                    if first is not None:
-                        return first
-            self._active += count
-            if store is None:
-                self._records.add(record)
-                return None
-        return self._store_event(store, record, key)
-
-    def _store_event(self, store: Store, record: EventRecord, key: str | None) -> Event | None:
-        """Commit the event (its deliveries already counted as active), or give the counted
-        room back when the store refuses it or already holds the key's first event."""
-        count = record.unsettled
-        try:
-            first = store.add(record.event, list(record.deliveries), key)
-        except BaseException:
-            self._release_room(count)
-            raise
-        if first is not None:
-            self._release_room(count)
-            return first
-        with self._lock:
-            self._records.add(record)
-        return None
-
-    def _release_room(self, count: int) -> None:
-        with self._lock:
-            self._active -= count
-            if self._sleepers:
-                self._changed.notify_all()
-
-    def _register_type(self, cls: type[Any]) -> None:
-        # A store or transport decodes only classes it knows (it never imports by name), so
-        # a class subscribed here is made known to whichever of them encodes payloads.
-        for carrier in (self._store, self._transport):
-            codec = getattr(carrier, "codec", None)
-            if codec is not None:
-                codec.register(cls)
-
-    def _wait_for_room(self, count: int, limit: int) -> None:
-        """Under self._lock: wait until *count* more deliveries fit under *limit*."""
-        if getattr(self._in_handler, "active", False):
-            return
-
-        if not self._wait(
-            lambda: self._closed or self._has_room(count, limit), self._block_timeout
-        ):
-            raise QueueFullError(
-                f"{self._active} deliveries pending (max_pending={limit}); "
-                f"waited {self._block_timeout} s for room"
-            )
-        if self._closed:
-            raise BusClosedError("the bus closed while emit() waited for room")
-
-    def _has_room(self, count: int, limit: int) -> bool:
-        # Under self._lock. An event with more handlers than the limit fits an empty bus.
-        return self._active == 0 or self._active + count <= limit
-
-    # -- running one delivery ------------------------------------------------------------
-
-    def _job(self, delivery: DeliveryRecord) -> Job:
-        # A partial, not a lambda: cheap to call, and close() can tell which delivery a job
-        # that never started belongs to.
-        return partial(self._run, delivery)
-
-    def _run(self, delivery: DeliveryRecord) -> None:
-        context = delivery.context
-        assert context is not None  # only settled deliveries drop their context
-        # A copy per attempt: handlers of one event run concurrently, and a Context can be
-        # entered by one thread at a time; it also keeps handlers' context changes apart.
-        # The outcome is recorded inside it too, so the emitter's structlog bindings (a
-        # request id) appear on handler.succeeded/failed records as well as in the handler.
-        context.copy().run(self._attempt, delivery)
-
-    def _attempt(self, delivery: DeliveryRecord) -> None:
-        delivery.attempts += 1
-        delivery.state = "running"
-        verbose = delivery.owner.verbose
-        started = self._clock.monotonic() if verbose or delivery.attempts == 1 else 0.0
-        if delivery.attempts == 1:
-            delivery.first_attempt_at = started
-        store = self._store
-        local = self._in_handler
-        # Held for the handler and for the outcome's signal receivers after it: both run
-        # while this delivery counts as active, so close() or drain() from either would wait
-        # for itself, and an emit from either must not block on a full bus.
-        outer = getattr(local, "active", False)
-        local.active = True
-        try:
-            try:
-                if store is not None:  # committed first: a crash in the handler is an attempt
-                    store.started(delivery.event.id, delivery.handler, delivery.attempts)
-                delivery.subscription.handler(delivery.event)
-            except BaseException as exc:  # noqa: BLE001 - isolation: nothing reaches the emitter
-                self._failed(delivery, exc)
-            else:
-                self._succeeded(delivery, started, verbose)
-        finally:
-            local.active = outer
-
-    def _succeeded(self, delivery: DeliveryRecord, started: float, verbose: bool) -> None:
-        store = self._store
-        if store is not None:
-            self._persist(store.succeeded, delivery.event.id, delivery.handler)
-        # Recorded and signalled before it settles, so that once drain() returns every
-        # outcome line has been written and every receiver has run.
-        if verbose:
-            duration = self._clock.monotonic() - started
-            self._outcomes.succeeded(delivery.event, delivery.handler, delivery.attempts, duration)
-        if signals.has_receivers(signals.handler_succeeded):
-            done = Delivery(delivery.handler, "succeeded", delivery.attempts, delivery.error)
-            self._signal(signals.handler_succeeded, event=delivery.event, delivery=done)
-        self._settle(delivery, "succeeded")
-
-    def _failed(self, delivery: DeliveryRecord, error: BaseException) -> None:
-        delivery.error = format_error(error)
-        elapsed = self._clock.monotonic() - delivery.first_attempt_at
-        step = route(delivery.policy, delivery.attempts, error, elapsed)
-        if isinstance(step, GiveUp) and step.policy_error is not None:
-            delivery.error = f"{delivery.error}; the retry policy raised {step.policy_error}"
-        self._outcomes.failed(
-            delivery.event,
-            delivery.handler,
-            delivery.attempts,
-            error,
-            isinstance(step, RetryAfter),
-        )
-        if signals.has_receivers(signals.handler_failed):
-            self._signal(
-                signals.handler_failed,
-                event=delivery.event,
-                delivery=delivery.snapshot(),
-                error=error,
-            )
-        if isinstance(step, GiveUp):
-            self._dead_letter(delivery, step.reason, _traceback(error))
-            return
-        delay = step.delay
-        if self._store is not None:
-            due_at = time.time() + delay  # wall-clock: the next process reads it too
-            self._persist(
-                self._store.retrying,
-                delivery.event.id,
-                delivery.handler,
-                delivery.attempts,
-                delivery.error,
-                due_at,
-            )
-        with self._lock:
-            if self._stopped:  # closed: there is no retry queue to wait in any more
-                stopped = True
-            else:
-                stopped = False
-                self._to_retry_queue(delivery, delay)
-        if stopped:
-            self._abandon([delivery], _traceback(error))
-            return
-        self._outcomes.retry_scheduled(delivery.event, delivery.handler, delivery.attempts, delay)
-        if signals.has_receivers(signals.retry_scheduled):
-            self._signal(
-                signals.retry_scheduled,
-                event=delivery.event,
-                delivery=delivery.snapshot(),
-                delay=delay,
-            )
-
-    def _to_retry_queue(self, delivery: DeliveryRecord, delay: float) -> None:
-        """Under self._lock: move an active delivery to the retry queue for *delay* seconds."""
-        delivery.state = "retrying"
-        self._waiting += 1
-        # Queued before the lock is let go: close() takes everything waiting under this lock,
-        # and must not find the delivery counted but not yet queued.
-        self._retries.schedule(delivery, delay)
-        self._finish_one()  # wakes close(), which waits for _active == 0
-
-    def _retry_due(self, delivery: DeliveryRecord) -> None:
-        # Called by the retry queue's timer (and by close() for retries already due): back
-        # onto the executor, unless the bus stopped.
-        with self._lock:
-            self._waiting -= 1
-            self._active += 1
-            stopped = self._stopped
-            if not stopped:
-                delivery.state = "pending"
-        if stopped:
-            self._abandon([delivery], None)
-        else:
-            self._executor.submit(self._job(delivery))
-
-    def _dead_letter(
-        self, delivery: DeliveryRecord, reason: DeadLetterReason, trace: str | None
-    ) -> None:
-        """Settle an active delivery as a dead letter (the caller counted it as active)."""
-        dead_letter = DeadLetter(
-            id=new_id(),
-            event=delivery.event,
-            handler=delivery.handler,
-            attempts=delivery.attempts,
-            error=delivery.error or "abandoned at shutdown before it ran",
-            reason=reason,
-            traceback=trace,
-        )
-        store = self._store
-        if store is not None:
-            self._persist(store.dead, dead_letter)
-        with self._lock:
-            if store is None:
-                self._records.add_dead_letter(dead_letter, delivery)
-            if reason == "abandoned":
-                self._abandoned += 1
-        self._outcomes.dead_lettered(dead_letter)  # before settling: see _attempt
-        if signals.has_receivers(signals.dead_lettered):
-            self._signal(signals.dead_lettered, event=dead_letter.event, dead_letter=dead_letter)
-        self._settle(delivery, "dead")
-
-    def _settle(self, delivery: DeliveryRecord, state: DeliveryState) -> None:
-        """Record an active delivery's final state and stop counting it as active."""
-        token = delivery.owner.token
-        with self._lock:
-            finished = self._records.settle(delivery, state)
-            if token is None:
-                self._finish_one()
-                return
-        # An event from a transport: acknowledged before the delivery stops counting, so that
-        # once drain() returns the transport has been told.
-        if finished:
-            self._acknowledge(token)
-        with self._lock:
-            self._finish_one()
-
-    def _abandon(self, deliveries: list[DeliveryRecord], trace: str | None) -> None:
-        """Settle active deliveries the stopped bus will not run: dead letters ("abandoned")
-        without a store; with one, they stay unfinished in it for the next process."""
-        store = self._store
-        if store is None and self._transport is None:
-            for delivery in deliveries:
-                self._dead_letter(delivery, "abandoned", trace)
-            return
-        if store is not None and deliveries:
-            self._persist(store.release, [(d.event.id, d.handler) for d in deliveries])
-        # With a transport, the event's entry is simply not acknowledged: another consumer
-        # (or this one, restarted) takes it over after the transport's claim_idle.
-        left = self._outcomes.left_in_store if store is not None else self._outcomes.left_in_stream
-        for delivery in deliveries:
-            left(delivery.event, delivery.handler, delivery.state)
-        with self._lock:
-            self._left_in_store += len(deliveries)
-            self._active -= len(deliveries)
-            if self._sleepers:
-                self._changed.notify_all()
-
-    def _persist(self, write: Callable[..., object], *args: Any) -> None:
-        # A store write after the fact (a success, a failure): if it fails the delivery's
-        # in-memory outcome stands and the store still holds the earlier state, so a later
-        # recovery runs it again (at least once). Say so loudly; never lose the worker.
-        try:
-            write(*args)
-        except Exception as exc:  # noqa: BLE001 - reported, and the delivery goes on
-            self._outcomes.internal_error("store", exc)
-
-    def _finish_one(self) -> None:
-        # Under self._lock.
-        self._active -= 1
-        if self._sleepers:
-            self._changed.notify_all()
-
-    def _wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
-        # Under self._lock.
-        self._sleepers += 1
-        try:
-            return self._changed.wait_for(predicate, timeout)
-        finally:
-            self._sleepers -= 1
-
-    def _signal(self, signal: Any, **kwargs: Any) -> None:
-        # Receivers run on whichever thread made the outcome (a worker, the timer, close()),
-        # often while the outcome's delivery still counts as active: close() or drain() from
-        # a receiver would wait for itself, so they raise DrainInHandlerError there.
-        local = self._in_handler
-        outer = getattr(local, "active", False)
-        local.active = True
-        try:
-            signals.send(signal, self, self._outcomes.receiver_failed, **kwargs)
-        finally:
-            local.active = outer
 
     # -- waiting, inspecting, replaying ---------------------------------------------------
 
@@ -710,10 +338,9 @@ class EventBus:
         of events emitted meanwhile (by handlers, too), and, with a store, until their outcomes
         are committed. Returns ``False`` if *timeout* seconds passed first. Raises
         ``DrainInHandlerError`` when called from a handler, where it would wait for itself."""
-        if getattr(self._in_handler, "active", False):
+        if self._guard.active:
             raise DrainInHandlerError("drain() inside a handler would wait for itself forever")
-        with self._lock:
-            drained = self._wait(lambda: self._active + self._waiting == 0, timeout)
+        drained = self._admission.wait_idle(timeout)
         if drained and self._store is not None:
             self._store.flush()  # so the store, read from anywhere, says what drain() saw
         return drained
@@ -726,21 +353,21 @@ class EventBus:
         its store) or already evicted by retention."""
         # With a store, its rows are the base (other processes' deliveries, earlier runs) and
         # this bus's in-memory records, fresher for what runs here, are laid over them.
-        stored = None if self._store is None else self._store.status(event_id)
-        with self._lock:
-            record = self._records.get(event_id)
-            if record is None and stored is None:
-                raise UnknownEventError(event_id)
-            here = {} if record is None else record.deliveries
-            return {**(stored or {}), **{name: d.snapshot() for name, d in here.items()}}
+        stored = self._backend.status(event_id)
+        dispatch = self._records.get(event_id)
+        if dispatch is None and stored is None:
+            raise UnknownEventError(event_id)
+        here = {}
+        if dispatch is not None:
+            for index in range(len(dispatch.progress)):
+                delivery = dispatch.snapshot(index)
+                here[delivery.handler] = delivery
+        return {**(stored or {}), **here}
 
     def dead_letters(self) -> list[DeadLetter]:
         """The dead letters, oldest first (with a store: all of the store's). They stay until
         replayed or purged."""
-        if self._store is not None:
-            return self._store.dead_letters()
-        with self._lock:
-            return self._records.dead_letters()
+        return self._backend.dead_letters()
 
     def replay(self, dead_letter: DeadLetter | str) -> None:
         """Queue a dead letter's delivery again, with a fresh attempt count, to the handler of
@@ -750,39 +377,14 @@ class EventBus:
         purged, ``UnknownHandlerError`` if no handler of that name is subscribed any more
         (the dead letter then stays), and ``BusClosedError`` after close."""
         dead_letter_id = dead_letter if isinstance(dead_letter, str) else dead_letter.id
-        context = contextvars.copy_context()
-        if self._store is not None:
-            self._replay_stored(self._store, dead_letter_id, context)
-            return
-        with self._lock:
-            if self._closed:
-                raise BusClosedError("replay() after close()")
-            found = self._records.get_dead_letter(dead_letter_id)
-            if found is None:
-                raise UnknownDeadLetterError(dead_letter_id)
-            letter, delivery = found
-            subscription = self._registry.find(letter.handler)
-            if subscription is None:
-                raise UnknownHandlerError(
-                    f"no handler named {letter.handler!r} is subscribed; the dead letter stays"
-                )
-            self._records.pop_dead_letter(dead_letter_id)
-            delivery.subscription = subscription
-            delivery.policy = self._policy(subscription)
-            delivery.context = context
-            delivery.attempts = 0
-            delivery.error = None
-            self._records.reopen(delivery)
-            self._active += 1
-        self._outcomes.replayed(letter)
-        self._executor.submit(self._job(delivery))
-
-    def _replay_stored(
-        self, store: Store, dead_letter_id: str, context: contextvars.Context
-    ) -> None:
-        if self._closed:
+        if self._admission.closed:
             raise BusClosedError("replay() after close()")
-        letter = store.dead_letter(dead_letter_id)
+        store = self._store
+        letter = (
+            self._records.get_dead_letter(dead_letter_id)
+            if store is None
+            else store.dead_letter(dead_letter_id)
+        )
         if letter is None:
             raise UnknownDeadLetterError(dead_letter_id)
         subscription = self._registry.find(letter.handler)
@@ -790,25 +392,37 @@ class EventBus:
             raise UnknownHandlerError(
                 f"no handler named {letter.handler!r} is subscribed; the dead letter stays"
             )
-        if store.replay_dead_letter(dead_letter_id, claim=True) is None:
+        taken = (
+            self._records.take_dead_letter(dead_letter_id)
+            if store is None
+            else store.replay_dead_letter(dead_letter_id, claim=True)
+        )
+        if taken is None:
             raise UnknownDeadLetterError(dead_letter_id)  # replayed elsewhere meanwhile
-        policy = self._policy(subscription)
-        with self._lock:
-            delivery = self._records.adopt(letter.event, subscription, policy, context)
-            assert delivery is not None  # it was dead, so not in flight
-            delivery.first_attempt_at = self._clock.monotonic()
-            self._active += 1
-        self._outcomes.replayed(letter)
-        self._executor.submit(self._job(delivery))
+        adopted = self._pipeline.adopt(letter.event, subscription, contextvars.copy_context())
+        if adopted is None:
+            raise BusClosedError("replay() after close()")
+        self._observer.log.replayed(letter)
+        self._pipeline.queue(*adopted)
 
     def purge_dead_letters(self) -> int:
         """Delete every dead letter; return how many there were."""
-        if self._store is not None:
-            return self._store.purge_dead_letters()
-        with self._lock:
-            return self._records.purge_dead_letters()
+        return self._backend.purge_dead_letters()
 
-    # -- recovering from a store ---------------------------------------------------------
+    # -- taking work over from a store or a transport --------------------------------------
+
+    def start(self) -> int:
+        """Start consuming the transport's stream: call it once handlers are subscribed.
+        Returns how many events of stopped consumers this bus took over at once (see
+        :class:`eventbus.transports.RedisStreamsTransport`). A bus that only emits never
+        starts. Raises ``RuntimeError`` without a transport, ``BusClosedError`` after close."""
+        if self._admission.closed:
+            raise BusClosedError("start() after close()")
+        if self._transport is None:
+            raise RuntimeError(
+                "start() consumes a transport: EventBus(transport=RedisStreamsTransport(...))"
+            )
+        return self._transport.start(self._pipeline.receive)
 
     def recover(self) -> int:
         """Take over the store's unfinished deliveries (those of an earlier run or a crashed
@@ -823,89 +437,30 @@ class EventBus:
         looking every ``store.poll_interval`` seconds, so replays made from the command line
         and the work of a process that dies later are picked up while it runs.
 
-        With a transport instead of a store, this is what starts the bus consuming its share
-        of the stream (see :class:`eventbus.transports.RedisStreamsTransport`); it returns how
-        many events of stopped consumers it took over.
+        With a transport instead of a store, this is :meth:`start` (kept for code written
+        before it).
 
         Raises ``RuntimeError`` without a store or transport, ``BusClosedError`` after close.
         """
-        if self._closed:
+        if self._admission.closed:
             raise BusClosedError("recover() after close()")
         if self._transport is not None:
-            return self._transport.start(self._receive)
-        if self._store is None:
+            return self.start()
+        recovery = self._recovery
+        if recovery is None:
             raise RuntimeError(
                 "recover() needs a store or a transport: EventBus(store=SQLiteStore(...))"
             )
-        count = self._take_over(self._store)
-        with self._lock:
-            if self._poll is None and not self._closed:
-                self._poll = self._clock.call_later(self._store.poll_interval, self._poll_store)
+        count = recovery.take_over()
+        recovery.start_polling()
         return count
-
-    def _poll_store(self) -> None:
-        store = self._store
-        assert store is not None
-        if self._closed:
-            return
-        try:
-            if store.needs_claim():
-                self._take_over(store)
-        except Exception as exc:  # noqa: BLE001 - keep polling; the next look may work
-            self._outcomes.internal_error("store", exc)
-        with self._lock:
-            if not self._closed:
-                self._poll = self._clock.call_later(store.poll_interval, self._poll_store)
-
-    def _take_over(self, store: Store) -> int:
-        claim = store.claim(self._registry.names())
-        for letter in claim.quarantined:
-            self._outcomes.dead_lettered(letter)
-        for handler, count in claim.unknown.items():
-            if handler not in self._warned_unknown:
-                self._warned_unknown.add(handler)
-                self._outcomes.unknown_handler(handler, count)
-        now = time.time()
-        queued = 0
-        for stored in claim.deliveries:
-            subscription = self._registry.find(stored.handler)
-            if subscription is None:  # unsubscribed since the claim: give it back
-                store.release([(stored.event.id, stored.handler)])
-                continue
-            policy = self._policy(subscription)
-            with self._lock:
-                delivery = self._records.adopt(
-                    stored.event, subscription, policy, contextvars.copy_context()
-                )
-                if delivery is None:
-                    continue
-                delivery.attempts = stored.attempts
-                delivery.error = stored.error
-                delivery.first_attempt_at = self._clock.monotonic()
-                self._active += 1
-            if stored.state == "running" and stored.attempts >= policy.max_attempts:
-                delivery.error = (
-                    f"ProcessLost: the process stopped during attempt {stored.attempts}"
-                )
-                self._dead_letter(delivery, "exhausted", None)
-                continue
-            queued += 1
-            delay = 0.0 if stored.due_at is None else stored.due_at - now
-            if stored.state == "retrying" and delay > 0:
-                with self._lock:
-                    self._to_retry_queue(delivery, delay)
-            else:
-                self._executor.submit(self._job(delivery))
-        if claim.deliveries or claim.quarantined:
-            self._outcomes.recovered(queued, len(claim.quarantined))
-        return queued
 
     # -- shutting down -------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has been called."""
-        return self._closed
+        return self._admission.closed
 
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, let queued and running deliveries finish, run retries that are due,
@@ -913,22 +468,22 @@ class EventBus:
 
         Retries not yet due, and (after a timeout) deliveries that never started, become dead
         letters with reason ``"abandoned"``; with a store they stay unfinished in it instead,
-        for :meth:`recover` to pick up. A ``bus.closed`` record says how many of each. Handlers
-        still running after a timeout finish on their own and are recorded as usual (with a
-        store, a handler still running when the store closes is run again after recovery).
-        The store is closed last. Idempotent. Raises ``DrainInHandlerError`` when called from
-        a handler.
+        for :meth:`recover` to pick up (with a transport, in the stream for another consumer).
+        A ``bus.closed`` record says how many of each. Handlers still running after a timeout
+        finish on their own and are recorded as usual (with a store, a handler still running
+        when the store closes is run again after recovery). The store is closed last.
+        Idempotent. Raises ``DrainInHandlerError`` when called from a handler or a signal
+        receiver.
         """
-        if getattr(self._in_handler, "active", False):
+        if self._guard.active:
             raise DrainInHandlerError(
                 "close() inside a handler would wait for itself forever; close from outside"
             )
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._changed.notify_all()  # emits blocked on a full queue give up now
+        if not self._admission.close():
+            return
         _open_buses.discard(self)
+        if self._recovery is not None:
+            self._recovery.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         self._settle_due(deadline)
         # Stop the timer before the last pass: once close() returns no callback is running, so
@@ -937,37 +492,26 @@ class EventBus:
         # and are run by _settle_due if they are due, else abandoned.
         self._clock.close()
         self._settle_due(deadline)
-        with self._lock:
-            self._stopped = True
-            waiting = self._retries.take_all()
-            self._waiting -= len(waiting)
-            self._active += len(waiting)
-        not_started = [_delivery_of(job) for job in self._executor.shutdown(_remaining(deadline))]
-        self._abandon(waiting + not_started, None)
-        with self._lock:
-            still_running = self._active
-            abandoned = self._abandoned
-            left_in_store = None if self._store is None else self._left_in_store
-        if self._store is not None:
-            self._persist(self._store.close)
-        if self._transport is not None:
-            self._persist(self._transport.close)
-        self._outcomes.closed(abandoned, still_running, left_in_store)
-        if signals.has_receivers(signals.bus_closed):
-            self._signal(signals.bus_closed, abandoned=abandoned)
+        pipeline = self._pipeline
+        waiting = pipeline.stop()
+        not_started = [job_delivery(job) for job in self._executor.shutdown(remaining(deadline))]
+        pipeline.abandon(waiting + not_started, None)
+        still_running = self._admission.active
+        self._backend.close()
+        left = None if self._store is None else pipeline.left_behind
+        self._observer.closed(pipeline.abandoned, still_running, left)
 
     def _settle_due(self, deadline: float | None) -> None:
         """Wait for the queue and running handlers to finish, and run due retries, until only
         retries that are not yet due remain (or the deadline passes)."""
         while True:
-            with self._lock:
-                if not self._wait(lambda: self._active == 0, _remaining(deadline)):
-                    return
+            if not self._admission.wait_inactive(remaining(deadline)):
+                return
             due = self._retries.take_due(self._clock.monotonic())
             if not due:
                 return
-            for delivery in due:
-                self._retry_due(delivery)
+            for job in due:
+                self._pipeline.retry_due(job)
 
     def __enter__(self) -> Self:
         return self
@@ -981,20 +525,14 @@ class EventBus:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<EventBus {state} active={self._active} retrying={self._waiting}>"
+        state = "closed" if self._admission.closed else "open"
+        admission = self._admission
+        return f"<EventBus {state} active={admission.active} retrying={admission.waiting}>"
 
 
-def _delivery_of(job: Job) -> DeliveryRecord:
-    assert isinstance(job, partial)  # the bus submits nothing else
-    delivery = job.args[0]
-    assert isinstance(delivery, DeliveryRecord)
-    return delivery
-
-
-def _resolve_event(event: object, payload: Any) -> tuple[str, type[Any] | None, Any]:
-    """emit()'s arguments as (event name, event class or None, payload); raises as emit() says."""
-    if isinstance(event, str):
+def _resolve_typed(event: object, payload: Any) -> tuple[str, type[Any] | None, Any]:
+    """emit()'s arguments for anything but a plain name: (name, class or None, payload)."""
+    if isinstance(event, str):  # a str subclass
         return validate_name(event), None, payload
     cls = type(event)
     if payload is not None:
@@ -1021,14 +559,6 @@ def _check_bound(value: int | None, what: str) -> int | None:
     if value < 1:
         raise ValueError(f"{what} must be at least 1, got {value!r}")
     return value
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _traceback(error: BaseException) -> str:
-    return "".join(traceback.format_exception(error))
 
 
 def _check_options(retry: object, priority: object, name: object) -> None:

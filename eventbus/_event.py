@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from eventbus.typing import DeliveryState
 
-__all__ = ["DeadLetter", "DeadLetterReason", "Delivery", "Event", "new_id"]
+__all__ = ["DeadLetter", "DeadLetterReason", "Delivery", "Event", "make_event", "new_id"]
 
 _EMPTY_METADATA: Mapping[str, str] = MappingProxyType({})
 
@@ -72,6 +72,23 @@ class Event:
             f"occurred_at={self.occurred_at.isoformat()!r}, "
             f"payload=<{type(self.payload).__name__}>)"
         )
+
+
+_set = object.__setattr__
+_new = object.__new__
+
+
+def make_event(name: str, payload: Any, metadata: Mapping[str, str]) -> Event:
+    """A new :class:`Event` with a fresh id and the current time, for ``emit()``: the same
+    object the constructor makes, without its keyword parsing and default factories (about
+    half the cost of an emit on the hot path). *name* and *metadata* are already checked."""
+    event: Event = _new(Event)
+    _set(event, "name", name)
+    _set(event, "payload", payload)
+    _set(event, "metadata", metadata)
+    _set(event, "id", new_id())
+    _set(event, "occurred_at", datetime.now(UTC))
+    return event
 
 
 def freeze_metadata(metadata: Mapping[str, str] | None) -> Mapping[str, str]:

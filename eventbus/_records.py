@@ -1,183 +1,298 @@
-"""Delivery records in memory: where each delivery stands, retention of settled events, and
-the dead letters. Not thread-safe by itself: the bus calls it under its own lock."""
+"""Where each delivery stands, in memory: one :class:`Dispatch` per event, bounded retention of
+settled events, idempotency keys and the in-memory dead letters.
+
+A dispatch is the unit of work: the executor runs it once per handler, and each run claims the
+next handler's index from an atomic counter, so an event costs one object (not one per
+delivery) and its handlers still run concurrently on idle workers. Per-delivery state is one
+``int`` in a list: ``attempts * ATTEMPT + state``. Objects are made only for what is rare: a
+failure's error text, a delivery taken over or replayed with its own context.
+
+Thread-safety: a delivery's progress is written only by the thread running it; an event's
+bookkeeping (settling its last delivery, reopening one, eviction) is done under the records'
+lock, which the success path takes once per event, not per delivery.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import itertools
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from eventbus._event import DeadLetter, Delivery, Event
-from eventbus.typing import DeliveryState
 
 if TYPE_CHECKING:
     from eventbus._registry import Subscription
-    from eventbus.retry import RetryPolicy
+    from eventbus.typing import DeliveryState
 
-__all__ = ["DeliveryRecord", "EventRecord", "Records"]
+__all__ = [
+    "ATTEMPT",
+    "DEAD",
+    "PENDING",
+    "RETRYING",
+    "RUNNING",
+    "SUCCEEDED",
+    "Dispatch",
+    "Extra",
+    "Records",
+    "RetryJob",
+]
+
+PENDING, RUNNING, RETRYING, SUCCEEDED, DEAD = 0, 1, 2, 3, 4
+STATES: tuple[DeliveryState, ...] = ("pending", "running", "retrying", "succeeded", "dead")
+#: ``progress[i] // ATTEMPT`` is the attempts started; ``progress[i] % ATTEMPT`` the state.
+ATTEMPT = 8
+STATE_MASK = ATTEMPT - 1
 
 
-class DeliveryRecord:
-    """One event's delivery to one handler, as it moves through its attempts (mutable).
+class Extra:
+    """What only some deliveries have: a last error, their own context (taken over or
+    replayed), and when their first attempt started if not with the event."""
 
-    Only the thread running the delivery writes to it, except the settle steps, which the bus
-    does under its lock.
-    """
+    __slots__ = ("context", "error", "first_attempt_at")
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.context: contextvars.Context | None = None
+        self.first_attempt_at: float | None = None
+
+
+class Dispatch:
+    """One event and its deliveries, one per subscription, by index. Calling it runs the next
+    delivery not yet started (it is the job the executor runs, once per handler); *run* is the
+    attempt, called as ``run(dispatch, index)`` inside the delivery's context."""
 
     __slots__ = (
-        "attempts",
+        "admitted_at",
         "context",
-        "error",
+        "cursor",
         "event",
-        "first_attempt_at",
-        "owner",
-        "policy",
-        "state",
-        "subscription",
+        "extras",
+        "key",
+        "progress",
+        "run",
+        "settled",
+        "subs",
+        "token",
+        "total",
+        "verbose",
     )
 
     def __init__(
         self,
-        owner: EventRecord,
-        subscription: Subscription,
-        policy: RetryPolicy,
-        context: contextvars.Context,
+        event: Event,
+        subs: Sequence[Subscription],
+        context: contextvars.Context | None,
+        run: Callable[[Dispatch, int], None],
+        *,
+        admitted_at: float = 0.0,
+        verbose: bool = True,
+        key: str | None = None,
+        token: str | None = None,
     ) -> None:
-        self.owner = owner
-        self.event = owner.event
-        self.subscription = subscription
-        self.policy = policy
-        self.context: contextvars.Context | None = context
-        self.state: DeliveryState = "pending"
-        self.attempts = 0
-        self.error: str | None = None
-        self.first_attempt_at = 0.0
-
-    @property
-    def handler(self) -> str:
-        return self.subscription.name
-
-    def snapshot(self) -> Delivery:
-        return Delivery(self.subscription.name, self.state, self.attempts, self.error)
-
-
-class EventRecord:
-    """An event and its deliveries; *unsettled* counts those not yet succeeded or dead."""
-
-    __slots__ = ("deliveries", "event", "key", "token", "unsettled", "verbose")
-
-    def __init__(self, event: Event, key: str | None = None, token: str | None = None) -> None:
         self.event = event
+        self.subs = subs
+        self.context = context
+        self.run = run
+        self.admitted_at = admitted_at
+        self.verbose = verbose
         self.key = key
         # The transport's id for an event received from it: acknowledged once all settle.
         self.token = token
-        self.deliveries: dict[str, DeliveryRecord] = {}
-        self.unsettled = 0
-        # Whether debug-level outcomes (emitted, succeeded) are logged for this event.
-        self.verbose = True
+        self.progress = [PENDING] * len(subs)
+        self.total = len(subs)
+        self.cursor = itertools.count()  # next() is atomic: each run claims one index
+        self.settled = itertools.count(1)
+        self.extras: dict[int, Extra] | None = None
+
+    def __call__(self) -> None:
+        # The job of each first attempt: one call into the attempt, in a copy of the
+        # emitter's context (a Context is entered by one thread at a time, and handlers of one
+        # event run concurrently; the copy also keeps their context changes apart).
+        context = self.context
+        assert context is not None  # dropped only once every delivery settled
+        context.copy().run(self.run, self, next(self.cursor))
+
+    def claim(self) -> int:
+        """Claim the next index not yet started, as a run would (for a job never run)."""
+        return next(self.cursor)
+
+    def extra(self, index: int) -> Extra:
+        """The rare per-delivery data of delivery *index*, made on first use."""
+        extras = self.extras
+        if extras is None:
+            extras = self.extras = {}
+        found = extras.get(index)
+        if found is None:
+            found = extras[index] = Extra()
+        return found
+
+    def error(self, index: int) -> str | None:
+        extras = self.extras
+        if extras is None:
+            return None
+        found = extras.get(index)
+        return None if found is None else found.error
+
+    def context_of(self, index: int) -> contextvars.Context | None:
+        extras = self.extras
+        if extras is not None:
+            found = extras.get(index)
+            if found is not None and found.context is not None:
+                return found.context
+        return self.context
+
+    def snapshot(self, index: int) -> Delivery:
+        progress = self.progress[index]
+        return Delivery(
+            self.subs[index].name,
+            STATES[progress & STATE_MASK],
+            progress // ATTEMPT,
+            self.error(index),
+        )
+
+    def index_of(self, handler: str) -> int | None:
+        for index, sub in enumerate(self.subs):
+            if sub.name == handler:
+                return index
+        return None
+
+
+class RetryJob:
+    """A job that runs one delivery of a dispatch again (a retry, a replay, a take-over)."""
+
+    __slots__ = ("dispatch", "index")
+
+    def __init__(self, dispatch: Dispatch, index: int) -> None:
+        self.dispatch = dispatch
+        self.index = index
+
+    def __call__(self) -> None:
+        dispatch = self.dispatch
+        context = dispatch.context_of(self.index)
+        assert context is not None  # an unsettled delivery's context is kept
+        context.copy().run(dispatch.run, dispatch, self.index)
+
+    def claim(self) -> int:
+        return self.index
 
 
 class Records:
-    """Event records by id, bounded retention of settled ones, and the dead letters."""
+    """Dispatches by event id, bounded retention of settled ones, idempotency keys and the
+    in-memory dead letters. Thread-safe."""
 
     def __init__(self, retention: int) -> None:
         if isinstance(retention, bool) or not isinstance(retention, int) or retention < 0:
             raise ValueError(f"status_retention must be an int >= 0, got {retention!r}")
         self._retention = retention
-        self._events: dict[str, EventRecord] = {}
-        # Settled events, oldest first: the ones retention may evict.
-        self._settled: OrderedDict[str, None] = OrderedDict()
-        # The delivery record rides along so that a replay continues the same status entry.
-        self._dead: dict[str, tuple[DeadLetter, DeliveryRecord]] = {}
-        # Idempotency keys of retained events (a bus without a store answers for them).
-        self._keys: dict[str, EventRecord] = {}
+        self._lock = threading.Lock()
+        self._events: dict[str, Dispatch] = {}
+        self._settled: OrderedDict[str, None] = OrderedDict()  # oldest first: evictable
+        self._keys: dict[str, Dispatch] = {}
+        # The dispatch rides along so that a replay continues the same status entry.
+        self._dead: dict[str, tuple[DeadLetter, Dispatch, int]] = {}
 
-    def add(self, record: EventRecord) -> None:
-        self._events[record.event.id] = record
-        if record.key is not None:
-            self._keys[record.key] = record
-        if record.unsettled == 0:
-            self._mark_settled(record.event.id)
+    def add(self, dispatch: Dispatch) -> None:
+        """Record a new dispatch (under the admission lock for keyed ones, see find_key)."""
+        event_id = dispatch.event.id
+        self._events[event_id] = dispatch
+        if dispatch.key is not None:
+            self._keys[dispatch.key] = dispatch
+        if dispatch.total == 0:
+            with self._lock:
+                self._mark_settled(dispatch)
 
     def find_key(self, key: str) -> Event | None:
         """The retained event emitted under idempotency *key*, if any."""
-        record = self._keys.get(key)
-        return None if record is None else record.event
+        found = self._keys.get(key)
+        return None if found is None else found.event
+
+    def get(self, event_id: str) -> Dispatch | None:
+        return self._events.get(event_id)
+
+    def event_settled(self, dispatch: Dispatch) -> bool:
+        """The settle counter of *dispatch* reached its total: mark the event settled (it is
+        evictable from now on) unless a take-over reopened a delivery meanwhile. Returns
+        whether it was marked."""
+        with self._lock:
+            if any(p & STATE_MASK < SUCCEEDED for p in dispatch.progress):
+                return False
+            self._mark_settled(dispatch)
+        return True
+
+    def _mark_settled(self, dispatch: Dispatch) -> None:
+        # Under the lock. The emitter's context may hold large objects: let it go.
+        dispatch.context = None
+        self._settled[dispatch.event.id] = None
+        while len(self._settled) > self._retention:
+            old, _ = self._settled.popitem(last=False)
+            evicted = self._events.pop(old, None)
+            if evicted is not None and evicted.key is not None:
+                self._keys.pop(evicted.key, None)
 
     def adopt(
         self,
         event: Event,
         subscription: Subscription,
-        policy: RetryPolicy,
         context: contextvars.Context,
-    ) -> DeliveryRecord | None:
-        """An unsettled delivery record for *event* to *subscription*'s handler, for work taken
-        over from a store: the event's record is reused (re-added if evicted) or created.
+        run: Callable[[Dispatch, int], None],
+        *,
+        attempts: int = 0,
+        error: str | None = None,
+        first_attempt_at: float,
+    ) -> tuple[Dispatch, int] | None:
+        """An unsettled delivery of *event* to *subscription*'s handler, for work taken over
+        from a store or replayed: the event's dispatch is reused (re-added if evicted) or made.
         ``None`` if that delivery is already in flight here."""
-        record = self._events.get(event.id)
-        if record is None:
-            record = EventRecord(event)
-        delivery = record.deliveries.get(subscription.name)
-        if delivery is not None and delivery.state not in ("succeeded", "dead"):
-            return None
-        self._unsettle(record)
-        delivery = DeliveryRecord(record, subscription, policy, context)
-        record.deliveries[subscription.name] = delivery
-        return delivery
+        with self._lock:
+            dispatch = self._events.get(event.id)
+            if dispatch is None:
+                dispatch = Dispatch(event, [], None, run)
+                self._events[event.id] = dispatch
+            index = dispatch.index_of(subscription.name)
+            subs = list(dispatch.subs)
+            if index is None:
+                index = len(subs)
+                subs.append(subscription)
+                dispatch.progress.append(PENDING)
+            elif dispatch.progress[index] & STATE_MASK < SUCCEEDED:
+                return None
+            else:
+                subs[index] = subscription
+            dispatch.subs = subs
+            dispatch.progress[index] = attempts * ATTEMPT + PENDING
+            extra = dispatch.extra(index)
+            extra.context = context
+            extra.error = error
+            extra.first_attempt_at = first_attempt_at
+            self._settled.pop(event.id, None)  # unsettled again: not evictable
+            dispatch.total += 1
+            return dispatch, index
 
-    def get(self, event_id: str) -> EventRecord | None:
-        return self._events.get(event_id)
+    # -- dead letters (a bus without a store keeps them here) ------------------------------
 
-    def settle(self, delivery: DeliveryRecord, state: DeliveryState) -> bool:
-        """Move *delivery* to a final state; its event becomes evictable once all are final.
-        Returns True if this was the event's last unsettled delivery."""
-        delivery.state = state
-        delivery.context = None  # the emitter's context may hold large objects: let them go
-        owner = delivery.owner
-        owner.unsettled -= 1
-        if owner.unsettled == 0:
-            self._mark_settled(owner.event.id)
-            return True
-        return False
+    def add_dead_letter(self, dead_letter: DeadLetter, dispatch: Dispatch, index: int) -> None:
+        with self._lock:
+            self._dead[dead_letter.id] = (dead_letter, dispatch, index)
 
-    def reopen(self, delivery: DeliveryRecord) -> None:
-        """Make a settled *delivery* pending again (a replay), re-adding its event if evicted."""
-        self._unsettle(delivery.owner)
-        delivery.state = "pending"
+    def take_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        with self._lock:
+            found = self._dead.pop(dead_letter_id, None)
+        return None if found is None else found[0]
 
-    def _unsettle(self, record: EventRecord) -> None:
-        """*record* gains an unsettled delivery: it is retained again, and not evictable."""
-        if record.unsettled == 0:
-            self._settled.pop(record.event.id, None)
-        record.unsettled += 1
-        self._events[record.event.id] = record
-
-    def _mark_settled(self, event_id: str) -> None:
-        self._settled[event_id] = None
-        while len(self._settled) > self._retention:
-            old, _ = self._settled.popitem(last=False)
-            record = self._events.pop(old)
-            if record.key is not None:
-                self._keys.pop(record.key, None)
-            # Break the record <-> delivery reference cycle so the evicted event is freed at
-            # once rather than by the cyclic collector (which was half of emit's cost under
-            # load). Dead deliveries keep their record: a replay re-adds it.
-            if not any(d.state == "dead" for d in record.deliveries.values()):
-                record.deliveries = {}
-
-    def add_dead_letter(self, dead_letter: DeadLetter, delivery: DeliveryRecord) -> None:
-        self._dead[dead_letter.id] = (dead_letter, delivery)
-
-    def get_dead_letter(self, dead_letter_id: str) -> tuple[DeadLetter, DeliveryRecord] | None:
-        return self._dead.get(dead_letter_id)
-
-    def pop_dead_letter(self, dead_letter_id: str) -> None:
-        del self._dead[dead_letter_id]
+    def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        with self._lock:
+            found = self._dead.get(dead_letter_id)
+        return None if found is None else found[0]
 
     def dead_letters(self) -> list[DeadLetter]:
-        return [dead_letter for dead_letter, _ in self._dead.values()]
+        with self._lock:
+            return [dead_letter for dead_letter, _, _ in self._dead.values()]
 
     def purge_dead_letters(self) -> int:
-        count = len(self._dead)
-        self._dead.clear()
-        return count
+        with self._lock:
+            count = len(self._dead)
+            self._dead.clear()
+            return count

@@ -173,16 +173,17 @@ def test_idempotency_key_delivers_once_when_two_emits_wait_for_room(gate):
     def emit_keyed() -> None:
         results.append(bus.emit("job:run", "keyed", key="K").id)
 
-    # Told each time an emit starts waiting for room (it waits under the bus's lock, so a
-    # delivery that finishes after this cannot miss it).
+    # Told each time an emit starts waiting for room (it waits under the admission lock, so
+    # a delivery that finishes after this cannot miss it).
     waiting = threading.Semaphore(0)
-    wait = bus._wait
+    admission = bus._admission
+    wait = admission._wait
 
     def counted_wait(predicate: Callable[[], bool], timeout: float | None) -> bool:
         waiting.release()
         return wait(predicate, timeout)
 
-    bus._wait = counted_wait  # type: ignore[method-assign]
+    admission._wait = counted_wait  # type: ignore[method-assign]
     with bus:
         bus.emit("job:run", "a")  # takes the only slot; its handler waits at the gate
         threads = [threading.Thread(target=emit_keyed) for _ in range(2)]
