@@ -8,11 +8,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
-from eventbus.typing import DeliveryState
+__all__ = [
+    "DeadLetter",
+    "DeadLetterReason",
+    "Delivery",
+    "DeliveryState",
+    "Event",
+    "make_event",
+    "new_id",
+]
 
-__all__ = ["DeadLetter", "DeadLetterReason", "Delivery", "Event", "make_event", "new_id"]
+#: Where a delivery (one event to one handler) stands.
+DeliveryState: TypeAlias = Literal["pending", "running", "retrying", "succeeded", "dead"]
 
 _EMPTY_METADATA: Mapping[str, str] = MappingProxyType({})
 

@@ -382,4 +382,3 @@ class Pipeline:
 
 def _traceback(error: BaseException) -> str:
     return "".join(traceback.format_exception(error))
-

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from eventbus._event import DeadLetter, Delivery, Event
 
 if TYPE_CHECKING:
+    from eventbus._event import DeliveryState
     from eventbus._registry import Subscription
-    from eventbus.typing import DeliveryState
 
 __all__ = [
     "ATTEMPT",

@@ -71,9 +71,9 @@ class StoreRecovery:
             if stored.state == "running" and stored.attempts >= policy.max_attempts:
                 # Its process died during its last allowed attempt: a handler that kills the
                 # process must not loop across restarts.
-                dispatch.extra(index).error = (
-                    f"ProcessLost: the process stopped during attempt {stored.attempts}"
-                )
+                dispatch.extra(
+                    index
+                ).error = f"ProcessLost: the process stopped during attempt {stored.attempts}"
                 pipeline.dead_letter(dispatch, index, "exhausted", None)
                 continue
             queued += 1

@@ -1,9 +1,13 @@
-"""Protocols and aliases shared by eventbus's parts (a leaf module: it imports nothing of ours)."""
+"""Protocols and aliases shared by eventbus's parts; of ours it imports only the data records."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
+
+# The one name of ours needed at run time: it is defined with the records it describes, so
+# that they import nothing from here and the arrows point one way (records <- typing).
+from eventbus._event import DeliveryState
 
 if TYPE_CHECKING:
     from eventbus._event import DeadLetter, Delivery, Event
@@ -26,8 +30,6 @@ Handler: TypeAlias = "Callable[[Event], object]"
 #: The type a decorator hands back unchanged.
 HandlerT = TypeVar("HandlerT", bound="Callable[[Event], object]")
 
-#: Where a delivery (one event to one handler) stands.
-DeliveryState: TypeAlias = Literal["pending", "running", "retrying", "succeeded", "dead"]
 
 #: One unit of work handed to an executor.
 Job: TypeAlias = Callable[[], None]

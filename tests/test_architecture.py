@@ -107,7 +107,7 @@ def test_package_has_modules_to_check() -> None:
 def test_import_reader_sees_type_checking_blocks() -> None:
     """The reader marks imports under `if TYPE_CHECKING:` as type-checking only."""
     found = {i.module: i.type_checking_only for i in imports_of(PACKAGE / "typing.py")}
-    assert found["eventbus._event"] is True
+    assert found["eventbus.stores._model"] is True
     assert found["collections.abc"] is False
 
 
@@ -125,10 +125,68 @@ def test_dependency_has_a_single_importer(dependency: str, owner: str) -> None:
     assert importers_of(dependency) == {owner}
 
 
-@pytest.mark.parametrize("leaf", ["exceptions.py", "typing.py"])
-def test_leaf_modules_import_nothing_of_ours_at_runtime(leaf: str) -> None:
-    """The leaf modules import nothing from eventbus except for type checkers."""
-    assert _own_imports(PACKAGE / leaf, runtime=True) == set()
+@pytest.mark.parametrize("leaf", ["exceptions.py", "_event.py"])
+def test_leaf_modules_import_nothing_of_ours(leaf: str) -> None:
+    """The leaf modules import nothing from eventbus, not even for type checkers."""
+    assert _own_imports(PACKAGE / leaf, runtime=False) == set()
+
+
+def test_typing_imports_only_the_event_records_at_runtime() -> None:
+    """At run time typing.py imports only eventbus._event (for DeliveryState)."""
+    assert _own_imports(PACKAGE / "typing.py", runtime=True) <= {
+        "eventbus._event",
+        "eventbus._event.DeliveryState",
+    }
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, type-checking imports included."""
+    names = {_module_name(path) for path in MODULES}
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        targets = set()
+        for imported in _own_imports(path, runtime=False):
+            # `from eventbus import signals` names eventbus.signals; `from eventbus._x import y`
+            # names eventbus._x.y, which is not a module: keep the longest module prefix.
+            module = imported
+            while module not in names and "." in module:
+                module = module.rsplit(".", 1)[0]
+            if module in names:
+                targets.add(module)
+        graph[_module_name(path)] = targets - {_module_name(path)}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle in *graph* (as a path that ends where it starts), or None."""
+    done: set[str] = set()
+    for start in sorted(graph):
+        stack: list[tuple[str, list[str]]] = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for target in sorted(graph[node]):
+                if target == start:
+                    return [*path, start]
+                if target not in path and target not in done:
+                    stack.append((target, [*path, target]))
+        done.add(start)
+    return None
+
+
+# Packages import their submodules to re-export them; that is not a cycle between parts.
+_REEXPORTS = {"eventbus", "eventbus.stores", "eventbus.transports"}
+
+
+def test_imports_have_no_cycles() -> None:
+    """No module of ours imports, directly or through others, a module that imports it
+    (type-checking imports count: the arrows point one way)."""
+    graph = {m: t - _REEXPORTS for m, t in _graph().items() if m not in _REEXPORTS}
+    assert _cycle(graph) is None
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    """The cycle check itself fails on a graph with a cycle."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
 
 
 def test_exceptions_imports_nothing_of_ours() -> None:

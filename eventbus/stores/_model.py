@@ -6,8 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from eventbus._event import DeadLetter, Event, new_id
-from eventbus.typing import DeliveryState
+from eventbus._event import DeadLetter, DeliveryState, Event, new_id
 
 __all__ = ["Claim", "StoredDelivery", "new_owner", "owner_is_dead"]
 

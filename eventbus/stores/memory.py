@@ -12,9 +12,8 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from eventbus._event import DeadLetter, Delivery, Event, new_id
+from eventbus._event import DeadLetter, Delivery, DeliveryState, Event, new_id
 from eventbus.stores._model import Claim, StoredDelivery
-from eventbus.typing import DeliveryState
 
 __all__ = ["MemoryStore"]
 
