@@ -206,12 +206,26 @@ class OutcomeRecorder:
     def failed(
         self, event: Event, handler: str, attempt: int, error: BaseException, will_retry: bool
     ) -> None:
+        # The traceback only with the last attempt (the one a dead letter follows), as Celery
+        # does: a retried attempt says what failed in one line, so a retry storm does not
+        # render a traceback per attempt, and the traceback that explains the dead letter is
+        # still logged once.
+        if will_retry:
+            self._log.warning(
+                "handler.failed",
+                handler=handler,
+                attempt=attempt,
+                error=format_error(error),
+                will_retry=True,
+                **self._event_keys(event),
+            )
+            return
         self._log.warning(
             "handler.failed",
             handler=handler,
             attempt=attempt,
             error=format_error(error),
-            will_retry=will_retry,
+            will_retry=False,
             exc_info=_without_locals(error),
             **self._event_keys(event),
         )

@@ -269,19 +269,33 @@ def test_succeeded_record(recorder: OutcomeRecorder, event: Event) -> None:
     }
 
 
-def test_failed_record(recorder: OutcomeRecorder, event: Event) -> None:
-    """handler.failed is a warning with the error, the exception for the traceback, will_retry."""
+def test_failed_record_of_a_last_attempt(recorder: OutcomeRecorder, event: Event) -> None:
+    """handler.failed of an attempt not retried is a warning with the error, the exception for
+    the traceback, and will_retry False."""
     error = ConnectionError("down")
     with capture_logs() as logs:
-        recorder.failed(event, "app.send", 1, error, True)
+        recorder.failed(event, "app.send", 3, error, False)
     record = _one(logs)
     assert set(record) == HANDLER_KEYS | {"error", "exc_info", "will_retry"}
     assert record["event"] == "handler.failed"
     assert record["log_level"] == "warning"
     assert record["handler"] == "app.send"
-    assert record["attempt"] == 1
+    assert record["attempt"] == 3
     assert record["error"] == "ConnectionError: down"
     assert record["exc_info"] is error
+    assert record["will_retry"] is False
+
+
+def test_failed_record_of_a_retried_attempt_has_no_traceback(
+    recorder: OutcomeRecorder, event: Event
+) -> None:
+    """handler.failed of an attempt that will be retried names the error in one line, without
+    exc_info, so a retry storm renders no traceback per attempt."""
+    with capture_logs() as logs:
+        recorder.failed(event, "app.send", 1, ConnectionError("down"), True)
+    record = _one(logs)
+    assert set(record) == HANDLER_KEYS | {"error", "will_retry"}
+    assert record["error"] == "ConnectionError: down"
     assert record["will_retry"] is True
 
 
