@@ -29,6 +29,7 @@ from eventbus._pipeline import Pipeline, job_delivery
 from eventbus._records import Records, RetryJob
 from eventbus._recovery import StoreRecovery
 from eventbus._registry import Registry, check_handler, check_target, event_name_of
+from eventbus._retry_queue import RetryQueue
 from eventbus.exceptions import (
     BusClosedError,
     DrainInHandlerError,
@@ -37,7 +38,7 @@ from eventbus.exceptions import (
     UnknownEventError,
     UnknownHandlerError,
 )
-from eventbus.retry import RetryPolicy, RetryQueue
+from eventbus.retry import RetryPolicy
 from eventbus.typing import Clock, Executor, Handler, HandlerT, Store, Transport
 
 __all__ = ["EventBus"]

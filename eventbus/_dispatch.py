@@ -9,9 +9,10 @@ from collections import deque
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
-from eventbus.typing import Job
+__all__ = ["InlineExecutor", "Job", "WorkerPool"]
 
-__all__ = ["InlineExecutor", "WorkerPool"]
+#: One unit of work handed to an executor.
+Job = Callable[[], None]
 
 
 class WorkerPool:

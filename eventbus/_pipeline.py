@@ -14,7 +14,7 @@ import contextvars
 import threading
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from eventbus._event import DeadLetter, DeadLetterReason, Event, new_id
@@ -37,11 +37,13 @@ from eventbus.signals import handler_succeeded as _succeeded_signal
 if TYPE_CHECKING:
     from eventbus._admission import Admission
     from eventbus._backends import Backend
+    from eventbus._dispatch import Job
     from eventbus._observe import Observer
     from eventbus._records import Records
     from eventbus._registry import Registry, Subscription
-    from eventbus.retry import RetryPolicy, RetryQueue
-    from eventbus.typing import Clock, Executor, Job
+    from eventbus._retry_queue import RetryQueue
+    from eventbus.retry import RetryPolicy
+    from eventbus.typing import Clock, Executor
 
 __all__ = ["Pipeline", "job_delivery"]
 
@@ -94,6 +96,8 @@ class Pipeline:
         self.left_behind = 0  # deliveries left unfinished to a store or stream
         # Chosen once: a backend that records attempts is told of each start and success.
         self._records_attempts = backend.records_attempts
+        # Wall-clock time through the clock when it has it (a fake clock moves it too).
+        self._wall: Callable[[], float] = getattr(clock, "time", time.time)
 
     # -- taking events in ------------------------------------------------------------------
 
@@ -279,7 +283,7 @@ class Pipeline:
         delay = step.delay
         if self._records_attempts:
             # Wall-clock: the next process reads it too.
-            due_at = time.time() + delay
+            due_at = self._wall() + delay
             self.backend.retrying(event.id, sub.name, attempts, extra.error, due_at)
         with self._lock:
             stopped = self.stopped

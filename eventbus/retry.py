@@ -1,25 +1,24 @@
-"""Retry policies (built on tenacity's wait and stop strategies) and the retry queue.
+"""Retry policies, built on tenacity's wait and stop strategies.
 
 This is the only module that imports tenacity. A policy never sleeps: it only answers "how long
 until the next attempt, or stop?", as a pure function of the attempt number, the error and the
-elapsed time. The :class:`RetryQueue` then holds the delivery on a :class:`~eventbus.typing.Clock`
-timer, so no worker thread waits through a backoff.
+elapsed time. The bus's retry queue then holds the delivery on a
+:class:`~eventbus.typing.Clock` timer, so no worker thread waits through a backoff.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, cast
 
 import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from eventbus.typing import Cancellable, Clock
+from eventbus._retry_queue import RetryQueue as _RetryQueue
 
-__all__ = ["DEFAULT_WAIT", "RetryPolicy", "RetryQueue"]
+__all__ = ["DEFAULT_WAIT", "RetryPolicy"]
 
 #: The default backoff: 0.5 s, 1 s, 2 s, 4 s ... doubling, capped at 30 s, plus up to 0.5 s of
 #: random jitter so that many deliveries failing together do not retry in lockstep.
@@ -104,69 +103,9 @@ def _retry_state(attempt: int, error: BaseException, elapsed: float) -> tenacity
     return state
 
 
-T = TypeVar("T")
-
-
-class RetryQueue(Generic[T]):
-    """Items waiting for their backoff. Thread-safe.
-
-    Each scheduled item sits on a clock timer; when it is due the queue hands it to ``on_due``
-    (outside the queue's lock). :meth:`take_due` and :meth:`close` let a closing bus run what is
-    due and collect what is not, so nothing scheduled is ever dropped silently.
-    """
-
-    def __init__(self, clock: Clock, on_due: Callable[[T], None]) -> None:
-        self._clock = clock
-        self._on_due = on_due
-        self._lock = threading.Lock()
-        self._waiting: dict[int, tuple[float, T, Cancellable]] = {}
-        self._seq = 0
-
-    def __len__(self) -> int:
-        return len(self._waiting)
-
-    def schedule(self, item: T, delay: float) -> None:
-        """Hand *item* to ``on_due`` after *delay* seconds of the clock. Never blocks."""
-        with self._lock:
-            self._seq += 1
-            key = self._seq
-            due = self._clock.monotonic() + delay
-            # Registered before the timer exists so that a timer firing at once finds it.
-            self._waiting[key] = (due, item, _NOT_YET)
-        handle = self._clock.call_later(delay, lambda: self._fire(key))
-        with self._lock:
-            entry = self._waiting.get(key)
-            if entry is not None:
-                self._waiting[key] = (entry[0], entry[1], handle)
-
-    def _fire(self, key: int) -> None:
-        with self._lock:
-            entry = self._waiting.pop(key, None)
-        if entry is not None:
-            self._on_due(entry[1])
-
-    def take_due(self, now: float) -> list[T]:
-        """Remove and return the items due at *now*, cancelling their timers."""
-        with self._lock:
-            due = [k for k, (when, _, _) in self._waiting.items() if when <= now]
-            entries = [self._waiting.pop(k) for k in due]
-        for _, _, handle in entries:
-            handle.cancel()
-        return [item for _, item, _ in entries]
-
-    def take_all(self) -> list[T]:
-        """Remove and return every waiting item, cancelling their timers."""
-        with self._lock:
-            entries = list(self._waiting.values())
-            self._waiting.clear()
-        for _, _, handle in entries:
-            handle.cancel()
-        return [item for _, item, _ in entries]
-
-
-class _NotYet:
-    def cancel(self) -> None:
-        pass
-
-
-_NOT_YET = _NotYet()
+def __getattr__(name: str) -> Any:
+    # RetryQueue is the bus's own machinery, now private (eventbus._retry_queue); the old
+    # name still resolves so that code written against it keeps working.
+    if name == "RetryQueue":
+        return _RetryQueue
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,6 @@ __all__ = [
     "Executor",
     "Handler",
     "HandlerT",
-    "Job",
     "Store",
     "Transport",
 ]
@@ -31,17 +30,13 @@ Handler: TypeAlias = "Callable[[Event], object]"
 HandlerT = TypeVar("HandlerT", bound="Callable[[Event], object]")
 
 
-#: One unit of work handed to an executor.
-Job: TypeAlias = Callable[[], None]
-
-
 class Executor(Protocol):
     """Runs jobs. ``submit`` must never run a job that raises into the caller's frame."""
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Callable[[], None]) -> None:
         """Queue *job* (or run it now, for an inline executor). Thread-safe; never blocks long."""
 
-    def shutdown(self, timeout: float | None) -> list[Job]:
+    def shutdown(self, timeout: float | None) -> list[Callable[[], None]]:
         """Stop taking jobs; return those never started; wait up to *timeout* for running ones."""
 
 
@@ -53,7 +48,12 @@ class Cancellable(Protocol):
 
 
 class Clock(Protocol):
-    """The time source and timer behind retry backoff (swap in a fake one in tests)."""
+    """The time source and timer behind retry backoff (swap in a fake one in tests).
+
+    A clock may also have ``time() -> float``, wall-clock seconds since the epoch, which the
+    bus reads for what another process must understand (a stored retry's due time); without
+    it the bus reads :func:`time.time`. Both clocks eventbus ships have it.
+    """
 
     def monotonic(self) -> float:
         """Seconds on a monotonic scale."""
@@ -161,3 +161,11 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Stop consuming; what was received but not settled goes to another consumer."""
+
+
+def __getattr__(name: str) -> object:
+    # Job (a job handed to an executor: Callable[[], None]) is no longer part of the public
+    # API; the old name still resolves so that code written against it keeps working.
+    if name == "Job":
+        return Callable[[], None]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,9 +30,10 @@ from eventbus import (
     UnknownEventError,
     UnknownHandlerError,
 )
+from eventbus._dispatch import Job
 from eventbus.stores import MemoryStore, SQLiteStore
 from eventbus.testing import FakeClock, InlineExecutor
-from eventbus.typing import Job, Store
+from eventbus.typing import Store
 
 #: A retry policy whose one retry waits 10 s (on the fake clock).
 RETRY_IN_10S = RetryPolicy(max_attempts=3, wait=tenacity.wait_fixed(10))
@@ -764,3 +765,34 @@ def test_replay_of_a_dead_letter_whose_event_cannot_be_decoded_raises(sqlite_bac
         bus.replay(dead_id)
     assert [d.id for d in bus.dead_letters()] == [dead_id]
     assert calls.count == 0
+
+
+def test_stored_retry_due_time_follows_the_bus_clock() -> None:
+    """A failed attempt stores its retry's due time from the bus clock's wall time."""
+    from eventbus.stores import MemoryStore
+    from eventbus.testing import FakeClock, InlineExecutor
+
+    due_times: list[float] = []
+
+    class Recording(MemoryStore):
+        def retrying(
+            self, event_id: str, handler: str, attempts: int, error: str, due_at: float
+        ) -> None:
+            due_times.append(due_at)
+            super().retrying(event_id, handler, attempts, error, due_at)
+
+    clock = FakeClock()
+    clock.advance(10_000)  # far from the real clock: a due time from time.time() would differ
+    with EventBus(
+        executor=InlineExecutor(),
+        clock=clock,
+        store=Recording(),
+        retry=RetryPolicy(max_attempts=2, wait=tenacity.wait_fixed(30)),
+    ) as bus:
+
+        def broken(event: Event) -> None:
+            raise RuntimeError("down")
+
+        bus.subscribe("order:created", broken, name="broken")
+        bus.emit("order:created")
+        assert due_times == [pytest.approx(clock.time() + 30)]

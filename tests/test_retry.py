@@ -9,7 +9,8 @@ import pytest
 import tenacity
 
 from eventbus._clock import TimerHandle
-from eventbus.retry import DEFAULT_WAIT, RetryPolicy, RetryQueue
+from eventbus._retry_queue import RetryQueue
+from eventbus.retry import DEFAULT_WAIT, RetryPolicy
 from eventbus.testing import FakeClock
 
 # -- validation ---------------------------------------------------------------------------
@@ -399,3 +400,11 @@ def test_item_taken_while_its_timer_is_created_is_not_delivered(fired: list[str]
     assert taken == [["a"]]
     assert fired == []
     assert len(queue) == 0
+
+
+def test_retry_queue_keeps_its_old_public_name() -> None:
+    """eventbus.retry.RetryQueue still resolves (to the private class), outside __all__."""
+    import eventbus.retry
+
+    assert eventbus.retry.RetryQueue is RetryQueue
+    assert "RetryQueue" not in eventbus.retry.__all__
