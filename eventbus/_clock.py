@@ -44,6 +44,8 @@ class SystemClock:
 
     #: The builtin itself, not a method wrapping it: it is read twice per delivery.
     monotonic = staticmethod(time.monotonic)
+    #: Wall-clock time, for due times another process reads.
+    time = staticmethod(time.time)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         handle = TimerHandle(callback)

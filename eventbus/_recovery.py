@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from eventbus._outcomes import OutcomeRecorder
@@ -34,6 +35,7 @@ class StoreRecovery:
         self._pipeline = pipeline
         self._log = log
         self._clock = clock
+        self._wall: Callable[[], float] = getattr(clock, "time", time.time)
         self._lock = threading.Lock()
         self._poll: Cancellable | None = None
         self._stopped = False
@@ -50,7 +52,7 @@ class StoreRecovery:
             if handler not in self._warned_unknown:
                 self._warned_unknown.add(handler)
                 self._log.unknown_handler(handler, count)
-        now = time.time()  # due times are wall-clock: another process wrote them
+        now = self._wall()  # due times are wall-clock: another process wrote them
         queued = 0
         for stored in claim.deliveries:
             subscription = self._registry.find(stored.handler)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,12 +44,18 @@ class FakeClock:
 
     def __init__(self, start: float = 0.0) -> None:
         self._now = start
+        self._epoch = time.time() - start
         self._lock = threading.Lock()
         self._heap: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
 
     def monotonic(self) -> float:
         return self._now
+
+    def time(self) -> float:
+        """Wall-clock time that moves with the fake clock: the real time when the clock was
+        made, plus every :meth:`advance` since."""
+        return self._epoch + self._now
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         handle = TimerHandle(callback)

@@ -188,3 +188,8 @@ def test_close_is_idempotent(make_clock: ClockFactory) -> None:
     clock.call_later(0, fired.set)
     assert _threads_named(name) == []
     assert not fired.is_set()
+
+
+def test_system_clock_wall_time_is_time_time() -> None:
+    """SystemClock.time is the wall clock, so stored due times mean the same in any process."""
+    assert SystemClock.time is time.time

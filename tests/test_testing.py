@@ -405,3 +405,11 @@ def test_recorder_hears_only_its_bus(inline: tuple[EventBus, FakeClock]) -> None
     finally:
         other.close()
     assert recorder.names == ["here"]
+
+
+def test_fake_clock_wall_time_moves_with_advance() -> None:
+    """FakeClock.time() is wall-clock time that advance() moves forward too."""
+    clock = FakeClock()
+    before = clock.time()
+    clock.advance(3600)
+    assert clock.time() == pytest.approx(before + 3600)
