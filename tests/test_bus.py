@@ -24,6 +24,7 @@ import tenacity
 from structlog.testing import capture_logs
 
 from eventbus import (
+    BusClosedError,
     DrainInHandlerError,
     DuplicateHandlerError,
     Event,
@@ -1360,3 +1361,59 @@ def test_emit_of_a_cyclic_payload_with_a_store_is_a_type_error(tmp_path: Path) -
         bus.subscribe("doc:uploaded", lambda event: None, name="index")
         with pytest.raises(TypeError, match="cyclic"):
             bus.emit("doc:uploaded", payload)
+
+
+class _ListTransport:
+    """A transport that records what it is asked to do (for the bus's side of the seam)."""
+
+    def __init__(self) -> None:
+        self.published: list[Event] = []
+        self.started = 0
+        self.closed = False
+        self.on_error: Any = None
+        self.on_dead: Any = None
+        self.on_taken_over: Any = None
+
+    def publish(self, event: Event) -> str:
+        self.published.append(event)
+        return str(len(self.published))
+
+    def start(self, deliver: Any) -> int:
+        self.started += 1
+        deliver(self.published[0], "token-1")
+        return 7
+
+    def settled(self, token: str) -> None:
+        self.settled_token = token
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_start_consumes_the_transport_and_returns_what_it_took_over() -> None:
+    """bus.start() starts the transport's consumer with the bus's delivery function."""
+    transport = _ListTransport()
+    seen: list[str] = []
+    with EventBus(max_workers=1, transport=transport) as bus:  # type: ignore[arg-type]
+        bus.subscribe("order:created", lambda event: seen.append(event.id), name="record")
+        event = bus.emit("order:created")
+        assert seen == []  # a transport bus delivers nothing locally until it starts
+        assert bus.start() == 7
+        assert bus.drain(timeout=5)
+    assert seen == [event.id]
+    assert transport.settled_token == "token-1"
+    assert transport.closed
+
+
+def test_start_without_a_transport_is_a_runtime_error() -> None:
+    """start() on a bus without a transport raises RuntimeError naming what it needs."""
+    with EventBus(max_workers=1) as bus, pytest.raises(RuntimeError, match="transport"):
+        bus.start()
+
+
+def test_start_after_close_is_refused() -> None:
+    """start() after close() raises BusClosedError."""
+    bus = EventBus(max_workers=1, transport=_ListTransport())  # type: ignore[arg-type]
+    bus.close()
+    with pytest.raises(BusClosedError):
+        bus.start()

@@ -12,7 +12,7 @@ logs both numbers.
 With ``Settings.redis_url`` the service is split into processes that share one Redis stream
 (and the orders database): :func:`build_app` then builds the API, whose bus has a
 ``RedisStreamsTransport`` and only publishes, and :func:`build_worker` builds a worker, which
-registers the handlers and consumes the stream with ``bus.recover()``. See the README's
+registers the handlers and consumes the stream with ``bus.start()``. See the README's
 "Several processes with Redis".
 """
 
@@ -313,7 +313,7 @@ def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderAp
 
     The handlers with outside effects are wrapped with ``transport.once``, so an event that
     is delivered again (a worker died before acknowledging it) does not repeat them. It calls
-    ``bus.recover()`` after registering the handlers, so it returns with the stream's reader
+    ``bus.start()`` after registering the handlers, so it returns with the stream's reader
     running; ``app.taken_over`` says how many stale entries it took over at startup. Raises
     ``TransportError`` when Redis does not answer.
     """
@@ -349,7 +349,7 @@ def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderAp
         transport=transport,
     )
     try:
-        app.taken_over = bus.recover()  # after register_handlers: starts consuming
+        app.taken_over = bus.start()  # after register_handlers: starts consuming
     except BaseException:
         app.close()
         raise
