@@ -189,8 +189,10 @@ class _QueueFloor:
             t.join()
 
 
-def queue_floor(tally: Tally, handlers: Sequence[Callable[..., None]]) -> Dispatcher:
-    floor = _QueueFloor(WORKERS)
+def queue_floor(
+    tally: Tally, handlers: Sequence[Callable[..., None]], workers: int = WORKERS
+) -> Dispatcher:
+    floor = _QueueFloor(workers)
     put = floor.queue.put
     hs = tuple(handlers)
 
@@ -199,7 +201,7 @@ def queue_floor(tally: Tally, handlers: Sequence[Callable[..., None]]) -> Dispat
             put((h, payload))
 
     return Dispatcher(
-        f"SimpleQueue + {WORKERS} threads (thread floor)", emit, tally_wait(tally), floor.close
+        f"SimpleQueue + {workers} threads (thread floor)", emit, tally_wait(tally), floor.close
     )
 
 
@@ -217,11 +219,13 @@ def raw_thread_pool(tally: Tally, handlers: Sequence[Callable[..., None]]) -> Di
     )
 
 
-def pyee_executor(tally: Tally, handlers: Sequence[Callable[..., None]]) -> Dispatcher:
+def pyee_executor(
+    tally: Tally, handlers: Sequence[Callable[..., None]], workers: int = WORKERS
+) -> Dispatcher:
     from pyee.executor import ExecutorEventEmitter
 
     ee = ExecutorEventEmitter(
-        executor=ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="bench-pyee")
+        executor=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-pyee")
     )
     for h in handlers:
         ee.on(EVENT_NAME, h)
@@ -236,14 +240,17 @@ def subscribe_all(bus: Any, handlers: Sequence[Callable[..., None]]) -> None:
 
 
 def eventbus_threads(
-    tally: Tally, handlers: Sequence[Callable[..., None]], label: str | None = None
+    tally: Tally,
+    handlers: Sequence[Callable[..., None]],
+    label: str | None = None,
+    workers: int = WORKERS,
 ) -> Dispatcher:
     from eventbus import EventBus
 
-    bus = EventBus(max_workers=WORKERS, name="bench")
+    bus = EventBus(max_workers=workers, name="bench")
     subscribe_all(bus, handlers)
     return Dispatcher(
-        label or f"eventbus EventBus(max_workers={WORKERS})",
+        label or f"eventbus EventBus(max_workers={workers})",
         partial(bus.emit, EVENT_NAME),
         bus.drain,
         bus.close,

@@ -7,6 +7,8 @@ reaches the total. Synchronous dispatchers are done when ``emit`` returns.
 
 from __future__ import annotations
 
+from functools import partial
+
 from bench._harness import (
     Dispatcher,
     Section,
@@ -72,6 +74,21 @@ def thread_dispatch(sizes: Sizes, k: int) -> Section:
         sizes,
         sizes.dispatch_events,
         FLOOR,
+    )
+    return Section(rows)
+
+
+def thread_dispatch_two_workers(sizes: Sizes) -> Section:
+    """us/event until every handler has run, 4 handlers per event, 2 worker threads (as many
+    as the machine's cores, where thread hand-offs cost the most)."""
+    floor = partial(queue_floor, workers=2)
+    rows = _measure(
+        "thread dispatch, 4 handlers, 2 workers",
+        [floor, partial(pyee_executor, workers=2), partial(eventbus_threads, workers=2)],
+        4,
+        sizes,
+        sizes.dispatch_events,
+        "SimpleQueue + 2 threads (thread floor)",
     )
     return Section(rows)
 
