@@ -92,6 +92,10 @@ def _report(on_error: Callable[[BaseException], None], error: BaseException) -> 
         on_error(error)
 
 
+class _Pending(threading.local):
+    jobs: deque[Job] | None = None  # a class default: reading it costs no exception
+
+
 class InlineExecutor:
     """Runs each job on the submitting thread before ``submit()`` returns: for tests.
 
@@ -102,14 +106,15 @@ class InlineExecutor:
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._local = _Pending()
 
     def submit(self, job: Job) -> None:
-        pending: deque[Job] | None = getattr(self._local, "pending", None)
+        local = self._local
+        pending = local.jobs
         if pending is not None:
             pending.append(job)
             return
-        pending = self._local.pending = deque([job])
+        pending = local.jobs = deque([job])
         first_error: BaseException | None = None
         try:
             while pending:
@@ -118,7 +123,7 @@ class InlineExecutor:
                 except BaseException as exc:  # noqa: BLE001 - finish the rest, then re-raise
                     first_error = first_error or exc
         finally:
-            self._local.pending = None
+            local.jobs = None
         if first_error is not None:
             raise first_error
 

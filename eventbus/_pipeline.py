@@ -251,8 +251,9 @@ class Pipeline:
                 duration = clock.monotonic() - started if verbose else None
                 self.observer.succeeded(event, sub.name, attempts, dispatch.error(index), duration)
             progress[index] = value - (value & STATE_MASK) + SUCCEEDED
-            if next(dispatch.settled) >= dispatch.total:
-                self._last_settled(dispatch)
+            count = next(dispatch.settled)
+            if count >= dispatch.total:
+                self._last_settled(dispatch, count)
             self.admission.settled()
         finally:
             guard.active = outer
@@ -349,14 +350,15 @@ class Pipeline:
     def _settle(self, dispatch: Dispatch, index: int, state: int) -> None:
         progress = dispatch.progress
         progress[index] = progress[index] - (progress[index] & STATE_MASK) + state
-        if next(dispatch.settled) >= dispatch.total:
-            self._last_settled(dispatch)
+        count = next(dispatch.settled)
+        if count >= dispatch.total:
+            self._last_settled(dispatch, count)
         self.admission.settled()
 
-    def _last_settled(self, dispatch: Dispatch) -> None:
+    def _last_settled(self, dispatch: Dispatch, count: int) -> None:
         # An event from a transport is acknowledged before its last delivery stops counting,
         # so that once drain() returns the transport has been told.
-        if self.records.event_settled(dispatch) and dispatch.token is not None:
+        if self.records.event_settled(dispatch, count) and dispatch.token is not None:
             self.backend.event_settled(dispatch)
 
     def abandon(self, deliveries: Iterable[tuple[Dispatch, int]], trace: str | None) -> None:

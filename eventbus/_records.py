@@ -212,12 +212,13 @@ class Records:
     def get(self, event_id: str) -> Dispatch | None:
         return self._events.get(event_id)
 
-    def event_settled(self, dispatch: Dispatch) -> bool:
-        """The settle counter of *dispatch* reached its total: mark the event settled (it is
-        evictable from now on) unless a take-over reopened a delivery meanwhile. Returns
-        whether it was marked."""
+    def event_settled(self, dispatch: Dispatch, count: int) -> bool:
+        """The settle counter of *dispatch* reached *count*, its total when read: mark the
+        event settled (it is evictable from now on) unless a take-over reopened a delivery
+        meanwhile (reopening raises the total under this lock). Returns whether it was
+        marked."""
         with self._lock:
-            if any(p & STATE_MASK < SUCCEEDED for p in dispatch.progress):
+            if count != dispatch.total:
                 return False
             self._mark_settled(dispatch)
         return True
