@@ -123,7 +123,11 @@ class Admission:
             raise BusClosedError("the bus closed while emit() waited for room")
 
     def _has_room(self, count: int, limit: int) -> bool:
-        # An event with more handlers than the limit fits an empty bus.
+        # An event with no handlers adds nothing, so it always fits (a handler's own emits
+        # may have pushed the bus past its bound); one with more handlers than the limit
+        # fits an empty bus.
+        if count == 0:
+            return True
         active = self._active()
         return active == 0 or active + count <= limit
 

@@ -174,7 +174,7 @@ class EventBus:
         self._recovery: StoreRecovery | None = None
         if store is not None:
             self._open_store(store, own_executor=own_executor, own_clock=own_clock)
-            self._recovery = StoreRecovery(store, self._registry, self._pipeline, outcomes, clock)
+            self._recovery = StoreRecovery(store, self._registry, self._pipeline, observer, clock)
         _open_buses.add(self)
 
     def _retry_due(self, job: RetryJob) -> None:

@@ -320,10 +320,14 @@ class Pipeline:
             self.executor.submit(RetryJob(dispatch, index))
             return
         with self._lock:
-            progress = dispatch.progress
-            progress[index] = progress[index] - (progress[index] & STATE_MASK) + RETRYING
-            self.admission.to_retry()
-            self.retries.schedule(RetryJob(dispatch, index), delay)
+            stopped = self.stopped
+            if not stopped:
+                progress = dispatch.progress
+                progress[index] = progress[index] - (progress[index] & STATE_MASK) + RETRYING
+                self.admission.to_retry()
+                self.retries.schedule(RetryJob(dispatch, index), delay)
+        if stopped:  # recovery raced close(): there is no retry queue any more
+            self.abandon([(dispatch, index)], None)
 
     # -- ends ------------------------------------------------------------------------------
 

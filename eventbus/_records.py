@@ -257,12 +257,15 @@ class Records:
             if index is None:
                 index = len(subs)
                 subs.append(subscription)
-                dispatch.progress.append(PENDING)
             elif dispatch.progress[index] & STATE_MASK < SUCCEEDED:
                 return None
             else:
                 subs[index] = subscription
+            # Subscriptions before progress: status() on another thread reads progress's
+            # length and then indexes subs, so subs must never be the shorter.
             dispatch.subs = subs
+            if index == len(dispatch.progress):
+                dispatch.progress.append(PENDING)
             dispatch.progress[index] = attempts * ATTEMPT + PENDING
             extra = dispatch.extra(index)
             extra.context = context

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from eventbus._outcomes import OutcomeRecorder
 
 if TYPE_CHECKING:
+    from eventbus._observe import Observer
     from eventbus._pipeline import Pipeline
     from eventbus._registry import Registry
     from eventbus.typing import Cancellable, Clock, Store
@@ -27,13 +27,14 @@ class StoreRecovery:
         store: Store,
         registry: Registry,
         pipeline: Pipeline,
-        log: OutcomeRecorder,
+        observer: Observer,
         clock: Clock,
     ) -> None:
         self._store = store
         self._registry = registry
         self._pipeline = pipeline
-        self._log = log
+        self._observer = observer
+        self._log = observer.log
         self._clock = clock
         self._wall: Callable[[], float] = getattr(clock, "time", time.time)
         self._lock = threading.Lock()
@@ -47,7 +48,7 @@ class StoreRecovery:
         store, pipeline = self._store, self._pipeline
         claim = store.claim(self._registry.names())
         for letter in claim.quarantined:
-            self._log.dead_lettered(letter)
+            self._observer.dead_lettered(letter)
         for handler, count in claim.unknown.items():
             if handler not in self._warned_unknown:
                 self._warned_unknown.add(handler)
