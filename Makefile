@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test lint types unit example bench clean
+.PHONY: test lint types unit unit-fast example bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ types: $(VENV)/.dev
 
 unit: $(VENV)/.dev
 	$(BIN)/pytest --cov --cov-report=term
+
+## The quick subset while working: no real servers, no child processes (under 30 s).
+unit-fast: $(VENV)/.dev
+	$(BIN)/pytest -m "not integration and not multiprocess"
 
 ## The order-service demo: creates orders, ships some, drains, prints a summary.
 example: $(VENV)/.dev

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-
 if TYPE_CHECKING:
     from eventbus._observe import Observer
     from eventbus._pipeline import Pipeline

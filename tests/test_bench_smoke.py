@@ -6,13 +6,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.redis import find_redis_server
+
+# `python -m bench --quick` runs every scenario: a real redis-server and consumer processes.
+pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +46,7 @@ THREAD_DISPATCHERS = {
     "eventbus EventBus(max_workers=8)",
 }
 #: Whether the multi-process (Redis) scenario can run here (else its rows say "skipped").
-REDIS = shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None
+REDIS = find_redis_server() is not None and importlib.util.find_spec("redis") is not None
 REDIS_SCENARIOS = SCENARIOS[-4:-2]
 
 
@@ -68,6 +72,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
 
 
 def test_every_scenario_is_reported(quick: tuple[dict[str, Any], str, Path]) -> None:
+    """Every scenario, and every thread dispatcher in the dispatch ones, is in the report."""
     doc, stdout, _ = quick
     assert doc["quick"] is True
     scenarios = {row["scenario"] for row in doc["results"]}
@@ -82,6 +87,7 @@ def test_every_scenario_is_reported(quick: tuple[dict[str, Any], str, Path]) -> 
 
 
 def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str, Path]) -> None:
+    """Every measured value is finite and positive, and every scenario handled what it sent."""
     doc, _, _ = quick
     for row in doc["results"]:
         if row["dispatcher"].startswith("skipped:"):
@@ -153,6 +159,7 @@ def test_report_holds_measurements_only(quick: tuple[dict[str, Any], str, Path])
 def test_chart_is_written_or_skipped_with_a_message(
     quick: tuple[dict[str, Any], str, Path],
 ) -> None:
+    """The chart is a PNG file, or its absence is explained by a missing matplotlib."""
     _, stdout, chart = quick
     if "chart skipped" in stdout:
         assert "matplotlib" in stdout
@@ -162,6 +169,7 @@ def test_chart_is_written_or_skipped_with_a_message(
 
 
 def test_chart_without_matplotlib_is_skipped(tmp_path: Path) -> None:
+    """Without matplotlib the quick run still exits 0, writes no chart and says why."""
     chart = tmp_path / "chart.png"
     # The quick run again, with matplotlib made unimportable.
     proc = _bench(
@@ -175,6 +183,7 @@ def test_chart_without_matplotlib_is_skipped(tmp_path: Path) -> None:
 def test_redis_scenario_without_redis_server_is_skipped_loudly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Without redis-server on PATH the Redis rows say "skipped" and stderr says so loudly."""
     from bench._harness import QUICK
     from bench.redis_streams import multi_process
 

@@ -1,7 +1,7 @@
 """The durable promise of EventBus(store=SQLiteStore(path)) under real crashes.
 
-Processes running tests/crash_worker.py are SIGKILLed at chosen moments (the test acts on the
-progress lines they print; nothing here sleeps), then a new process recovers. The worker's
+Processes running tests/support/crash_worker.py are SIGKILLed at chosen moments (the test acts
+on the progress lines they print; nothing here sleeps), then a new process recovers. The worker's
 handlers record their effects in a separate SQLite file: ``effects`` (one row per event id)
 and ``invocations`` (one row per call), so lost work and duplicates can be counted.
 """
@@ -9,16 +9,14 @@ and ``invocations`` (one row per call), so lost work and duplicates can be count
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import structlog
@@ -27,9 +25,10 @@ from structlog.testing import capture_logs
 
 from eventbus import Event, EventBus, RetryPolicy
 from eventbus.stores import SQLiteStore
+from tests.support.children import ChildProcess, Children
 
-REPO = Path(__file__).resolve().parent.parent
-WORKER = REPO / "tests" / "crash_worker.py"
+pytestmark = pytest.mark.multiprocess
+
 #: Generous bound on drain(); only a broken bus waits this long.
 LOAD_WAIT = 30.0
 
@@ -41,78 +40,16 @@ def _quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 
 
-class Worker:
-    """One crash_worker.py process, read line by line; its stderr goes to a file."""
-
-    def __init__(self, tmp_path: Path, number: int, args: list[str], *, stdin: bool) -> None:
-        self.err_path = tmp_path / f"worker-{number}.err"
-        self._err: IO[str] = self.err_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-            cwd=REPO,
-        )
-        self.lines: list[str] = []
-
-    def expect(self, prefix: str) -> str:
-        """Read lines until one starts with *prefix*; return the rest of that line."""
-        assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.proc.wait()
-                raise AssertionError(
-                    f"worker exited (rc={self.proc.returncode}) before printing {prefix!r}; "
-                    f"stdout tail: {self.lines[-5:]}; stderr: {self.stderr()[-2000:]}"
-                )
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        """SIGKILL and reap (an unreaped zombie would still look alive to the store)."""
-        self.proc.kill()
-        self.proc.wait()
-
-    def finish(self) -> int:
-        """Wait for the exit (reading the rest of stdout); return the exit status."""
-        assert self.proc.stdout is not None
-        self.lines.extend(self.proc.stdout.read().splitlines())
-        return self.proc.wait()
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.err_path.read_text()
-
-    def cleanup(self) -> None:
-        self.kill()
-        for stream in (self.proc.stdin, self.proc.stdout, self._err):
-            if stream is not None:
-                stream.close()
-
-
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Any]:
-    """Start crash_worker.py processes; every one is killed and reaped when the test ends."""
-    workers: list[Worker] = []
+def spawn(children: Children) -> Any:
+    """Start crash_worker.py processes (stdin a pipe only if *stdin*); every one is killed
+    and reaped when the test ends."""
 
-    def start(*args: str, stdin: bool = False) -> Worker:
-        worker = Worker(tmp_path, len(workers), list(args), stdin=stdin)
-        workers.append(worker)
-        return worker
+    def start(*args: str, stdin: bool = False) -> ChildProcess:
+        return children.script("crash_worker", *args, stdin=stdin, name=f"worker-{next(numbers)}")
 
-    yield start
-    for worker in workers:
-        worker.cleanup()
+    numbers = itertools.count()
+    return start
 
 
 def query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -157,7 +94,7 @@ def test_burst_killed_midway_loses_nothing_and_duplicates_at_most_pool_size(
 
     second = spawn(*common, "--recover")
     recovered = int(second.expect("recovered "))
-    assert second.finish() == 0, second.stderr()
+    assert second.wait() == 0, second.stderr()
     assert recovered == open_at_kill, (
         f"recover() queued {recovered}, the store held {open_at_kill} unfinished ({left})"
     )
@@ -195,7 +132,7 @@ def test_sigkill_right_after_emit_returns_then_recovery_runs_the_handler(
         worker.kill()
     last = spawn(*common)
     recovered.append(int(last.expect("recovered ")))
-    assert last.finish() == 0, last.stderr()
+    assert last.wait() == 0, last.stderr()
 
     assert recovered == [0] + [1] * TRIALS, f"recover() counts per process: {recovered}"
     done = {e for (e,) in query(effects, "SELECT event_id FROM effects")}
@@ -222,7 +159,7 @@ def test_handler_killing_its_process_becomes_an_exhausted_dead_letter(
 
     first = spawn(*common, "--emit", "1", "--print-ids", "--gate")
     event_id = first.expect("emitted ")
-    assert first.finish() == -signal.SIGKILL, first.stderr()
+    assert first.wait() == -signal.SIGKILL, first.stderr()
     row = query(db, "SELECT state, attempts FROM deliveries WHERE event_id = ?", (event_id,))
     assert row == [("running", 1)], f"the store after a kill inside attempt 1: {row}"
 
@@ -231,7 +168,7 @@ def test_handler_killing_its_process_becomes_an_exhausted_dead_letter(
         restarts += 1
         assert restarts <= MAX_ATTEMPTS, f"still no dead letter after {restarts - 1} restarts"
         worker = spawn(*common, "--recover")
-        rc = worker.finish()
+        rc = worker.wait()
         if rc == 0:
             break
         assert rc == -signal.SIGKILL, f"restart {restarts}: rc {rc}: {worker.stderr()}"
@@ -252,7 +189,7 @@ def test_handler_killing_its_process_becomes_an_exhausted_dead_letter(
     ], letters
 
     again = spawn(*common, "--recover")
-    assert again.finish() == 0, again.stderr()
+    assert again.wait() == 0, again.stderr()
     assert "recovered 0" in again.lines, again.lines
     calls = scalar(effects, "SELECT count(*) FROM invocations")
     assert calls == MAX_ATTEMPTS, f"the dead letter's handler ran again: {calls} calls"
@@ -344,7 +281,7 @@ def test_two_processes_emitting_into_one_file_never_see_a_locked_database(
         assert worker.expect("emit-errors ").startswith("0 "), f"process {number}: {worker.lines}"
         calls = int(worker.expect("calls "))
         logs = json.loads(worker.expect("logs "))
-        assert worker.finish() == 0, worker.stderr()
+        assert worker.wait() == 0, worker.stderr()
         assert "eventbus.internal_error" not in logs, f"process {number}: {worker.stderr()}"
         assert calls == 2 * per_process, f"process {number}: {calls} calls for {per_process}"
     rows = query(db, "SELECT state, attempts, count(*) FROM deliveries GROUP BY state, attempts")

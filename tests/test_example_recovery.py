@@ -6,14 +6,10 @@ codec, orders saved without their event get it at the next start, and the ``burs
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +32,8 @@ from examples.order_service.handlers import (
 )
 from examples.order_service.repository import SqliteOrderRepository
 from examples.order_service.wiring import Settings, build_app
-from tests.test_example_server import call, free_port, wait_until_listening
+from tests.support.children import ChildProcess, Children, order_service
+from tests.support.net import call, free_port, wait_until_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 CREATED_HANDLERS = {
@@ -56,84 +53,33 @@ OPEN_STATES = {"pending", "running", "retrying"}
 class ServerProcess:
     """A ``serve`` process whose JSON log lines (stderr) are read as they come."""
 
-    process: subprocess.Popen[str]
+    child: ChildProcess
     url: str
-    lines: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
-    reader: threading.Thread | None = None
-
-    def start_reading(self) -> None:
-        # The reader also keeps the pipe drained, so the server never blocks on logging.
-        def read() -> None:
-            assert self.process.stderr is not None
-            for line in self.process.stderr:
-                if line.startswith("{"):
-                    self.lines.put(json.loads(line))
-
-        self.reader = threading.Thread(target=read, daemon=True)
-        self.reader.start()
-
-    def stop(self) -> None:
-        """Kill the process if it still runs, and release the pipe."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=15)
-        if self.reader is not None:
-            self.reader.join(timeout=15)  # ends at the pipe's EOF, now that the process is gone
-        assert self.process.stderr is not None
-        self.process.stderr.close()
 
     def wait_for(self, event: str) -> dict[str, Any]:
         """The next log line whose ``event`` is *event* (earlier lines are skipped)."""
-        deadline = time.monotonic() + LINE_DEADLINE
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line["event"] == event:
-                return line
-        raise AssertionError(f"no {event!r} log line within {LINE_DEADLINE} s")
+        return self.child.expect_event(event, LINE_DEADLINE)
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Any]:
+def start_server(tmp_path: Path, children: Children) -> Any:
     """Start ``serve`` processes on one database, event store and outbox; killed at the end."""
-    started: list[ServerProcess] = []
 
     def start(latency: float) -> ServerProcess:
         port = free_port()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "examples.order_service",
-                "serve",
-                "--json",
-                "--port",
-                str(port),
-                "--latency",
-                str(latency),
-                "--db",
-                str(tmp_path / "orders.sqlite3"),
-                "--outbox",
-                str(tmp_path / "outbox"),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        args = ["serve", "--json", "--port", str(port), "--latency", str(latency)]
+        args += ["--db", str(tmp_path / "orders.sqlite3"), "--outbox", str(tmp_path / "outbox")]
+        child = children.start(
+            order_service(*args), name=f"serve-{port}", read="stderr", stdin=False
         )
-        server = ServerProcess(process, f"http://127.0.0.1:{port}")
-        started.append(server)
-        wait_until_listening(process, port)
-        server.start_reading()
-        return server
+        wait_until_listening(child, port)
+        return ServerProcess(child, f"http://127.0.0.1:{port}")
 
-    yield start
-    for server in started:
-        server.stop()
+    return start
 
 
+@pytest.mark.integration
+@pytest.mark.multiprocess
 def test_a_server_killed_mid_burst_finishes_every_order_after_a_restart(
     tmp_path: Path, start_server: Any
 ) -> None:
@@ -145,8 +91,8 @@ def test_a_server_killed_mid_burst_finishes_every_order_after_a_restart(
     assert first.wait_for("app.recovered")["recovered"] == 0
     orders = place_burst(first.url, BURST)
     first.wait_for("email.sent")  # handlers are done for some orders, not for most
-    first.process.send_signal(signal.SIGKILL)
-    assert first.process.wait(timeout=15) == -signal.SIGKILL
+    first.child.send_signal(signal.SIGKILL)
+    assert first.child.wait(15) == -signal.SIGKILL
 
     before = _states(events_path, orders)
     unfinished = sum(state in OPEN_STATES for state in before.values())
@@ -199,8 +145,8 @@ def test_a_server_killed_mid_burst_finishes_every_order_after_a_restart(
     assert status == 200
     assert {d["id"] for d in body["dead_letters"]} == {d["id"] for d in letters}
 
-    second.process.send_signal(signal.SIGTERM)
-    assert second.process.wait(timeout=15) == 0
+    second.child.send_signal(signal.SIGTERM)
+    assert second.child.wait(15) == 0
     stopped = second.wait_for("bus.closed")
     assert stopped["left_in_store"] == 0
 

@@ -11,16 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import queue
-import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +33,12 @@ from examples.order_service.handlers import (
 )
 from examples.order_service.web import create_app
 from examples.order_service.wiring import Settings, build_app
-from tests.redis_server import RedisServer
-from tests.test_example_server import call, free_port, wait_until_listening
+from tests.support.children import ChildProcess, Children, order_service
+from tests.support.net import call, free_port, wait_until_listening
+from tests.support.redis import RedisServer
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
 LINE_DEADLINE = 20.0  # seconds for an expected log line to appear
 ORDERS = 6  # the burst's carts: clean, hot stock row, clean, unknown SKU, clean, clean
 CREATED_HANDLERS = {
@@ -56,114 +51,20 @@ CREATED_HANDLERS = {
 SHIPPED_HANDLERS = {AUDIT_LOG, SEND_SHIPPING_NOTIFICATION, UPDATE_ORDER_STATUS}
 
 
-@dataclass
-class Process:
-    """A child process whose stderr lines are read as they come: every JSON line goes to
-    ``seen`` and to ``lines`` (for :meth:`wait_for`), and, tagged, to the shared ``sink``."""
-
-    name: str
-    process: subprocess.Popen[str]
-    sink: queue.Queue[tuple[str, dict[str, Any]]]
-    lines: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    raw: list[str] = field(default_factory=list)
-    reader: threading.Thread | None = None
-
-    def start_reading(self) -> None:
-        # The reader also keeps the pipe drained, so the child never blocks on logging.
-        def read() -> None:
-            assert self.process.stderr is not None
-            for text in self.process.stderr:
-                self.raw.append(text)
-                if text.startswith("{"):
-                    line = json.loads(text)
-                    self.seen.append(line)
-                    self.lines.put(line)
-                    self.sink.put((self.name, line))
-
-        self.reader = threading.Thread(target=read, name=f"read-{self.name}", daemon=True)
-        self.reader.start()
-
-    def wait_for(self, event: str) -> dict[str, Any]:
-        """The next log line whose ``event`` is *event* (earlier lines are skipped)."""
-        deadline = time.monotonic() + LINE_DEADLINE
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line["event"] == event:
-                return line
-        output = "".join(self.raw[-30:])
-        raise AssertionError(f"{self.name}: no {event!r} line within {LINE_DEADLINE} s:\n{output}")
-
-    def stop(self) -> int:
-        """SIGTERM, wait for the exit and the last log line; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            code = self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait(timeout=15)
-        if self.reader is not None:
-            self.reader.join(timeout=15)  # ends at the pipe's EOF
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-        return code
+Sink = queue.Queue[tuple[str, dict[str, Any]]]
 
 
-def start_redis(tmp_path: Path) -> tuple[subprocess.Popen[str], threading.Thread, str]:
-    """A throwaway redis-server on a free port, without persistence; ready when it says so."""
-    binary = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+def _spawn(children: Children, name: str, sink: Sink | None, *args: str) -> ChildProcess:
+    """``python -m examples.order_service <args>``, its stderr read by lines: every JSON log
+    line also goes, tagged with *name*, to the shared *sink*."""
+
+    def forward(line: str) -> None:
+        if sink is not None and line.startswith("{"):
+            sink.put((name, json.loads(line)))
+
+    return children.start(
+        order_service(*args), name=name, read="stderr", stdin=False, on_line=forward
     )
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    # Synchronise on its log line, not on a sleep. Without the line, readline hits EOF.
-    for line in process.stdout:
-        if "Ready to accept connections" in line:
-            # Keep draining its output so it never blocks on a full pipe.
-            drain = threading.Thread(target=process.stdout.read, daemon=True)
-            drain.start()
-            return process, drain, f"redis://127.0.0.1:{port}/0"
-    process.wait(timeout=5)
-    process.stdout.close()
-    raise AssertionError(f"redis-server exited with {process.returncode}")
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    process, drain, url = start_redis(tmp_path)
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        drain.join(timeout=10)  # ends at the pipe's EOF
-        assert process.stdout is not None
-        process.stdout.close()
-
-
-def _spawn(name: str, sink: queue.Queue[tuple[str, dict[str, Any]]], *args: str) -> Process:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "examples.order_service", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return Process(name, process, sink)
 
 
 def _collect_settled(
@@ -187,8 +88,9 @@ def _collect_settled(
     return settled
 
 
+@pytest.mark.multiprocess
 def test_api_and_two_workers_handle_every_order_exactly_once(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, own_redis: RedisServer, children: Children
 ) -> None:
     """Orders posted to the API process are handled by the two worker processes: each of an
     order's handlers settles exactly once in total, and the API process runs none of them."""
@@ -201,22 +103,30 @@ def test_api_and_two_workers_handle_every_order_exactly_once(
         "--outbox",
         str(tmp_path / "outbox"),
         "--redis",
-        redis_url,
+        own_redis.url,
     ]
-    sink: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+    sink: Sink = queue.Queue()
     # Debug level: the bus logs one handler.succeeded line per delivery.
     workers = [
-        _spawn(f"worker-{n}", sink, "worker", *shared, "--log-level", "debug", "--workers", "4")
+        _spawn(
+            children,
+            f"worker-{n}",
+            sink,
+            "worker",
+            *shared,
+            "--log-level",
+            "debug",
+            "--workers",
+            "4",
+        )
         for n in (1, 2)
     ]
     port = free_port()
-    api = _spawn("api", queue.Queue(), "serve", *shared, "--port", str(port))
+    api = _spawn(children, "api", None, "serve", *shared, "--port", str(port))
     try:
         for worker in workers:
-            worker.start_reading()
-            assert worker.wait_for("worker.started")["taken_over"] == 0
-        wait_until_listening(api.process, port)
-        api.start_reading()
+            assert worker.expect_event("worker.started", LINE_DEADLINE)["taken_over"] == 0
+        wait_until_listening(api, port)
         url = f"http://127.0.0.1:{port}"
 
         orders: dict[str, str] = {}  # event id -> order id, in the order they were placed
@@ -246,7 +156,7 @@ def test_api_and_two_workers_handle_every_order_exactly_once(
         assert status == 200
         assert "worker" in order["note"]
     finally:
-        codes = {p.name: p.stop() for p in (api, *workers)}
+        codes = {p.name: p.terminate() for p in (api, *workers)}
 
     assert codes == {"api": 0, "worker-1": 0, "worker-2": 0}
     # Every (event, handler) settled exactly once in total across the two workers...
@@ -262,25 +172,27 @@ def test_api_and_two_workers_handle_every_order_exactly_once(
     logged = [
         line
         for worker in workers
-        for line in worker.seen
+        for line in worker.json_lines()
         if line["event"] in {"handler.succeeded", "handler.dead_lettered"}
     ]
     assert len(logged) == expected
     # The API process ran no handler.
-    assert not any(line["event"].startswith("handler.") for line in api.seen)
+    assert not any(line["event"].startswith("handler.") for line in api.json_lines())
     # The effects: one email per order (plus the shipment's), each file written once.
     emails = sorted(path.name for path in (tmp_path / "outbox").glob("*.eml"))
     assert emails == sorted(
         [f"{o}-confirmation.eml" for o in orders.values()] + [f"{first_order}-shipped.eml"]
     )
-    sent = [line for worker in workers for line in worker.seen if line["event"] == "email.sent"]
+    sent = [
+        line for worker in workers for line in worker.json_lines() if line["event"] == "email.sent"
+    ]
     assert len(sent) == len(emails)
     # The request id travelled in the event's metadata into the workers' log lines.
     confirmations = {line["request_id"] for line in sent if line["kind"] == "confirmation"}
     assert confirmations == {f"redis-{i + 1}" for i in range(ORDERS)}
     for worker in workers:
-        assert worker.seen[-1]["event"] == "worker.stopped"
-        assert worker.seen[-1]["still_running"] is False
+        assert worker.json_lines()[-1]["event"] == "worker.stopped"
+        assert worker.json_lines()[-1]["still_running"] is False
     # Competing consumers: how the work was shared (printed with -s; both may not get work
     # in a burst this small, so it is not asserted).
     shares = Counter(name for outcomes in settled.values() for name, _ in outcomes)

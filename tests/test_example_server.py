@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +17,11 @@ from examples.order_service.handlers import (
     SEND_CONFIRMATION_EMAIL,
     TRACK_ANALYTICS,
 )
+from tests.support.children import ChildProcess, Children, order_service
+from tests.support.net import call, free_port, wait_until_listening
 
-ROOT = Path(__file__).resolve().parents[1]
-STARTUP_DEADLINE = 15.0  # seconds for the process to import Flask and listen
+pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
+
 CREATED_HANDLERS = {
     AUDIT_LOG,
     SEND_CONFIRMATION_EMAIL,
@@ -38,96 +33,31 @@ CREATED_HANDLERS = {
 
 @dataclass
 class Server:
-    """A running ``serve`` process and where to reach it."""
+    """A running ``serve`` process (its JSON log lines read from stderr) and where to reach
+    it."""
 
-    process: subprocess.Popen[str]
+    child: ChildProcess
     base_url: str
     outbox: Path
 
     def stop(self, signum: int) -> tuple[int, list[dict[str, Any]]]:
         """Send *signum*, wait for the exit, and return the exit code and JSON log lines."""
-        self.process.send_signal(signum)
-        _, stderr = self.process.communicate(timeout=15)
-        lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-        return self.process.returncode, lines
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_until_listening(process: subprocess.Popen[str], port: int) -> None:
-    """Try to connect until the server accepts, the process dies, or the deadline passes.
-
-    Between attempts the loop waits on the process itself (briefly), which also notices a
-    server that exited instead of starting.
-    """
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        try:
-            process.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            continue
-        _, stderr = process.communicate()
-        raise AssertionError(f"the server exited with {process.returncode}:\n{stderr}")
-    raise AssertionError(f"the server did not listen on port {port} within {STARTUP_DEADLINE} s")
+        self.child.send_signal(signum)
+        returncode = self.child.wait(15)
+        return returncode, self.child.json_lines()
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    """``python -m examples.order_service serve`` on a free port with JSON logs."""
+def server(tmp_path: Path, children: Children) -> Server:
+    """``python -m examples.order_service serve`` on a free port with JSON logs; killed at
+    the end if it still runs."""
     port = free_port()
     outbox = tmp_path / "outbox"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "examples.order_service",
-            "serve",
-            "--port",
-            str(port),
-            "--json",
-            "--latency",
-            "0",
-            "--db",
-            str(tmp_path / "orders.sqlite3"),
-            "--outbox",
-            str(outbox),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until_listening(process, port)
-        yield Server(process, f"http://127.0.0.1:{port}", outbox)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=15)
-
-
-def call(
-    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any]]:
-    """One HTTP request; returns the status and the decoded JSON body, errors included."""
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
+    args = ["serve", "--port", str(port), "--json", "--latency", "0"]
+    args += ["--db", str(tmp_path / "orders.sqlite3"), "--outbox", str(outbox)]
+    child = children.start(order_service(*args), name="serve", read="stderr", stdin=False)
+    wait_until_listening(child, port)
+    return Server(child, f"http://127.0.0.1:{port}", outbox)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -29,7 +29,7 @@ from examples.order_service.handlers import (
 )
 from examples.order_service.web import MAX_BODY_BYTES, MAX_JSON_DEPTH, create_app
 from examples.order_service.wiring import OrderApp, Settings, build_app
-from tests.redis_server import free_port
+from tests.support.net import free_port
 
 DRAIN = 5.0  # seconds: generous; a healthy run drains in milliseconds
 ADA = {"email": "ada@example.com", "items": [{"sku": "KB-101", "quantity": 1}]}

@@ -1,15 +1,16 @@
 """RedisStreamsTransport across real processes, with consumers killed by SIGKILL.
 
-Processes running tests/redis_worker.py share one consumer group on a real redis-server
-started here. The test acts on the progress lines they print (``ready``, ``handled <k>``);
-their handler records its effect idempotently in a shared SQLite file (``effects``: one row
-per event id; ``invocations``: one row per call), so lost events and duplicates can be
-counted after a kill.
+Processes running tests/support/redis_worker.py share one consumer group on a real
+redis-server of the test's own. The test acts on the progress lines they print (``ready``,
+``handled <k>``); their handler records its effect idempotently in a shared SQLite file
+(``effects``: one row per event id; ``invocations``: one row per call), so lost events and
+duplicates can be counted after a kill.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import threading
 import time
@@ -20,56 +21,36 @@ from typing import Any
 import pytest
 import redis
 
-from tests.line_process import LineProcess
-from tests.redis_server import RedisServer
+from tests.support.children import ChildProcess, Children
+from tests.support.redis import RedisServer
 
-REPO = Path(__file__).resolve().parent.parent
-WORKER = REPO / "tests" / "redis_worker.py"
+pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
+
 STREAM, GROUP = "jobs", "effects"
 #: Bound on any one wait for a process's line; only a broken transport waits this long.
 LINE_WAIT = 30.0
 
 
-# -- the server -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A fresh redis-server on a free port (tests/redis_server.py: skipped without one,
-    failed under CI); stopped at the end."""
-    with RedisServer() as server:
-        yield server.url
-
-
 # -- worker processes ------------------------------------------------------------------------
 
 
-def spawn_worker(tmp_path: Path, number: int, args: list[str]) -> LineProcess:
-    """One redis_worker.py process, talked to by lines."""
-    return LineProcess(WORKER, args, tmp_path / f"worker-{number}.err", name=f"worker-{number}")
+@pytest.fixture
+def spawn(own_redis: RedisServer, children: Children) -> Any:
+    """Start redis_worker.py processes on the test's own server and stream; every one is
+    killed and reaped when the test ends."""
+    where = ["--url", own_redis.url, "--stream", STREAM, "--group", GROUP]
+    numbers = itertools.count()
+
+    def start(mode: str, *args: str) -> ChildProcess:
+        return children.script("redis_worker", mode, *where, *args, name=f"worker-{next(numbers)}")
+
+    return start
 
 
 @pytest.fixture
-def spawn(tmp_path: Path, redis_url: str) -> Iterator[Any]:
-    """Start redis_worker.py processes on the test's server and stream; every one is killed
-    and reaped when the test ends."""
-    workers: list[LineProcess] = []
-    where = ["--url", redis_url, "--stream", STREAM, "--group", GROUP]
-
-    def start(mode: str, *args: str) -> LineProcess:
-        worker = spawn_worker(tmp_path, len(workers), [mode, *where, *args])
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.cleanup()
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[Any]:
+def client(own_redis: RedisServer) -> Iterator[Any]:
     """A plain Redis client on the test's server, for XPENDING."""
-    c = redis.Redis.from_url(redis_url, decode_responses=True)
+    c = redis.Redis.from_url(own_redis.url, decode_responses=True)
     yield c
     c.close()
 

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +21,10 @@ import redis
 
 from eventbus import Event, EventBus, TransportError
 from eventbus.transports import RedisStreamsTransport
-from tests.line_process import LineProcess
-from tests.redis_server import RedisServer
+from tests.support.children import ChildProcess, Children
+from tests.support.redis import RedisServer
 
-REPO = Path(__file__).resolve().parent.parent
-POISON_WORKER = REPO / "tests" / "redis_poison_worker.py"
+pytestmark = pytest.mark.integration
 
 #: Upper bound for waits that normally end within a few seconds; only a broken transport
 #: (or a lost event) waits this long.
@@ -233,13 +231,6 @@ NORMAL_BEFORE, NORMAL_AFTER = 5, 5
 LINE_WAIT = 15.0
 
 
-def spawn_consumer(tmp_path: Path, name: str, args: list[str]) -> LineProcess:
-    """One redis_poison_worker.py process named *name*, talked to by lines."""
-    return LineProcess(
-        POISON_WORKER, [*args, "--consumer", name], tmp_path / f"{name}.err", name=name
-    )
-
-
 def wait_pending(client: Any, stream: str, group: str, count: int) -> int:
     """Wait (bounded) until the group has *count* pending entries; return how many it has.
     Polling, acceptable only because it observes another process: a consumer prints its
@@ -253,74 +244,75 @@ def wait_pending(client: Any, stream: str, group: str, count: int) -> int:
     return pending
 
 
+@pytest.mark.multiprocess
 def test_poison_event_is_dead_lettered_after_max_deliveries_with_consumers_killed(
-    tmp_path: Path,
+    own_redis: RedisServer, children: Children
 ) -> None:
     """A poison event that SIGKILLs each consumer handling it reaches the handler
     max_deliveries times, then the next consumer moves it to <stream>:dead and lives on."""
     started = time.monotonic()
     stream, group = names()
-    with RedisServer() as server:
-        client = redis.Redis.from_url(server.url, decode_responses=True)
-        producer = EventBus(
-            transport=RedisStreamsTransport(server.url, stream=stream, group=group, block=BLOCK),
-            max_workers=1,
-            name="producer",
-        )
-        common = ["--url", server.url, "--stream", stream, "--group", group]
-        common += ["--claim-idle", str(POISON_CLAIM_IDLE)]
-        common += ["--max-deliveries", str(MAX_DELIVERIES)]
-        consumers: list[LineProcess] = []
+    client = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    producer = EventBus(
+        transport=RedisStreamsTransport(own_redis.url, stream=stream, group=group, block=BLOCK),
+        max_workers=1,
+        name="producer",
+    )
+    common = ["--url", own_redis.url, "--stream", stream, "--group", group]
+    common += ["--claim-idle", str(POISON_CLAIM_IDLE)]
+    common += ["--max-deliveries", str(MAX_DELIVERIES)]
+    consumers: list[ChildProcess] = []
 
-        def spawn() -> LineProcess:
-            # Not waiting for its "ready": it may dead-letter the poison in recover(), first.
-            consumer = spawn_consumer(tmp_path, f"consumer-{len(consumers)}", common)
-            consumers.append(consumer)
-            return consumer
+    def spawn() -> ChildProcess:
+        """One redis_poison_worker.py process, named consumer-<k>; its stderr in the test's
+        directory."""
+        # Not waiting for its "ready": it may dead-letter the poison in recover(), first.
+        name = f"consumer-{len(consumers)}"
+        consumer = children.script("redis_poison_worker", *common, "--consumer", name, name=name)
+        consumers.append(consumer)
+        return consumer
 
-        try:
+    try:
+        current = spawn()
+        current.expect("ready")
+        handled: Counter[int] = Counter()
+        # Normal events first, settled before the poison arrives: none is held by a
+        # consumer when it dies, so none shares the poison's redeliveries.
+        for n in range(NORMAL_BEFORE):
+            producer.emit("job", {"n": n})
+        for _ in range(NORMAL_BEFORE):
+            handled[int(current.expect("handled "))] += 1
+        assert wait_pending(client, stream, group, 0) == 0, "normal events left pending"
+
+        poison = producer.emit("job", {"n": -1, "poison": True})
+        poisoned: list[str] = []  # the consumer each poison delivery reached
+        deaths: list[int | None] = []
+        # The supervisor: each time the poison kills the consumer, start a new one.
+        while True:
+            kind, rest = current.expect_any("poison ", "dead ")
+            if kind == "dead ":
+                dead_line = rest
+                break
+            assert rest == poison.id, f"{current.name} got poison {rest}, not {poison.id}"
+            poisoned.append(current.name)
+            deaths.append(current.proc.wait(LINE_WAIT))
+            assert len(consumers) <= RESTARTS, (
+                f"still looping after {RESTARTS} restarts: poison reached {poisoned}"
+            )
             current = spawn()
-            current.expect("ready")
-            handled: Counter[int] = Counter()
-            # Normal events first, settled before the poison arrives: none is held by a
-            # consumer when it dies, so none shares the poison's redeliveries.
-            for n in range(NORMAL_BEFORE):
-                producer.emit("job", {"n": n})
-            for _ in range(NORMAL_BEFORE):
-                handled[int(current.expect("handled "))] += 1
-            assert wait_pending(client, stream, group, 0) == 0, "normal events left pending"
+        dead_lettered = time.monotonic()
 
-            poison = producer.emit("job", {"n": -1, "poison": True})
-            poisoned: list[str] = []  # the consumer each poison delivery reached
-            deaths: list[int | None] = []
-            # The supervisor: each time the poison kills the consumer, start a new one.
-            while True:
-                kind, rest = current.expect_any("poison ", "dead ")
-                if kind == "dead ":
-                    dead_line = rest
-                    break
-                assert rest == poison.id, f"{current.name} got poison {rest}, not {poison.id}"
-                poisoned.append(current.name)
-                deaths.append(current.proc.wait(LINE_WAIT))
-                assert len(consumers) <= RESTARTS, (
-                    f"still looping after {RESTARTS} restarts: poison reached {poisoned}"
-                )
-                current = spawn()
-            dead_lettered = time.monotonic()
-
-            for n in range(NORMAL_BEFORE, NORMAL_BEFORE + NORMAL_AFTER):
-                producer.emit("job", {"n": n})
-            for _ in range(NORMAL_AFTER):
-                handled[int(current.expect("handled "))] += 1
-            alive = current.proc.poll() is None
-            pending = wait_pending(client, stream, group, 0)
-            dead = client.xrange(f"{stream}:dead")
-            current.stop()
-        finally:
-            producer.close(timeout=WAIT)
-            for consumer in consumers:
-                consumer.cleanup()
-            client.close()
+        for n in range(NORMAL_BEFORE, NORMAL_BEFORE + NORMAL_AFTER):
+            producer.emit("job", {"n": n})
+        for _ in range(NORMAL_AFTER):
+            handled[int(current.expect("handled "))] += 1
+        alive = current.proc.poll() is None
+        pending = wait_pending(client, stream, group, 0)
+        dead = client.xrange(f"{stream}:dead")
+        current.stop()
+    finally:
+        producer.close(timeout=WAIT)
+        client.close()  # the consumers are killed and reaped by the children fixture
 
     print(  # shown with -s or on failure: what the run measured
         f"\npoison reached {poisoned} (exit codes {deaths}); dead-lettered by {current.name} "

@@ -1,4 +1,5 @@
-"""RedisStreamsTransport against a real redis-server (started by tests/redis_server.py):
+"""RedisStreamsTransport against a real redis-server (the ``redis_url`` and ``own_redis``
+fixtures of tests/conftest.py, started by tests/support/redis.py):
 publishing, consuming in groups, acknowledgement, take-over, dead-lettering (undecodable
 entries included), keeping entries fresh, trimming, connection loss, a Redis that stops
 answering (paused with SIGSTOP), ``ping()``, closing, and the ``once`` helper.
@@ -35,7 +36,9 @@ from eventbus import (
 from eventbus.stores import MemoryStore
 from eventbus.testing import FakeClock, InlineExecutor
 from eventbus.transports import RedisStreamsTransport
-from tests.redis_server import RedisServer
+from tests.support.redis import RedisServer
+
+pytestmark = pytest.mark.integration
 
 #: Upper bound for waits that normally end at once; only a broken transport waits this long.
 WAIT = 10.0
@@ -169,19 +172,6 @@ class Streams:
         self.redis.close()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for the whole session (skipped without one, failed under CI)."""
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def redis_url(redis_server: RedisServer) -> str:
-    """The session server's URL."""
-    return redis_server.url
-
-
 @pytest.fixture
 def streams(redis_url: str) -> Iterator[Streams]:
     """Fresh stream and group names on the session server, and cleanup of the test's buses."""
@@ -191,16 +181,9 @@ def streams(redis_url: str) -> Iterator[Streams]:
 
 
 @pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A redis-server of the test's own, which the test may stop and restart."""
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-def own_streams(own_server: RedisServer) -> Iterator[Streams]:
+def own_streams(own_redis: RedisServer) -> Iterator[Streams]:
     """Stream and group names on the test's own server."""
-    made = Streams(own_server.url)
+    made = Streams(own_redis.url)
     yield made
     made.close()
 
@@ -802,18 +785,18 @@ def test_trim_keeps_entries_pending_in_a_group(streams: Streams) -> None:
 
 
 def test_emit_raises_transport_error_while_redis_is_down(
-    own_server: RedisServer, own_streams: Streams
+    own_redis: RedisServer, own_streams: Streams
 ) -> None:
     """emit() raises TransportError (a RuntimeError) when Redis is down, and the event is not
     published later: after a restart the stream holds only the events emitted while up."""
     producer = own_streams.bus()
     before = producer.emit("tick", {"n": 1})
     own_streams.redis.save()  # the restarted server loads this snapshot: the stream survives
-    own_server.stop()
+    own_redis.stop()
     with pytest.raises(TransportError) as caught:
         producer.emit("tick", {"n": 2})
     assert isinstance(caught.value, RuntimeError)
-    own_server.start()
+    own_redis.start()
     assert own_streams.length() == 1
     after = producer.emit("tick", {"n": 3})
     ids = [fields["id"] for _entry, fields in own_streams.redis.xrange(own_streams.stream)]
@@ -821,7 +804,7 @@ def test_emit_raises_transport_error_while_redis_is_down(
 
 
 def test_running_consumer_resumes_after_redis_restarts(
-    own_server: RedisServer, own_streams: Streams
+    own_redis: RedisServer, own_streams: Streams
 ) -> None:
     """A consumer running while Redis restarts logs the lost connection and then delivers
     events published after the restart."""
@@ -835,12 +818,12 @@ def test_running_consumer_resumes_after_redis_restarts(
     wait_until(lambda: own_streams.pending() == 0, "the first entry was acknowledged")
     own_streams.redis.save()  # a Redis that keeps its data (stream, group) across restarts
     with capture_logs() as logs:
-        own_server.stop()
+        own_redis.stop()
         wait_until(
             lambda: any(log["event"] == "eventbus.internal_error" for log in logs),
             "the reader reported the lost connection",
         )
-        own_server.start()
+        own_redis.start()
         second = producer.emit("tick", {"n": 2})
         assert received.done.wait(WAIT), "no delivery after the restart"
     assert received.ids == [first.id, second.id]
@@ -850,7 +833,7 @@ def test_running_consumer_resumes_after_redis_restarts(
 
 
 def test_running_consumer_resumes_after_redis_restarts_without_its_data(
-    own_server: RedisServer, own_streams: Streams
+    own_redis: RedisServer, own_streams: Streams
 ) -> None:
     """A consumer running while Redis restarts empty (no persistence, a failover) recreates its
     group and delivers events published after the restart."""
@@ -861,8 +844,8 @@ def test_running_consumer_resumes_after_redis_restarts_without_its_data(
     producer = own_streams.bus()
     first = producer.emit("tick", {"n": 1})
     wait_until(lambda: received.ids == [first.id], "the first event was delivered")
-    own_server.stop()
-    own_server.start()  # nothing was saved: the stream and its group are gone
+    own_redis.stop()
+    own_redis.start()  # nothing was saved: the stream and its group are gone
     second = producer.emit("tick", {"n": 2})
     assert received.done.wait(WAIT), (
         f"not delivered within {WAIT}s of the restart; groups now: "
@@ -881,13 +864,13 @@ PRODUCER_BOUND = 2 * SOCKET_TIMEOUT + 1.0
 
 
 @pytest.fixture
-def paused_later(own_server: RedisServer) -> Iterator[RedisServer]:
+def paused_later(own_redis: RedisServer) -> Iterator[RedisServer]:
     """The test's own server, which the test may pause; resumed afterwards in any case, so that
     closing the test's buses and stopping the server do not wait on it."""
     try:
-        yield own_server
+        yield own_redis
     finally:
-        own_server.resume()
+        own_redis.resume()
 
 
 def test_emit_raises_transport_error_within_the_bound_while_redis_does_not_answer(
@@ -926,11 +909,11 @@ def test_ping_raises_transport_error_while_redis_does_not_answer(
 
 
 def test_ping_raises_transport_error_while_redis_is_down(
-    own_server: RedisServer, own_streams: Streams
+    own_redis: RedisServer, own_streams: Streams
 ) -> None:
     """ping() raises TransportError when nothing listens on Redis's port."""
     transport = own_streams.transport(socket_timeout=SOCKET_TIMEOUT)
-    own_server.stop()
+    own_redis.stop()
     with pytest.raises(TransportError, match="did not answer PING"):
         transport.ping()
 

@@ -1,10 +1,13 @@
-"""A real ``redis-server`` for tests: started on a free local port, in a temporary directory.
+"""The one way a test starts a real ``redis-server``: on a free local port, in a temporary
+directory.
 
 :class:`RedisServer` runs one server process with persistence off (``--save ''``,
 ``--appendonly no``), bound to 127.0.0.1 only. It can be stopped and started again on the same
 port, for connection-loss tests, and paused (SIGSTOP) and resumed, for tests of a Redis that
-stops answering. :func:`redis_server_path` finds the executable, skipping the test when it is
-missing, except under CI (``CI`` set), where the tests must run and fail instead.
+stops answering. :func:`redis_server_path` finds the executable, skipping the test with one
+line naming the package to install when it is missing, except under CI (``CI`` set), where the
+tests must run and fail instead. The fixtures of tests/conftest.py (``redis_server``,
+``redis_url``, ``own_redis``) are built on it.
 
 Waiting here is for an external process to start or stop (a bounded loop of connection
 attempts with a deadline), never for work of the code under test.
@@ -25,7 +28,9 @@ from types import TracebackType
 
 import pytest
 
-__all__ = ["INSTALL_HINT", "RedisServer", "free_port", "redis_server_path"]
+from tests.support.net import free_port
+
+__all__ = ["INSTALL_HINT", "RedisServer", "find_redis_server", "redis_server_path"]
 
 #: How long a server may take to answer PING, or to exit after SIGTERM.
 STARTUP_DEADLINE = 10.0
@@ -37,23 +42,20 @@ INSTALL_HINT = (
 )
 
 
+def find_redis_server() -> str | None:
+    """The ``redis-server`` executable on PATH, or None."""
+    return shutil.which("redis-server")
+
+
 def redis_server_path() -> str:
     """The ``redis-server`` executable: skips the test without one, fails it under CI."""
-    path = shutil.which("redis-server")
+    path = find_redis_server()
     if path is not None:
         return path
     message = f"redis-server not installed: {INSTALL_HINT}"
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI is set: the Redis transport tests must run here)")
     pytest.skip(message)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _ping(port: int) -> bool:

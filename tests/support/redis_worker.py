@@ -25,10 +25,9 @@ import sqlite3
 import sys
 import threading
 
-from child_protocol import log_to_stderr, out  # a sibling module: see its docstring
-
 from eventbus import Event, EventBus
 from eventbus.transports import RedisStreamsTransport
+from tests.support.children import log_to_stderr, out
 
 
 class Effects:

@@ -35,10 +35,10 @@ from typing import Any
 
 import structlog
 import tenacity
-from child_protocol import log_to_stderr, out  # a sibling module: see its docstring
 
 from eventbus import Event, EventBus, RetryPolicy
 from eventbus.stores import SQLiteStore
+from tests.support.children import log_to_stderr, out
 
 _counts_lock = threading.Lock()
 _log_counts: collections.Counter[str] = collections.Counter()

@@ -20,10 +20,9 @@ import signal
 import sys
 from collections.abc import Mapping
 
-from child_protocol import log_to_stderr, out  # a sibling module: see its docstring
-
 from eventbus import Event, EventBus
 from eventbus.transports import RedisStreamsTransport
+from tests.support.children import log_to_stderr, out
 
 
 def main() -> int:
