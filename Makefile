@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test lint types unit unit-fast example bench clean
+.PHONY: test servers lint types unit unit-fast example bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@
 
 ## Every check: lint, format, strict types, tests with branch coverage.
-test: lint types unit
+test: servers lint types unit
+
+## The servers the tests start (redis-server): installed when possible, else one clear line.
+servers:
+	@bash scripts/servers.sh
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -25,7 +29,7 @@ lint: $(VENV)/.dev
 types: $(VENV)/.dev
 	$(BIN)/mypy --strict eventbus
 
-unit: $(VENV)/.dev
+unit: $(VENV)/.dev servers
 	$(BIN)/pytest --cov --cov-report=term
 
 ## The quick subset while working: no real servers, no child processes (under 30 s).
