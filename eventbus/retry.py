@@ -99,8 +99,29 @@ def _retry_state(attempt: int, error: BaseException, elapsed: float) -> tenacity
     state.attempt_number = attempt
     state.start_time = 0.0
     state.outcome_timestamp = elapsed
-    state.outcome = tenacity.Future.construct(attempt, error, True)
+    state.outcome = cast(Any, _Failure(attempt, error))
     return state
+
+
+class _Failure:
+    """The failed attempt's outcome, as tenacity's strategies read it (``failed``,
+    ``exception()``, ``result()``, ``attempt_number``). tenacity's own ``Future`` is a
+    ``concurrent.futures.Future``, whose condition variable was the largest single cost of a
+    failed attempt; strategies only ever read these four members."""
+
+    __slots__ = ("_error", "attempt_number")
+
+    failed = True
+
+    def __init__(self, attempt: int, error: BaseException) -> None:
+        self.attempt_number = attempt
+        self._error = error
+
+    def exception(self, timeout: float | None = None) -> BaseException:
+        return self._error
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self._error
 
 
 def __getattr__(name: str) -> Any:
