@@ -101,9 +101,7 @@ class Pipeline:
         # A retry without backoff skips the timer when nothing can observe the difference:
         # real time (a fake clock holds every retry until the test advances it) and a pool
         # whose submit never runs the job on the caller's thread.
-        self._resubmit_at_once = isinstance(clock, SystemClock) and isinstance(
-            executor, WorkerPool
-        )
+        self._resubmit_at_once = isinstance(clock, SystemClock) and isinstance(executor, WorkerPool)
         # Wall-clock time through the clock when it has it (a fake clock moves it too).
         self._wall: Callable[[], float] = getattr(clock, "time", time.time)
 
@@ -112,19 +110,9 @@ class Pipeline:
     def accept(self, event: Event, cls: type[Any] | None, key: str | None) -> Event:
         """Admit *event* and queue its deliveries; return it (or, for an idempotency *key*
         already used, the first event emitted under it, having admitted nothing)."""
-        subs = self.registry.resolve(event.name, cls)
-        count = len(subs)
-        verbose = self.observer.verbose()
-        dispatch = Dispatch(
-            event,
-            subs,
-            contextvars.copy_context(),
-            self.run,
-            admitted_at=self.clock.monotonic(),
-            verbose=verbose,
-            key=key,
-        )
-        in_handler = getattr(self.guard, "active", False)
+        dispatch = self._dispatch(event, cls, key=key)
+        count = dispatch.total
+        in_handler = self.guard.active
         local_key = key is not None and self.backend.keeps_keys_in_memory
         try:
             self.admission.admit(
@@ -144,11 +132,36 @@ class Pipeline:
                 self.admission.release(count)
                 return first
             self.records.add(dispatch)
-        self.observer.emitted(event, count, verbose=verbose)
+        self._queue_all(dispatch)
+        return event
+
+    def _dispatch(
+        self,
+        event: Event,
+        cls: type[Any] | None,
+        *,
+        key: str | None = None,
+        token: str | None = None,
+    ) -> Dispatch:
+        """A new event's dispatch, in the caller's context (not yet admitted)."""
+        return Dispatch(
+            event,
+            self.registry.resolve(event.name, cls),
+            contextvars.copy_context(),
+            self.run,
+            admitted_at=self.clock.monotonic(),
+            verbose=self.observer.verbose(),
+            key=key,
+            token=token,
+        )
+
+    def _queue_all(self, dispatch: Dispatch) -> None:
+        """Report an admitted event and queue one job per delivery."""
+        count = dispatch.total
+        self.observer.emitted(dispatch.event, count, verbose=dispatch.verbose)
         submit = self.executor.submit
         for _ in range(count):
             submit(dispatch)
-        return event
 
     def _claim_key(self, dispatch: Dispatch) -> None:
         # Under the admission lock, after any wait for room: the key's first event wins.
@@ -165,27 +178,13 @@ class Pipeline:
         bus is closing, so the event goes to another consumer."""
         # No local holds the payload: a traceback renderer that shows locals would print it.
         cls = None if type(event.payload).__module__ == "builtins" else type(event.payload)
-        subs = self.registry.resolve(event.name, cls)
-        count = len(subs)
-        if not self.admission.wait_for_room(count):
+        dispatch = self._dispatch(event, cls, token=token)
+        if not self.admission.wait_for_room(dispatch.total):
             return
-        verbose = self.observer.verbose()
-        dispatch = Dispatch(
-            event,
-            subs,
-            contextvars.copy_context(),
-            self.run,
-            admitted_at=self.clock.monotonic(),
-            verbose=verbose,
-            token=token,
-        )
         self.records.add(dispatch)
-        self.observer.emitted(event, count, verbose=verbose)
-        if not count:
+        if not dispatch.total:
             self.backend.event_settled(dispatch)
-        submit = self.executor.submit
-        for _ in range(count):
-            submit(dispatch)
+        self._queue_all(dispatch)
 
     def adopt(
         self,

@@ -30,10 +30,10 @@ from eventbus import (
     UnknownEventError,
     UnknownHandlerError,
 )
-from eventbus._dispatch import Job
 from eventbus.stores import MemoryStore, SQLiteStore
 from eventbus.testing import FakeClock, InlineExecutor
 from eventbus.typing import Store
+from tests.support.executors import QueueingExecutor
 
 #: A retry policy whose one retry waits 10 s (on the fake clock).
 RETRY_IN_10S = RetryPolicy(max_attempts=3, wait=tenacity.wait_fixed(10))
@@ -49,27 +49,6 @@ class OrderCreated:
     order_id: int
     email: str
     lines: list[str]
-
-
-class QueueingExecutor:
-    """Collects jobs instead of running them; the test runs them with :meth:`run_all`.
-
-    A bus on it waits in close() for jobs that never run: close it with ``timeout=0``, which
-    hands the jobs back (a store keeps them pending)."""
-
-    def __init__(self) -> None:
-        self.jobs: list[Job] = []
-
-    def submit(self, job: Job) -> None:
-        self.jobs.append(job)
-
-    def shutdown(self, timeout: float | None) -> list[Job]:
-        jobs, self.jobs = self.jobs, []
-        return jobs
-
-    def run_all(self) -> None:
-        while self.jobs:
-            self.jobs.pop(0)()
 
 
 class Calls:

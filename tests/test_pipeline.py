@@ -14,7 +14,6 @@ from structlog.testing import capture_logs
 from eventbus import signals
 from eventbus._admission import Admission
 from eventbus._backends import Backend, DurableBackend, LocalBackend, StreamedBackend
-from eventbus._dispatch import Job
 from eventbus._event import Delivery, Event
 from eventbus._matching import compile_pattern
 from eventbus._observe import InDelivery, Observer
@@ -28,28 +27,11 @@ from eventbus.retry import RetryPolicy
 from eventbus.stores import MemoryStore
 from eventbus.testing import FakeClock, InlineExecutor
 from eventbus.typing import Executor
+from tests.support.executors import QueueingExecutor
 
 NAME = "order:created"
 DELAY = 5.0
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
-
-
-class RecordingExecutor:
-    """Keeps submitted jobs until the test runs them."""
-
-    def __init__(self) -> None:
-        self.jobs: list[Job] = []
-
-    def submit(self, job: Job) -> None:
-        self.jobs.append(job)
-
-    def shutdown(self, timeout: float | None) -> list[Job]:
-        jobs, self.jobs = self.jobs, []
-        return jobs
-
-    def run_all(self) -> None:
-        while self.jobs:
-            self.jobs.pop(0)()
 
 
 class FakeTransport:
@@ -215,7 +197,7 @@ def test_emit_from_a_handler_does_not_wait_on_a_full_bus() -> None:
 
 def test_full_bus_refuses_an_emit_from_outside_a_handler() -> None:
     """With max_pending reached and no wait allowed, accept raises and records nothing."""
-    h = Harness(executor=RecordingExecutor(), max_pending=1)
+    h = Harness(executor=QueueingExecutor(), max_pending=1)
     h.subscribe("a", lambda event: None)
     h.emit()
     with pytest.raises(QueueFullError):
@@ -372,7 +354,7 @@ def test_elapsed_time_counts_from_admission() -> None:
 
 def test_stopped_pipeline_abandons_a_failure_instead_of_retrying() -> None:
     """A failure after stop() is a dead letter abandoned, with no retry scheduled."""
-    executor = RecordingExecutor()
+    executor = QueueingExecutor()
     h = Harness(executor=executor)
     h.subscribe("a", Flaky(1))
     event = h.emit()
@@ -427,7 +409,7 @@ def test_retry_due_after_stop_is_abandoned() -> None:
 
 def test_unstarted_jobs_abandoned_get_the_default_error() -> None:
     """A delivery that never ran is dead-lettered as abandoned before it ran, 0 attempts."""
-    executor = RecordingExecutor()
+    executor = QueueingExecutor()
     h = Harness(executor=executor)
     h.subscribe("a", lambda event: None)
     h.emit()
@@ -441,7 +423,7 @@ def test_unstarted_jobs_abandoned_get_the_default_error() -> None:
 def test_abandon_with_a_store_leaves_the_deliveries_there() -> None:
     """With a store, abandoned deliveries are released to it and counted as left behind."""
     store = MemoryStore()
-    executor = RecordingExecutor()
+    executor = QueueingExecutor()
     h = Harness(executor=executor, backend=_store_backend(store))
     h.subscribe("a", lambda event: None)
     h.subscribe("b", lambda event: None)
@@ -463,7 +445,7 @@ def test_abandon_with_a_store_leaves_the_deliveries_there() -> None:
 
 def test_job_delivery_maps_unstarted_jobs_back_to_deliveries() -> None:
     """Each queued Dispatch job stands for the next index; a RetryJob for its own."""
-    executor = RecordingExecutor()
+    executor = QueueingExecutor()
     h = Harness(executor=executor)
     h.subscribe("a", lambda event: None)
     h.subscribe("b", lambda event: None)
@@ -539,7 +521,7 @@ def _streamed(transport: FakeTransport) -> Callable[[Records, Observer], Backend
 def test_received_event_is_acknowledged_once_all_deliveries_settle() -> None:
     """An event from a transport is acknowledged after its last delivery, not before."""
     transport = FakeTransport()
-    executor = RecordingExecutor()
+    executor = QueueingExecutor()
     h = Harness(executor=executor, backend=_streamed(transport))
     h.subscribe("a", lambda event: None)
     h.subscribe("b", lambda event: None)
@@ -591,7 +573,7 @@ def test_adopted_delivery_runs_in_its_own_context_when_queued() -> None:
 
 def test_adopting_a_delivery_in_flight_counts_nothing() -> None:
     """A second adopt of a queued delivery returns None and leaves the count as it was."""
-    h = Harness(executor=RecordingExecutor())
+    h = Harness(executor=QueueingExecutor())
     sub = h.subscribe("a", lambda event: None)
     event = Event(name=NAME)
     assert h.pipeline.adopt(event, sub, contextvars.copy_context()) is not None
@@ -638,7 +620,7 @@ def test_delivery_queued_with_a_delay_after_stop_is_abandoned() -> None:
 
 def test_dead_letter_settles_a_pending_delivery() -> None:
     """dead_letter() on an adopted delivery records it, logs it and settles it."""
-    h = Harness(executor=RecordingExecutor())
+    h = Harness(executor=QueueingExecutor())
     sub = h.subscribe("a", lambda event: None)
     event = Event(name=NAME)
     adopted = h.pipeline.adopt(event, sub, contextvars.copy_context(), attempts=3, error="E: x")

@@ -12,7 +12,6 @@ from structlog.testing import capture_logs
 from eventbus import signals
 from eventbus._admission import Admission
 from eventbus._backends import DurableBackend
-from eventbus._dispatch import Job
 from eventbus._event import DeadLetter, Delivery, Event
 from eventbus._matching import compile_pattern
 from eventbus._observe import InDelivery, Observer
@@ -26,27 +25,10 @@ from eventbus.retry import RetryPolicy
 from eventbus.stores import Claim, MemoryStore, StoredDelivery
 from eventbus.testing import FakeClock
 from eventbus.typing import Store
+from tests.support.executors import QueueingExecutor
 
 NAME = "order:created"
 POLL = 2.0
-
-
-class RecordingExecutor:
-    """Keeps submitted jobs until the test runs them."""
-
-    def __init__(self) -> None:
-        self.jobs: list[Job] = []
-
-    def submit(self, job: Job) -> None:
-        self.jobs.append(job)
-
-    def shutdown(self, timeout: float | None) -> list[Job]:
-        jobs, self.jobs = self.jobs, []
-        return jobs
-
-    def run_all(self) -> None:
-        while self.jobs:
-            self.jobs.pop(0)()
 
 
 class ScriptedStore(MemoryStore):
@@ -82,12 +64,12 @@ class ScriptedStore(MemoryStore):
 
 
 class Harness:
-    """A durable pipeline over *store* with its recovery; jobs wait in a RecordingExecutor."""
+    """A durable pipeline over *store* with its recovery; jobs wait in a QueueingExecutor."""
 
     def __init__(self, store: Store, policy: RetryPolicy | None = None) -> None:
         self.store = store
         self.clock = FakeClock()
-        self.executor = RecordingExecutor()
+        self.executor = QueueingExecutor()
         self.registry = Registry()
         self.records = Records(100)
         self.admission = Admission(None, None)
