@@ -24,6 +24,9 @@ from eventbus.exceptions import BusClosedError, QueueFullError
 
 __all__ = ["LOCK_FREE", "Admission"]
 
+#: Seconds between a quiet-waiter's own looks at the count (a safety net, see _wait).
+RECHECK = 0.1
+
 #: Whether settles count without a lock: only with the GIL (see the module docstring).
 LOCK_FREE: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 
@@ -57,6 +60,10 @@ class Admission:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiters = 0
+        self._room_waiters = 0  # those waiting for room (not for the bus to go quiet)
+        #: Whether jobs are still queued on the executor, if it can tell (a worker pool): a
+        #: settle then cannot have made the bus quiet, so it wakes only waiters for room.
+        self.backlog: Callable[[], bool] | None = None
         self._admitted = 0  # under the lock
         self._waiting = 0  # deliveries in the retry queue, under the lock
         self._folded = 0  # settles of threads that ended, under the lock
@@ -99,7 +106,7 @@ class Admission:
         with self._lock:
             limit = self.max_pending
             if limit is not None:
-                self._wait(lambda: self.closed or self._has_room(count, limit), None)
+                self._wait(lambda: self.closed or self._has_room(count, limit), None, room=True)
             if self.closed:
                 return False
             self._admitted += count
@@ -114,7 +121,9 @@ class Admission:
                 self._changed.notify_all()
 
     def _wait_for_room(self, count: int, limit: int) -> None:
-        if not self._wait(lambda: self.closed or self._has_room(count, limit), self.block_timeout):
+        if not self._wait(
+            lambda: self.closed or self._has_room(count, limit), self.block_timeout, room=True
+        ):
             raise QueueFullError(
                 f"{self._active()} deliveries pending (max_pending={limit}); "
                 f"waited {self.block_timeout} s for room"
@@ -146,8 +155,14 @@ class Admission:
             tally = self._new_tally()
         tally.settled += count
         if self._waiters:
-            with self._lock:
-                self._changed.notify_all()
+            # A waiter for quiet (drain, close) cannot be satisfied while jobs are still
+            # queued: waking it on every settle of a backlog would hand it the GIL once per
+            # delivery only to sleep again. The settle that empties the bus runs with the queue
+            # empty, so it always wakes them.
+            backlog = self.backlog
+            if self._room_waiters or backlog is None or not backlog():
+                with self._lock:
+                    self._changed.notify_all()
 
     def _new_tally(self) -> _Tally:
         current = threading.current_thread()
@@ -215,13 +230,28 @@ class Admission:
             self._changed.notify_all()
             return True
 
-    def _wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+    def _wait(
+        self, predicate: Callable[[], bool], timeout: float | None, *, room: bool = False
+    ) -> bool:
         # Under the lock. Counted as a waiter so settlers know to notify.
         self._waiters += 1
+        self._room_waiters += room
         try:
-            return self._changed.wait_for(predicate, timeout)
+            if room:
+                return self._changed.wait_for(predicate, timeout)
+            # Waiters for quiet are woken only by the settle that may have made the bus quiet
+            # (see settled()); they also look again every RECHECK seconds, so that a wake-up
+            # that reasoning missed would cost a moment, never a hang.
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not predicate():
+                left = RECHECK if deadline is None else min(RECHECK, deadline - time.monotonic())
+                if left <= 0:
+                    return predicate()
+                self._changed.wait(left)
+            return True
         finally:
             self._waiters -= 1
+            self._room_waiters -= room
 
 
 def remaining(deadline: float | None) -> float | None:

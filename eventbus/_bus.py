@@ -156,6 +156,8 @@ class EventBus:
             )
         self._clock = clock
         self._executor = executor
+        if isinstance(executor, WorkerPool):
+            self._admission.backlog = executor.has_backlog
         self._backend = self._choose_backend(records, observer)
         retries: RetryQueue[RetryJob] = RetryQueue(clock, self._retry_due)
         self._retries = retries

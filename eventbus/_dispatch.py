@@ -38,6 +38,7 @@ class WorkerPool:
             raise ValueError(f"max_workers must be at least 1, got {max_workers!r}")
         self._queue: SimpleQueue[Job | None] = SimpleQueue()
         self._on_error = on_error
+        self._stopping = False
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
             for i in range(max_workers)
@@ -53,9 +54,15 @@ class WorkerPool:
         """Queue *job* for a worker. Never blocks."""
         self._queue.put(job)
 
+    def has_backlog(self) -> bool:
+        """Whether jobs are queued and not yet taken by a worker (a snapshot). False once
+        :meth:`shutdown` began: what is queued then is the workers' stop signals."""
+        return not self._stopping and not self._queue.empty()
+
     def shutdown(self, timeout: float | None) -> list[Job]:
         """Take back the jobs not yet started, stop the workers once their current job ends,
         and wait up to *timeout* seconds for that. Returns the jobs taken back."""
+        self._stopping = True
         not_started: list[Job] = []
         while True:
             try:

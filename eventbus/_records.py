@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from eventbus._admission import LOCK_FREE
 from eventbus._event import DeadLetter, Delivery, Event
 
 if TYPE_CHECKING:
@@ -215,20 +216,39 @@ class Records:
     def event_settled(self, dispatch: Dispatch, count: int) -> bool:
         """The settle counter of *dispatch* reached *count*, its total when read: mark the
         event settled (it is evictable from now on) unless a take-over reopened a delivery
-        meanwhile (reopening raises the total under this lock). Returns whether it was
-        marked."""
-        with self._lock:
-            if count != dispatch.total:
-                return False
-            self._mark_settled(dispatch)
+        meanwhile. Returns whether it was marked.
+
+        With the GIL this takes no lock (it runs once per event, on whichever worker settled
+        last): a take-over raises the total first and then unmarks the event, so checking
+        the total again after marking catches one that came in between, whichever order the
+        two threads ran in. Without the GIL it takes the records' lock.
+        """
+        if not LOCK_FREE:
+            with self._lock:
+                if count != dispatch.total:
+                    return False
+                self._mark_settled(dispatch)
+            return True
+        if count != dispatch.total:
+            return False
+        self._mark_settled(dispatch)
+        if count != dispatch.total:  # reopened meanwhile: not settled after all
+            self._settled.pop(dispatch.event.id, None)
+            return False
         return True
 
     def _mark_settled(self, dispatch: Dispatch) -> None:
-        # Under the lock. The emitter's context may hold large objects: let it go.
+        # The emitter's context may hold large objects: let it go. Each step is one
+        # operation on a dict or OrderedDict, atomic under the GIL; two threads evicting at
+        # once may find the oldest entry gone already.
         dispatch.context = None
-        self._settled[dispatch.event.id] = None
-        while len(self._settled) > self._retention:
-            old, _ = self._settled.popitem(last=False)
+        settled = self._settled
+        settled[dispatch.event.id] = None
+        while len(settled) > self._retention:
+            try:
+                old, _ = settled.popitem(last=False)
+            except KeyError:
+                break
             evicted = self._events.pop(old, None)
             if evicted is not None and evicted.key is not None:
                 self._keys.pop(evicted.key, None)
@@ -271,8 +291,10 @@ class Records:
             extra.context = context
             extra.error = error
             extra.first_attempt_at = first_attempt_at
-            self._settled.pop(event.id, None)  # unsettled again: not evictable
+            # The total first, then unmark: event_settled() on another thread checks the
+            # total again after marking, so it undoes a mark that lands in between.
             dispatch.total += 1
+            self._settled.pop(event.id, None)  # unsettled again: not evictable
             return dispatch, index
 
     # -- dead letters (a bus without a store keeps them here) ------------------------------

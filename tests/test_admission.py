@@ -28,9 +28,9 @@ class _AnnouncingCondition(threading.Condition):
         super().__init__(lock)
         self.entered = entered
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+    def wait(self, timeout: float | None = None) -> bool:
         self.entered.set()
-        return super().wait_for(predicate, timeout)
+        return super().wait(timeout)
 
 
 def _announce_waits(admission: Admission) -> threading.Event:
@@ -387,3 +387,17 @@ def test_remaining_is_none_without_a_deadline_and_never_negative() -> None:
     left = remaining(time.monotonic() + 60)
     assert left is not None
     assert 0 < left <= 60
+
+
+def test_a_waiter_for_quiet_is_not_stranded_by_a_backlog_that_never_empties() -> None:
+    """Settles skip waking quiet-waiters while the executor reports a backlog; the waiter's
+    own periodic look still sees the bus go quiet."""
+    admission = Admission(None, None)
+    admission.backlog = lambda: True  # a wrong answer: the safety net must still hold
+    admission.admit(1, wait=False)
+    entered = _announce_waits(admission)
+    waiter = _Background(lambda: admission.wait_idle(5))
+    assert entered.wait(5)
+    admission.settled()  # wakes nobody: the (wrong) backlog says the bus cannot be quiet
+    waiter.join()
+    assert waiter.result is True

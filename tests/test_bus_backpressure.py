@@ -179,9 +179,11 @@ def test_idempotency_key_delivers_once_when_two_emits_wait_for_room(gate):
     admission = bus._admission
     wait = admission._wait
 
-    def counted_wait(predicate: Callable[[], bool], timeout: float | None) -> bool:
+    def counted_wait(
+        predicate: Callable[[], bool], timeout: float | None, *, room: bool = False
+    ) -> bool:
         waiting.release()
-        return wait(predicate, timeout)
+        return wait(predicate, timeout, room=room)
 
     admission._wait = counted_wait  # type: ignore[method-assign]
     with bus:

@@ -214,3 +214,17 @@ def test_shutdown_from_a_worker_does_not_wait_for_itself(make_pool: PoolFactory)
     pool.submit(closing)
     assert done.wait(TIMEOUT)
     assert results == [[]]
+
+
+def test_pool_reports_its_backlog_until_shutdown() -> None:
+    """has_backlog() is True while jobs wait for a worker, and False once shutdown began."""
+    gate = threading.Event()
+    pool = WorkerPool(1, name="backlog")
+    try:
+        pool.submit(lambda: gate.wait(5))
+        pool.submit(lambda: None)  # waits behind the held job
+        assert pool.has_backlog()
+    finally:
+        gate.set()
+        pool.shutdown(5)
+    assert not pool.has_backlog()
