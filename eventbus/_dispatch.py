@@ -54,6 +54,12 @@ class WorkerPool:
         """Queue *job* for a worker. Never blocks."""
         self._queue.put(job)
 
+    def submit_copies(self, job: Job, copies: int) -> None:
+        """Queue *job* *copies* times (one per delivery of an event). Never blocks."""
+        put = self._queue.put
+        for _ in range(copies):
+            put(job)
+
     def has_backlog(self) -> bool:
         """Whether jobs are queued and not yet taken by a worker (a snapshot). False once
         :meth:`shutdown` began: what is queued then is the workers' stop signals."""

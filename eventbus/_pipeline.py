@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from eventbus._clock import SystemClock
-from eventbus._dispatch import WorkerPool
+from eventbus._dispatch import Job, WorkerPool
 from eventbus._event import DeadLetter, DeadLetterReason, Delivery, Event, new_id
 from eventbus._outcomes import format_error
 from eventbus._records import (
@@ -39,7 +39,6 @@ from eventbus.signals import handler_succeeded as _succeeded_signal
 if TYPE_CHECKING:
     from eventbus._admission import Admission
     from eventbus._backends import Backend
-    from eventbus._dispatch import Job
     from eventbus._observe import Observer
     from eventbus._records import Records
     from eventbus._registry import Registry, Subscription
@@ -102,6 +101,10 @@ class Pipeline:
         # real time (a fake clock holds every retry until the test advances it) and a pool
         # whose submit never runs the job on the caller's thread.
         self._resubmit_at_once = isinstance(clock, SystemClock) and isinstance(executor, WorkerPool)
+        # One Python call per event instead of one per delivery, on a worker pool.
+        self._submit_copies: Callable[[Job, int], None] = (
+            executor.submit_copies if isinstance(executor, WorkerPool) else self._submit_each
+        )
         # Wall-clock time through the clock when it has it (a fake clock moves it too).
         self._wall: Callable[[], float] = getattr(clock, "time", time.time)
 
@@ -159,9 +162,12 @@ class Pipeline:
         """Report an admitted event and queue one job per delivery."""
         count = dispatch.total
         self.observer.emitted(dispatch.event, count, verbose=dispatch.verbose)
+        self._submit_copies(dispatch, count)
+
+    def _submit_each(self, job: Job, copies: int) -> None:
         submit = self.executor.submit
-        for _ in range(count):
-            submit(dispatch)
+        for _ in range(copies):
+            submit(job)
 
     def _claim_key(self, dispatch: Dispatch) -> None:
         # Under the admission lock, after any wait for room: the key's first event wins.

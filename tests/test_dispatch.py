@@ -228,3 +228,20 @@ def test_pool_reports_its_backlog_until_shutdown() -> None:
         gate.set()
         pool.shutdown(5)
     assert not pool.has_backlog()
+
+
+def test_submit_copies_queues_one_job_per_copy() -> None:
+    """submit_copies(job, n) runs the job n times, as n submits would."""
+    ran = itertools.count()
+    done = threading.Event()
+
+    def job() -> None:
+        if next(ran) == 2:
+            done.set()
+
+    pool = WorkerPool(2, name="copies")
+    try:
+        pool.submit_copies(job, 3)
+        assert done.wait(5)
+    finally:
+        pool.shutdown(5)
