@@ -403,7 +403,10 @@ class EventBus:
         if taken is None:
             raise UnknownDeadLetterError(dead_letter_id)  # replayed elsewhere meanwhile
         adopted = self._pipeline.adopt(letter.event, subscription, contextvars.copy_context())
-        if adopted is None:
+        if adopted is None:  # close() came in between: the dead letter stays
+            if store is None:
+                self._records.put_back_dead_letter(letter)
+            # With a store the row is pending and ours: close() releases it for recovery.
             raise BusClosedError("replay() after close()")
         self._observer.log.replayed(letter)
         self._pipeline.queue(*adopted)

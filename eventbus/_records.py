@@ -193,7 +193,7 @@ class Records:
         self._settled: OrderedDict[str, None] = OrderedDict()  # oldest first: evictable
         self._keys: dict[str, Dispatch] = {}
         # The dispatch rides along so that a replay continues the same status entry.
-        self._dead: dict[str, tuple[DeadLetter, Dispatch, int]] = {}
+        self._dead: dict[str, tuple[DeadLetter, Dispatch | None, int]] = {}
 
     def add(self, dispatch: Dispatch) -> None:
         """Record a new dispatch (under the admission lock for keyed ones, see find_key)."""
@@ -302,6 +302,11 @@ class Records:
     def add_dead_letter(self, dead_letter: DeadLetter, dispatch: Dispatch, index: int) -> None:
         with self._lock:
             self._dead[dead_letter.id] = (dead_letter, dispatch, index)
+
+    def put_back_dead_letter(self, dead_letter: DeadLetter) -> None:
+        """Keep a dead letter taken for a replay that could not go ahead."""
+        with self._lock:
+            self._dead[dead_letter.id] = (dead_letter, None, -1)
 
     def take_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         with self._lock:

@@ -538,3 +538,25 @@ def test_replay_after_close_is_refused(inline):
     with pytest.raises(BusClosedError):
         bus.replay(dead)
     assert bus.dead_letters() == [dead]
+
+
+def test_replay_cut_short_by_close_keeps_the_dead_letter(inline):
+    """A replay that loses the race with close() raises BusClosedError and keeps the letter."""
+    bus, _ = inline
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("down")
+
+    bus.subscribe("order:created", broken, name="broken", retry=RetryPolicy(max_attempts=1))
+    bus.emit("order:created")
+    (letter,) = bus.dead_letters()
+    admit = bus._pipeline.adopt
+
+    def close_first(*args: Any, **kwargs: Any) -> Any:
+        bus._admission.close()  # close() starts between taking the letter and queueing it
+        return admit(*args, **kwargs)
+
+    bus._pipeline.adopt = close_first  # type: ignore[method-assign]
+    with pytest.raises(BusClosedError):
+        bus.replay(letter)
+    assert [d.id for d in bus.dead_letters()] == [letter.id]
