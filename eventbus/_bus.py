@@ -10,10 +10,12 @@ from __future__ import annotations
 import atexit
 import contextvars
 import enum
+import inspect
 import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, Self, overload
 
@@ -188,15 +190,17 @@ class EventBus:
         transport = self._transport
         if transport is None:
             return LocalBackend(records)
-        transport.on_error = lambda exc: observer.log.internal_error("transport", exc)
-        transport.on_dead = observer.log.stream_dead_lettered
-        transport.on_taken_over = observer.log.stream_taken_over
         return StreamedBackend(records, transport, observer)
 
     def _open_store(self, store: Store, *, own_executor: bool, own_clock: bool) -> None:
-        store.on_error = lambda exc: self._observer.log.internal_error("store", exc)
         try:
-            store.open()  # raises if another bus has it open
+            # The store reports its background errors to the bus's log through the reporter.
+            if _takes_reporter(store.open, 0):
+                store.open(self._observer.log)  # raises if another bus has it open
+            else:  # a store written before Reporter: its on_error hook
+                log = self._observer.log
+                store.on_error = partial(log.internal_error, "store")  # type: ignore[attr-defined]
+                store.open()
         except BaseException:
             # Nothing of this bus may outlive the failed constructor: stop the threads it
             # started (not an executor or clock the caller passed in: those are theirs). No
@@ -428,7 +432,14 @@ class EventBus:
             raise RuntimeError(
                 "start() consumes a transport: EventBus(transport=RedisStreamsTransport(...))"
             )
-        return self._transport.start(self._pipeline.receive)
+        transport, log = self._transport, self._observer.log
+        if _takes_reporter(transport.start, 1):
+            return transport.start(self._pipeline.receive, log)
+        # A transport written before Reporter: its hooks.
+        transport.on_error = partial(log.internal_error, "transport")  # type: ignore[attr-defined]
+        transport.on_dead = log.stream_dead_lettered  # type: ignore[attr-defined]
+        transport.on_taken_over = log.stream_taken_over  # type: ignore[attr-defined]
+        return transport.start(self._pipeline.receive)
 
     def recover(self) -> int:
         """Take over the store's unfinished deliveries (those of an earlier run or a crashed
@@ -548,6 +559,19 @@ def _resolve_typed(event: object, payload: Any) -> tuple[str, type[Any] | None, 
     if isinstance(event, type) or cls.__module__ == "builtins":
         raise InvalidEventError(f"emit() takes an event name or an event instance, got {event!r}")
     return event_name_of(cls), cls, event
+
+
+def _takes_reporter(method: Callable[..., object], before: int) -> bool:
+    """Whether *method* accepts a reporter after its *before* positional arguments (stores
+    and transports written before the Reporter protocol do not)."""
+    try:
+        parameters = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: assume the current protocol
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) > before
 
 
 def _check_key(key: object) -> None:

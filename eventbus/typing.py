@@ -20,6 +20,7 @@ __all__ = [
     "Executor",
     "Handler",
     "HandlerT",
+    "Reporter",
     "Store",
     "Transport",
 ]
@@ -66,6 +67,21 @@ class Clock(Protocol):
         scheduled afterwards are accepted and never called; their owner collects them)."""
 
 
+class Reporter(Protocol):
+    """How a store or transport tells its bus what happened in its background work. The bus
+    hands one to :meth:`Store.open` and :meth:`Transport.start`; every method is thread-safe
+    and never raises."""
+
+    def internal_error(self, where: str, error: BaseException) -> None:
+        """Background work failed (*where*: ``"store"`` or ``"transport"``); it goes on."""
+
+    def stream_dead_lettered(self, entry_id: str, fields: Mapping[str, str], reason: str) -> None:
+        """An event was moved to the transport's dead letters (fields made safe to log)."""
+
+    def stream_taken_over(self, count: int) -> None:
+        """*count* events of stopped consumers were taken over."""
+
+
 class Store(Protocol):
     """Where a bus keeps every delivery's state so that it survives the process.
 
@@ -78,11 +94,10 @@ class Store(Protocol):
 
     #: Seconds between a recovered bus's looks for deliveries to take over.
     poll_interval: float
-    #: Called with errors of the store's background work; the bus sets it to its logger.
-    on_error: Callable[[BaseException], None]
 
-    def open(self) -> str:
-        """Start one bus's session; return its owner id. ``RuntimeError`` if already open."""
+    def open(self, reporter: Reporter | None = None) -> str:
+        """Start one bus's session; return its owner id. ``RuntimeError`` if already open.
+        Background errors go to *reporter* when given (else to ``on_error``)."""
 
     def close(self) -> None:
         """End the session: this owner's unfinished deliveries become claimable by others."""
@@ -139,22 +154,14 @@ class Transport(Protocol):
     """Carries events between processes: ``emit()`` publishes, and each bus consumes its share
     (see :class:`eventbus.transports.RedisStreamsTransport`). Thread-safe."""
 
-    #: Called with errors of the transport's background work; the bus sets it to its logger.
-    on_error: Callable[[BaseException], None]
-    #: Called when an event is moved to the transport's dead letters: (transport id, its
-    #: fields, the reason); the bus logs ``stream.dead_lettered``.
-    on_dead: Callable[[str, Mapping[str, str], str], None]
-    #: Called with how many events of stopped consumers this one took over; the bus logs
-    #: ``stream.taken_over``.
-    on_taken_over: Callable[[int], None]
-
     def publish(self, event: Event) -> str:
         """Send *event*; return its id in the transport. ``TypeError`` for a payload that
         cannot be encoded, ``TransportError`` when the transport cannot be reached."""
 
-    def start(self, deliver: Callable[[Event, str], None]) -> int:
+    def start(self, deliver: Callable[[Event, str], None], reporter: Reporter | None = None) -> int:
         """Start consuming: call *deliver(event, token)* for each event received (blocking in
-        it is backpressure); return how many stopped consumers' events were taken over."""
+        it is backpressure); return how many stopped consumers' events were taken over.
+        Background errors, dead-lettered and taken-over events go to *reporter* when given."""
 
     def settled(self, token: str) -> None:
         """Every local delivery of the event received with *token* has settled."""

@@ -1417,3 +1417,35 @@ def test_start_after_close_is_refused() -> None:
     bus.close()
     with pytest.raises(BusClosedError):
         bus.start()
+
+
+class _ReportingTransport(_ListTransport):
+    """A transport of the current protocol: start() takes the bus's reporter."""
+
+    def start(self, deliver: Any, reporter: Any = None) -> int:
+        self.reporter = reporter
+        reporter.internal_error("transport", OSError("reader lost its connection"))
+        reporter.stream_taken_over(2)
+        return 0
+
+
+def test_start_hands_the_transport_a_reporter_that_logs() -> None:
+    """A transport reports background errors and take-overs through the reporter it is given,
+    and the bus logs them; the bus sets none of its attributes."""
+    transport = _ReportingTransport()
+    with capture_logs() as logs, EventBus(max_workers=1, transport=transport) as bus:  # type: ignore[arg-type]
+        bus.start()
+    names = [record["event"] for record in logs]
+    assert "eventbus.internal_error" in names
+    assert "stream.taken_over" in names
+    assert transport.on_error is None  # not overwritten: the reporter is the interface
+
+
+def test_a_transport_without_a_reporter_parameter_still_gets_its_hooks() -> None:
+    """A transport written before the reporter existed gets on_error/on_dead set, as before."""
+    transport = _ListTransport()
+    transport.published.append(Event(name="order:created"))
+    with EventBus(max_workers=1, transport=transport) as bus:  # type: ignore[arg-type]
+        bus.start()
+        assert callable(transport.on_error)
+        assert callable(transport.on_dead)

@@ -775,3 +775,31 @@ def test_stored_retry_due_time_follows_the_bus_clock() -> None:
         bus.subscribe("order:created", broken, name="broken")
         bus.emit("order:created")
         assert due_times == [pytest.approx(clock.time() + 30)]
+
+
+def test_sqlite_store_reports_background_errors_to_the_reporter_it_opened_with(
+    tmp_path: Path,
+) -> None:
+    """SQLiteStore.open(reporter) sends its background errors to that reporter."""
+    from eventbus.stores import SQLiteStore
+
+    reported: list[tuple[str, BaseException]] = []
+
+    class Reporter:
+        def internal_error(self, where: str, error: BaseException) -> None:
+            reported.append((where, error))
+
+        def stream_dead_lettered(self, *args: object) -> None:
+            raise AssertionError("a store has no stream")
+
+        def stream_taken_over(self, count: int) -> None:
+            raise AssertionError("a store has no stream")
+
+    store = SQLiteStore(tmp_path / "events.sqlite3")
+    store.open(Reporter())
+    try:
+        error = OSError("disk gone")
+        store.on_error(error)  # what its background thread calls when a write fails
+    finally:
+        store.close()
+    assert reported == [("store", error)]

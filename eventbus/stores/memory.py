@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from eventbus._event import DeadLetter, Delivery, DeliveryState, Event, new_id
 from eventbus.stores._model import Claim, StoredDelivery
+from eventbus.typing import Reporter
 
 __all__ = ["MemoryStore"]
 
@@ -56,8 +57,9 @@ class MemoryStore:
         self._dead: dict[str, DeadLetter] = {}
         self._dirty = False  # something became claimable since the last claim
 
-    def open(self) -> str:
-        """Start a bus's session; ``RuntimeError`` if one is open already."""
+    def open(self, reporter: Reporter | None = None) -> str:
+        """Start a bus's session; ``RuntimeError`` if one is open already. (A memory store
+        has no background work, so *reporter* is never called.)"""
         with self._lock:
             if self._owner is not None:
                 raise RuntimeError("this store is already used by an open bus")

@@ -26,6 +26,7 @@ from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
 from eventbus.stores._group_commit import GroupCommit, Write
 from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
+from eventbus.typing import Reporter
 
 __all__ = ["SQLiteStore"]
 
@@ -169,6 +170,8 @@ class SQLiteStore:
         #: Called with errors of background work (a deferred commit, a heartbeat). The bus
         #: sets it to log ``eventbus.internal_error``.
         self.on_error: Callable[[BaseException], None] = _print_error
+        self._reporting: Callable[[BaseException], None] | None = None
+        self._before_reporting: Callable[[BaseException], None] = _print_error
         self._db: sqlite3.Connection | None = self._connect()
 
     # -- connection ----------------------------------------------------------------------
@@ -244,9 +247,28 @@ class SQLiteStore:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def open(self) -> str:
+    def _report_to(self, reporter: Reporter) -> None:
+        # The reporter replaces the default (printing to stderr); a hook the application set
+        # itself still runs after it.
+        previous = self.on_error
+        if previous is self._reporting:  # opened again: report to the new bus only
+            previous = self._before_reporting
+
+        def report(exc: BaseException) -> None:
+            reporter.internal_error("store", exc)
+            if previous is not _print_error:
+                previous(exc)
+
+        self._before_reporting, self._reporting = previous, report
+        self.on_error = report
+
+    def open(self, reporter: Reporter | None = None) -> str:
         """Start a session for one bus: register an owner and start its heartbeat. Returns
-        the owner id. Raises ``RuntimeError`` if the store is already open."""
+        the owner id. Errors of the background work (heartbeat, deferred commits) go to
+        *reporter* when given, else to ``on_error``. Raises ``RuntimeError`` if the store is
+        already open."""
+        if reporter is not None:
+            self._report_to(reporter)
         with self._lock:
             if self._owner is not None:
                 raise RuntimeError("this store is already used by an open bus")

@@ -26,7 +26,7 @@ from eventbus._event import Event, new_id
 from eventbus._registry import handler_name
 from eventbus.codec import JsonCodec
 from eventbus.exceptions import CodecError, DuplicateInFlightError, TransportError
-from eventbus.typing import HandlerT
+from eventbus.typing import HandlerT, Reporter
 
 __all__ = ["RedisStreamsTransport"]
 
@@ -246,11 +246,15 @@ class RedisStreamsTransport:
 
     # -- consuming -----------------------------------------------------------------------
 
-    def start(self, deliver: Deliver) -> int:
+    def start(self, deliver: Deliver, reporter: Reporter | None = None) -> int:
         """Create the group if needed, take over entries of stopped consumers, and start the
         reader thread, which hands each entry to *deliver*. Returns how many entries were
-        taken over. Raises :class:`~eventbus.TransportError` if Redis cannot be reached and
+        taken over. The reader's errors, dead-lettered entries and take-overs go to
+        *reporter* when given (else to ``on_error``, ``on_dead`` and ``on_taken_over``).
+        Raises :class:`~eventbus.TransportError` if Redis cannot be reached and
         ``RuntimeError`` if already started."""
+        if reporter is not None:
+            self._report_to(reporter)
         with self._lock:
             if self._deliver is not None:
                 raise RuntimeError("this transport is already consuming")
@@ -297,6 +301,24 @@ class RedisStreamsTransport:
         self._reader = self._refresher = None
         self._redis.close()
         self._reader_redis.close()
+
+    def _report_to(self, reporter: Reporter) -> None:
+        # The reporter comes first; a hook the application set itself still runs after it.
+        on_error, on_dead, on_taken_over = self.on_error, self.on_dead, self.on_taken_over
+
+        def error(exc: BaseException) -> None:
+            reporter.internal_error("transport", exc)
+            on_error(exc)
+
+        def dead(entry_id: str, fields: Mapping[str, str], reason: str) -> None:
+            reporter.stream_dead_lettered(entry_id, fields, reason)
+            on_dead(entry_id, fields, reason)
+
+        def taken_over(count: int) -> None:
+            reporter.stream_taken_over(count)
+            on_taken_over(count)
+
+        self.on_error, self.on_dead, self.on_taken_over = error, dead, taken_over
 
     def _ensure_group(self) -> None:
         if self._group_ready:
