@@ -95,7 +95,7 @@ class LocalBackend:
         pass
 
     def dead(self, dead_letter: DeadLetter, dispatch: Dispatch, index: int) -> None:
-        self._records.add_dead_letter(dead_letter, dispatch, index)
+        self._records.add_dead_letter(dead_letter)
 
     def event_settled(self, dispatch: Dispatch) -> None:
         pass

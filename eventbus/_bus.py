@@ -409,7 +409,7 @@ class EventBus:
         adopted = self._pipeline.adopt(letter.event, subscription, contextvars.copy_context())
         if adopted is None:  # close() came in between: the dead letter stays
             if store is None:
-                self._records.put_back_dead_letter(letter)
+                self._records.add_dead_letter(letter)
             # With a store the row is pending and ours: close() releases it for recovery.
             raise BusClosedError("replay() after close()")
         self._observer.log.replayed(letter)

@@ -302,19 +302,26 @@ class Pipeline:
         if delay <= 0 and self._resubmit_at_once:
             self._retry_at_once(dispatch, index, error)
             return
+        if self._schedule(dispatch, index, delay, error):
+            self.observer.retry_scheduled(event, dispatch.snapshot(index), delay)
+
+    def _schedule(
+        self, dispatch: Dispatch, index: int, delay: float, error: BaseException | None
+    ) -> bool:
+        """Put a pending delivery in the retry queue for *delay* seconds; False if the bus
+        stopped, in which case it is abandoned (with *error*'s traceback) instead."""
         with self._lock:
             stopped = self.stopped
             if not stopped:
-                progress = dispatch.progress
-                progress[index] = progress[index] - RUNNING + RETRYING
+                dispatch.set_state(index, RETRYING)
                 # Counted as waiting and queued under one lock: close() takes everything
                 # waiting under it, and must not find the delivery counted but not queued.
                 self.admission.to_retry()
                 self.retries.schedule(RetryJob(dispatch, index), delay)
         if stopped:  # closed: there is no retry queue to wait in any more
-            self.abandon([(dispatch, index)], _traceback(error))
-            return
-        self.observer.retry_scheduled(event, dispatch.snapshot(index), delay)
+            trace = None if error is None else _traceback(error)
+            self.abandon([(dispatch, index)], trace)
+        return not stopped
 
     def _retry_at_once(self, dispatch: Dispatch, index: int, error: BaseException) -> None:
         # A zero backoff on the real clock and a worker pool: back of the queue directly. A
@@ -328,8 +335,7 @@ class Pipeline:
         with self._lock:
             stopped = self.stopped
             if not stopped:
-                progress = dispatch.progress
-                progress[index] = progress[index] - RUNNING + PENDING
+                dispatch.set_state(index, PENDING)
                 # Under the lock that stop() takes: once stopped, the pool is shut down.
                 self.executor.submit(RetryJob(dispatch, index))
         if stopped:
@@ -342,8 +348,7 @@ class Pipeline:
             stopped = self.stopped
             self.admission.from_retry()
             if not stopped:
-                progress = job.dispatch.progress
-                progress[job.index] = progress[job.index] - RETRYING + PENDING
+                job.dispatch.set_state(job.index, PENDING)
         if stopped:
             self.abandon([(job.dispatch, job.index)], None)
         else:
@@ -354,15 +359,7 @@ class Pipeline:
         if delay <= 0:
             self.executor.submit(RetryJob(dispatch, index))
             return
-        with self._lock:
-            stopped = self.stopped
-            if not stopped:
-                progress = dispatch.progress
-                progress[index] = progress[index] - (progress[index] & STATE_MASK) + RETRYING
-                self.admission.to_retry()
-                self.retries.schedule(RetryJob(dispatch, index), delay)
-        if stopped:  # recovery raced close(): there is no retry queue any more
-            self.abandon([(dispatch, index)], None)
+        self._schedule(dispatch, index, delay, None)  # False: recovery raced close()
 
     # -- ends ------------------------------------------------------------------------------
 
@@ -387,8 +384,7 @@ class Pipeline:
         self._settle(dispatch, index, DEAD)
 
     def _settle(self, dispatch: Dispatch, index: int, state: int) -> None:
-        progress = dispatch.progress
-        progress[index] = progress[index] - (progress[index] & STATE_MASK) + state
+        dispatch.set_state(index, state)
         count = next(dispatch.settled)
         if count >= dispatch.total:
             self._last_settled(dispatch, count)

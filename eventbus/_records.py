@@ -154,6 +154,11 @@ class Dispatch:
             self.error(index),
         )
 
+    def set_state(self, index: int, state: int) -> None:
+        """Move delivery *index* to *state*, keeping its attempt count."""
+        progress = self.progress
+        progress[index] = progress[index] - (progress[index] & STATE_MASK) + state
+
     def index_of(self, handler: str) -> int | None:
         for index, sub in enumerate(self.subs):
             if sub.name == handler:
@@ -192,8 +197,8 @@ class Records:
         self._events: dict[str, Dispatch] = {}
         self._settled: OrderedDict[str, None] = OrderedDict()  # oldest first: evictable
         self._keys: dict[str, Dispatch] = {}
-        # The dispatch rides along so that a replay continues the same status entry.
-        self._dead: dict[str, tuple[DeadLetter, Dispatch | None, int]] = {}
+        # A replay finds the event's dispatch by id (adopt), so a letter alone is enough.
+        self._dead: dict[str, DeadLetter] = {}
 
     def add(self, dispatch: Dispatch) -> None:
         """Record a new dispatch (under the admission lock for keyed ones, see find_key)."""
@@ -299,28 +304,22 @@ class Records:
 
     # -- dead letters (a bus without a store keeps them here) ------------------------------
 
-    def add_dead_letter(self, dead_letter: DeadLetter, dispatch: Dispatch, index: int) -> None:
+    def add_dead_letter(self, dead_letter: DeadLetter) -> None:
+        """Keep a dead letter (also one taken for a replay that could not go ahead)."""
         with self._lock:
-            self._dead[dead_letter.id] = (dead_letter, dispatch, index)
-
-    def put_back_dead_letter(self, dead_letter: DeadLetter) -> None:
-        """Keep a dead letter taken for a replay that could not go ahead."""
-        with self._lock:
-            self._dead[dead_letter.id] = (dead_letter, None, -1)
+            self._dead[dead_letter.id] = dead_letter
 
     def take_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         with self._lock:
-            found = self._dead.pop(dead_letter_id, None)
-        return None if found is None else found[0]
+            return self._dead.pop(dead_letter_id, None)
 
     def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         with self._lock:
-            found = self._dead.get(dead_letter_id)
-        return None if found is None else found[0]
+            return self._dead.get(dead_letter_id)
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
-            return [dead_letter for dead_letter, _, _ in self._dead.values()]
+            return list(self._dead.values())
 
     def purge_dead_letters(self) -> int:
         with self._lock:

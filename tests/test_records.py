@@ -341,7 +341,7 @@ def test_dead_letter_is_listed_and_found_until_taken() -> None:
     records = Records(10)
     dispatch = _dispatch("a")
     letter = _letter(dispatch)
-    records.add_dead_letter(letter, dispatch, 0)
+    records.add_dead_letter(letter)
     assert records.dead_letters() == [letter]
     assert records.get_dead_letter(letter.id) is letter
     assert records.take_dead_letter(letter.id) is letter
@@ -354,8 +354,8 @@ def test_purge_dead_letters_removes_all_and_counts_them() -> None:
     """purge_dead_letters() empties the dead letters and says how many there were."""
     records = Records(10)
     dispatch = _dispatch("a", "b")
-    records.add_dead_letter(_letter(dispatch, "a"), dispatch, 0)
-    records.add_dead_letter(_letter(dispatch, "b"), dispatch, 1)
+    records.add_dead_letter(_letter(dispatch, "a"))
+    records.add_dead_letter(_letter(dispatch, "b"))
     assert records.purge_dead_letters() == 2
     assert records.dead_letters() == []
     assert records.purge_dead_letters() == 0
