@@ -143,7 +143,7 @@ class Store(Protocol):
         """One dead letter, or ``None``."""
 
     def replay_dead_letter(self, dead_letter_id: str, *, claim: bool = False) -> DeadLetter | None:
-        """Remove the dead letter and make its delivery pending (owned by this session with
+        """Remove the dead letter and make its delivery pending (owned by the open bus with
         *claim*, else by whoever claims next). ``None`` if there is no such letter."""
 
     def purge_dead_letters(self, ids: Collection[str] | None = None) -> int:

@@ -379,7 +379,7 @@ def test_replay_without_claim_is_claimable_by_another_session(sessions):
 
 
 def test_replay_with_claim_is_not_claimable_by_another_session(sessions):
-    """A delivery replayed with claim=True belongs to this session: another live one gets none."""
+    """A delivery replayed with claim=True belongs to the open bus: another live owner gets none."""
     store = sessions.first()
     ev = event()
     store.add(ev, ["h"])

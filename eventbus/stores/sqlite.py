@@ -345,7 +345,7 @@ class SQLiteStore:
     # -- the bus's writes ----------------------------------------------------------------
 
     def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
-        """Commit *event* and one pending delivery per handler, owned by this session.
+        """Commit *event* and one pending delivery per handler, owned by the open bus.
 
         Returns ``None``, or the event first stored under *key* (then nothing is written;
         fields of that event that cannot be decoded any more are given as for a quarantined
@@ -418,7 +418,7 @@ class SQLiteStore:
         self._writes.commit(write, several_statements=True)
 
     def release(self, deliveries: Collection[tuple[str, str]]) -> None:
-        """Give up (event id, handler) deliveries this session will not run: they stay
+        """Give up (event id, handler) deliveries this owner will not run: they stay
         pending (or waiting for their retry) for whichever bus claims them next."""
         rows = list(deliveries)
 
@@ -577,7 +577,7 @@ class SQLiteStore:
 
     def replay_dead_letter(self, dead_letter_id: str, *, claim: bool = False) -> DeadLetter | None:
         """Delete the dead letter and make its delivery pending again with a fresh attempt
-        count. With *claim*, this session owns it (the bus runs it now); without, the next
+        count. With *claim*, the open bus owns it (the bus runs it now); without, the next
         bus to claim runs it (a replay from the command line). ``None`` if no such letter.
 
         With *claim*, an event that cannot be decoded raises ``CodecError`` and nothing
