@@ -45,6 +45,17 @@ def out(line: str) -> None:
         sys.stdout.flush()
 
 
+def consume_until_stop(bus: Any, consumer: str) -> None:
+    """A consumer child's life: say who it is, start *bus* consuming (``recovered <k>``: the
+    entries taken over), say ``ready``, then run until the parent writes ``stop``."""
+    out(f"consumer {consumer}")
+    out(f"recovered {bus.recover()}")
+    out("ready")
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            break
+
+
 def log_to_stderr(*processors: Any) -> None:
     """Render structlog records at INFO and above as key=value lines on stderr, after
     *processors* (structlog's default would print to stdout, the parent's protocol)."""

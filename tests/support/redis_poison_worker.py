@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from eventbus import Event, EventBus
 from eventbus.transports import RedisStreamsTransport
-from tests.support.children import log_to_stderr, out
+from tests.support.children import consume_until_stop, log_to_stderr, out
 
 
 def main() -> int:
@@ -62,12 +62,7 @@ def main() -> int:
         out(f"handled {event.payload['n']}")
 
     bus.subscribe("job", job, name="job")
-    out(f"consumer {args.consumer}")
-    out(f"recovered {bus.recover()}")
-    out("ready")
-    for line in sys.stdin:
-        if line.strip() == "stop":
-            break
+    consume_until_stop(bus, args.consumer)
     bus.close(timeout=30)
     out("done")
     return 0

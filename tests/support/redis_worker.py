@@ -27,7 +27,7 @@ import threading
 
 from eventbus import Event, EventBus
 from eventbus.transports import RedisStreamsTransport
-from tests.support.children import log_to_stderr, out
+from tests.support.children import consume_until_stop, log_to_stderr, out
 
 
 class Effects:
@@ -99,12 +99,7 @@ def consume(args: argparse.Namespace) -> int:
             out(f"handled {calls}")
 
     bus.subscribe("job", effect, name="effect")
-    out(f"consumer {transport.consumer}")
-    out(f"recovered {bus.recover()}")
-    out("ready")
-    for line in sys.stdin:
-        if line.strip() == "stop":
-            break
+    consume_until_stop(bus, transport.consumer)
     bus.close(timeout=30)
     out(f"closed handled {effects.calls}")
     out("done")
