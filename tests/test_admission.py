@@ -40,6 +40,14 @@ def _announce_waits(admission: Admission) -> threading.Event:
     return entered
 
 
+def _waiting_on(admission: Admission, call: Callable[[], object]) -> _Background:
+    """Run *call* on its own thread and return once it waits on *admission*."""
+    entered = _announce_waits(admission)
+    background = _Background(call)
+    assert entered.wait(10)
+    return background
+
+
 class _Background:
     """Runs *call* on its own thread, keeping what it returned or raised."""
 
@@ -109,9 +117,7 @@ def test_waiting_emit_is_admitted_once_a_delivery_settles() -> None:
     """An emit waiting for room goes through when a settle makes room."""
     admission = Admission(max_pending=1, block_timeout=30)
     admission.admit(1, wait=True)
-    entered = _announce_waits(admission)
-    emit = _Background(lambda: admission.admit(1, wait=True))
-    assert entered.wait(10)
+    emit = _waiting_on(admission, lambda: admission.admit(1, wait=True))
     admission.settled()
     emit.join()
     assert emit.error is None
@@ -122,9 +128,7 @@ def test_waiting_emit_is_admitted_once_deliveries_are_released() -> None:
     """release() makes room for an emit waiting on a full bus."""
     admission = Admission(max_pending=2, block_timeout=30)
     admission.admit(2, wait=True)
-    entered = _announce_waits(admission)
-    emit = _Background(lambda: admission.admit(1, wait=True))
-    assert entered.wait(10)
+    emit = _waiting_on(admission, lambda: admission.admit(1, wait=True))
     admission.release(2)
     emit.join()
     assert emit.error is None
@@ -175,9 +179,9 @@ def test_check_runs_after_the_wait_for_room() -> None:
     admission = Admission(max_pending=1, block_timeout=30)
     admission.admit(1, wait=True)
     checks: list[int] = []
-    entered = _announce_waits(admission)
-    emit = _Background(lambda: admission.admit(1, wait=True, check=lambda: checks.append(1)))
-    assert entered.wait(10)
+    emit = _waiting_on(
+        admission, lambda: admission.admit(1, wait=True, check=lambda: checks.append(1))
+    )
     assert checks == []
     admission.settled()
     emit.join()
@@ -210,9 +214,7 @@ def test_close_wakes_a_waiting_emit_with_bus_closed() -> None:
     """An emit waiting for room raises BusClosedError as soon as the bus closes."""
     admission = Admission(max_pending=1, block_timeout=30)
     admission.admit(1, wait=True)
-    entered = _announce_waits(admission)
-    emit = _Background(lambda: admission.admit(1, wait=True))
-    assert entered.wait(10)
+    emit = _waiting_on(admission, lambda: admission.admit(1, wait=True))
     admission.close()
     emit.join()
     assert isinstance(emit.error, BusClosedError)
@@ -242,9 +244,7 @@ def test_wait_for_room_blocks_until_a_settle_then_counts() -> None:
     """A reader waiting for room is admitted when a delivery settles."""
     admission = Admission(max_pending=1, block_timeout=0)
     admission.admit(1, wait=True)
-    entered = _announce_waits(admission)
-    reader = _Background(lambda: admission.wait_for_room(1))
-    assert entered.wait(10)
+    reader = _waiting_on(admission, lambda: admission.wait_for_room(1))
     admission.settled()
     reader.join()
     assert reader.result is True
@@ -255,9 +255,7 @@ def test_wait_for_room_gives_up_when_closed() -> None:
     """A reader waiting for room returns False on close, having counted nothing."""
     admission = Admission(max_pending=1, block_timeout=0)
     admission.admit(1, wait=True)
-    entered = _announce_waits(admission)
-    reader = _Background(lambda: admission.wait_for_room(1))
-    assert entered.wait(10)
+    reader = _waiting_on(admission, lambda: admission.wait_for_room(1))
     admission.close()
     reader.join()
     assert reader.result is False
@@ -281,9 +279,7 @@ def test_waiter_is_woken_by_concurrent_settles() -> None:
     """A thread in wait_idle wakes once settles on other threads bring pending to zero."""
     admission = Admission(max_pending=None, block_timeout=None)
     admission.admit(THREADS * 1_000, wait=False)
-    entered = _announce_waits(admission)
-    waiter = _Background(lambda: admission.wait_idle(30))
-    assert entered.wait(10)
+    waiter = _waiting_on(admission, lambda: admission.wait_idle(30))
     _settle_on_threads(admission, THREADS, 1_000)
     waiter.join()
     assert waiter.result is True
@@ -322,9 +318,7 @@ def test_without_lock_free_a_settle_wakes_waiters(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(_admission, "LOCK_FREE", False)
     admission = Admission(max_pending=None, block_timeout=None)
     admission.admit(1, wait=False)
-    entered = _announce_waits(admission)
-    waiter = _Background(lambda: admission.wait_idle(30))
-    assert entered.wait(10)
+    waiter = _waiting_on(admission, lambda: admission.wait_idle(30))
     admission.settled()
     waiter.join()
     assert waiter.result is True
@@ -365,9 +359,7 @@ def test_to_retry_wakes_a_thread_waiting_for_inactive() -> None:
     """A delivery starting its backoff wakes wait_inactive."""
     admission = Admission(max_pending=None, block_timeout=None)
     admission.admit(1, wait=False)
-    entered = _announce_waits(admission)
-    waiter = _Background(lambda: admission.wait_inactive(30))
-    assert entered.wait(10)
+    waiter = _waiting_on(admission, lambda: admission.wait_inactive(30))
     admission.to_retry()
     waiter.join()
     assert waiter.result is True
@@ -395,9 +387,7 @@ def test_a_waiter_for_quiet_is_not_stranded_by_a_backlog_that_never_empties() ->
     admission = Admission(None, None)
     admission.backlog = lambda: True  # a wrong answer: the safety net must still hold
     admission.admit(1, wait=False)
-    entered = _announce_waits(admission)
-    waiter = _Background(lambda: admission.wait_idle(5))
-    assert entered.wait(5)
+    waiter = _waiting_on(admission, lambda: admission.wait_idle(5))
     admission.settled()  # wakes nobody: the (wrong) backlog says the bus cannot be quiet
     waiter.join()
     assert waiter.result is True

@@ -288,9 +288,9 @@ def test_handler_policy_decides_whether_the_process_was_lost() -> None:
     assert store.dead_letters() == []
 
 
-def test_quarantined_rows_are_logged_as_dead_letters() -> None:
-    """Rows the store could not decode are reported as dead letters and counted."""
-    letter = DeadLetter(
+def _quarantined() -> DeadLetter:
+    """A dead letter a store made of a row it could not decode."""
+    return DeadLetter(
         id="dl-1",
         event=_event(),
         handler="a",
@@ -298,6 +298,11 @@ def test_quarantined_rows_are_logged_as_dead_letters() -> None:
         error="CodecError: bad payload",
         reason="not_retryable",
     )
+
+
+def test_quarantined_rows_are_logged_as_dead_letters() -> None:
+    """Rows the store could not decode are reported as dead letters and counted."""
+    letter = _quarantined()
     h = Harness(ScriptedStore(Claim(quarantined=[letter])))
     h.subscribe("a")
     with capture_logs() as logs:
@@ -311,14 +316,7 @@ def test_quarantined_rows_are_logged_as_dead_letters() -> None:
 
 def test_quarantined_rows_are_signalled_as_dead_letters() -> None:
     """A dead_lettered receiver hears of rows the store quarantined, as of any dead letter."""
-    letter = DeadLetter(
-        id="dl-1",
-        event=_event(),
-        handler="a",
-        attempts=0,
-        error="CodecError: bad payload",
-        reason="not_retryable",
-    )
+    letter = _quarantined()
     h = Harness(ScriptedStore(Claim(quarantined=[letter])))
     heard: list[DeadLetter] = []
 
