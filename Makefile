@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Stamp files: reinstall only when pyproject.toml changes.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,example,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,example,fastapi,bench]'
 	touch $@
 
 ## Every check: lint, format, strict types, tests with branch coverage.

@@ -56,6 +56,12 @@ def _fresh_structlog() -> Iterator[None]:
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``@pytest.mark.anyio``, anyio's pytest plugin) run on asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture
 def clock() -> FakeClock:
     """A fake clock: backoffs run only when the test advances it."""
     return FakeClock()
