@@ -73,22 +73,47 @@ class Admission:
 
     # -- admitting (emit) ------------------------------------------------------------------
 
-    def admit(self, count: int, *, wait: bool, check: Callable[[], object] | None = None) -> None:
-        """Count *count* more deliveries as pending, waiting for room first if the bus is
-        bounded and *wait* is true. *check* runs under the lock after any wait, so a caller can
-        look again at what the wait may have changed (an idempotency key); if it raises,
-        nothing is admitted. Raises ``BusClosedError`` after :meth:`close` (also when it comes
-        during the wait) and ``QueueFullError`` when ``block_timeout`` runs out.
+    def admit(
+        self,
+        count: int,
+        *,
+        wait: bool,
+        block: bool = True,
+        check: Callable[[], object] | None = None,
+    ) -> None:
+        """Count *count* more deliveries as pending. If the bus is bounded and *wait* is true,
+        first make room: wait for it if *block* is true, else raise ``QueueFullError`` at once
+        (a caller on an event loop must not block it). *check* runs under the lock after any
+        wait, so a caller can look again at what the wait may have changed (an idempotency
+        key); if it raises, nothing is admitted. Raises ``BusClosedError`` after
+        :meth:`close` (also when it comes during the wait) and ``QueueFullError`` when
+        ``block_timeout`` runs out.
         """
         with self._lock:
             if self.closed:
                 raise BusClosedError("emit() after close(): this bus accepts no more events")
             limit = self.max_pending
             if wait and limit is not None and not self._has_room(count, limit):
+                if not block:
+                    raise QueueFullError(
+                        f"{self._active()} deliveries pending (max_pending={limit}); not "
+                        "waiting for room on an event loop's thread: `await bus.aemit(...)` "
+                        "waits without blocking the loop"
+                    )
                 self._wait_for_room(count, limit)
             if check is not None:
                 check()
             self._admitted += count
+
+    def wait_room(self, count: int, timeout: float | None) -> bool:
+        """Block until *count* more deliveries would fit, the bus closes, or *timeout* passes
+        (False then); admits nothing. For ``aemit()``, which then admits on its loop."""
+        with self._lock:
+            limit = self.max_pending
+            if limit is None:
+                return True
+            return self._wait(lambda: self.closed or self._has_room(count, limit), timeout,
+                              room=True)  # fmt: skip
 
     def admit_unbounded(self, count: int) -> bool:
         """Count *count* deliveries that must not wait (recovered or replayed work); False if
@@ -211,10 +236,14 @@ class Admission:
         with self._lock:
             return self._waiting
 
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Block until nothing is pending (waiting retries included); False on timeout."""
+    def wait_idle(self, timeout: float | None, stop: threading.Event | None = None) -> bool:
+        """Block until nothing is pending (waiting retries included); False on timeout, or
+        soon after *stop* is set (the ``adrain()`` that waits was cancelled)."""
         with self._lock:
-            return self._wait(lambda: self._pending() == 0, timeout)
+            if stop is None:
+                return self._wait(lambda: self._pending() == 0, timeout)
+            self._wait(lambda: self._pending() == 0 or stop.is_set(), timeout)
+            return self._pending() == 0
 
     def wait_inactive(self, timeout: float | None) -> bool:
         """Block until nothing is queued or running (retries may wait); False on timeout."""

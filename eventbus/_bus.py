@@ -7,11 +7,13 @@ process. See docs/architecture.md for how an event flows through them.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextvars
 import enum
 import inspect
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -24,8 +26,10 @@ from eventbus._backends import Backend, DurableBackend, LocalBackend, StreamedBa
 from eventbus._clock import SystemClock
 from eventbus._dispatch import WorkerPool
 from eventbus._event import DeadLetter, Delivery, Event, freeze_metadata, make_event
+from eventbus._loop import MAX_ASYNC
 from eventbus._matching import validate_name
 from eventbus._observe import InDelivery, Observer
+from eventbus._offload import Offload, in_thread
 from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder
 from eventbus._pipeline import Pipeline, job_delivery
 from eventbus._records import Records, RetryJob
@@ -35,7 +39,9 @@ from eventbus._retry_queue import RetryQueue
 from eventbus.exceptions import (
     BusClosedError,
     DrainInHandlerError,
+    EventLoopError,
     InvalidEventError,
+    QueueFullError,
     UnknownDeadLetterError,
     UnknownEventError,
     UnknownHandlerError,
@@ -80,8 +86,11 @@ class EventBus:
 
     Options:
 
-    * ``max_workers``: worker threads (default ``min(32, cpu_count + 4)``, as for
-      ``ThreadPoolExecutor``). Not allowed together with ``executor``.
+    * ``max_workers``: worker threads for plain handlers (default ``min(32, cpu_count + 4)``,
+      as for ``ThreadPoolExecutor``). Not allowed together with ``executor``.
+    * ``max_async``: how many deliveries to ``async def`` handlers run at once on the bus's
+      event loop (default :data:`MAX_ASYNC`, 1,000); the others wait in line, so a burst of
+      events never becomes a burst of tasks. See docs/asyncio.md for which loop that is.
     * ``retry``: the default :class:`RetryPolicy` for handlers that do not set their own.
     * ``executor``: where deliveries run, e.g. :class:`eventbus.testing.InlineExecutor`.
     * ``clock``: time source and timer for backoff, e.g. :class:`eventbus.testing.FakeClock`.
@@ -122,6 +131,7 @@ class EventBus:
         name: str = "eventbus",
         store: Store | None = None,
         transport: Transport | None = None,
+        max_async: int = MAX_ASYNC,
     ) -> None:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
@@ -133,6 +143,7 @@ class EventBus:
             # The transport keeps undelivered work (an entry is acknowledged only once all its
             # deliveries settled), so a store would be a second record of the same thing.
             raise TypeError("pass store or transport, not both")
+        max_async = _check_bound(max_async, "max_async") or MAX_ASYNC
         if max_pending is _Default.TOKEN:
             max_pending = None if store is None and transport is None else DURABLE_MAX_PENDING
         records = Records(status_retention)
@@ -163,6 +174,8 @@ class EventBus:
         self._backend = self._choose_backend(records, observer)
         retries: RetryQueue[RetryJob] = RetryQueue(clock, self._retry_due)
         self._retries = retries
+        self._name = name
+        self._offload = Offload(name)
         self._pipeline = Pipeline(
             registry=self._registry,
             records=records,
@@ -174,6 +187,9 @@ class EventBus:
             retries=retries,
             policy=retry if retry is not None else RetryPolicy(),
             guard=self._guard,
+            offload=self._offload,
+            max_async=max_async,
+            name=name,
         )
         self._recovery: StoreRecovery | None = None
         if store is not None:
@@ -223,18 +239,22 @@ class EventBus:
     ) -> Callable[[HandlerT], HandlerT]:
         """Decorator: subscribe the function to *event* and return it unchanged.
 
-        *event* is a name (``"order:created"``), a pattern (``"order:*"``, ``"**"``) or an event
-        class. Raises at decoration time: ``InvalidEventNameError`` (``ValueError``) for a
-        malformed name or pattern, ``InvalidEventError`` (``TypeError``) for anything else,
-        ``InvalidHandlerError`` (``TypeError``) for a handler that cannot take one event,
-        ``DuplicateHandlerError`` (``ValueError``) for a name clash.
+        A plain function runs on a worker thread; an ``async def`` one is awaited on the
+        bus's event loop (see :meth:`astart`). *event* is a name (``"order:created"``), a
+        pattern (``"order:*"``, ``"**"``) or an event class. Raises at decoration time:
+        ``InvalidEventNameError`` (``ValueError``) for a malformed name or pattern,
+        ``InvalidEventError`` (``TypeError``) for anything else, ``InvalidHandlerError``
+        (``TypeError``) for a handler that cannot take one event or is an async generator
+        function, ``DuplicateHandlerError`` (``ValueError``) for a name clash.
         """
         target = check_target(event)
         _check_options(retry, priority, name)
 
         def decorator(handler: HandlerT) -> HandlerT:
-            check_handler(handler)
-            self._registry.add(target, handler, name=name, priority=priority, retry=retry)
+            is_async = check_handler(handler)
+            self._registry.add(
+                target, handler, name=name, priority=priority, retry=retry, is_async=is_async
+            )
             if isinstance(target, type):
                 self._register_type(target)
             return handler
@@ -312,6 +332,19 @@ class EventBus:
         ``block_timeout`` runs out, and ``TransportError`` when the transport cannot be
         reached. In every error case nothing was queued or stored.
         """
+        emitted, cls = self._prepare(event, payload, metadata, key)
+        transport = self._transport
+        if transport is not None:
+            return self._publish(transport, emitted, key)
+        admission = self._admission
+        # On a thread running an event loop, a full bus raises rather than block the loop.
+        block = admission.max_pending is None or asyncio._get_running_loop() is None
+        return self._pipeline.accept(emitted, cls, key, block=block)
+
+    def _prepare(
+        self, event: object, payload: Any, metadata: Mapping[str, str] | None, key: str | None
+    ) -> tuple[Event, type[Any] | None]:
+        """emit()'s checks, and the event it emits (with its class, for a typed event)."""
         if self._admission.closed:
             raise BusClosedError("emit() after close(): this bus accepts no more events")
         if event.__class__ is str:
@@ -321,11 +354,7 @@ class EventBus:
             name, cls, payload = _resolve_typed(event, payload)
         if key is not None:
             _check_key(key)
-        emitted = make_event(name, payload, freeze_metadata(metadata))
-        transport = self._transport
-        if transport is not None:
-            return self._publish(transport, emitted, key)
-        return self._pipeline.accept(emitted, cls, key)
+        return make_event(name, payload, freeze_metadata(metadata)), cls
 
     def _publish(self, transport: Transport, event: Event, key: str | None) -> Event:
         """emit() with a transport: hand the event over; the buses consuming it deliver it."""
@@ -345,9 +374,11 @@ class EventBus:
         of events emitted meanwhile (by handlers, too), and, with a store, until their outcomes
         are committed. Returns ``False`` if *timeout* seconds passed first. Raises
         ``DrainInHandlerError`` when called from a handler, where it would wait for itself."""
-        if self._guard.active:
-            raise DrainInHandlerError("drain() inside a handler would wait for itself forever")
-        drained = self._admission.wait_idle(timeout)
+        self._check_may_wait("drain", "adrain")
+        return self._drain(timeout)
+
+    def _drain(self, timeout: float | None, stop: threading.Event | None = None) -> bool:
+        drained = self._admission.wait_idle(timeout, stop)
         if drained and self._store is not None:
             self._store.flush()  # so the store, read from anywhere, says what drain() saw
         return drained
@@ -488,14 +519,28 @@ class EventBus:
         for :meth:`recover` to pick up (with a transport, in the stream for another consumer).
         A ``bus.closed`` record says how many of each. Handlers still running after a timeout
         finish on their own and are recorded as usual (with a store, a handler still running
-        when the store closes is run again after recovery). The store is closed last.
-        Idempotent. Raises ``DrainInHandlerError`` when called from a handler or a signal
-        receiver.
+        when the store closes is run again after recovery); ``async def`` handlers still
+        running then are cancelled and settled as abandoned like deliveries never started.
+        The store is closed last. Idempotent. Raises ``DrainInHandlerError`` when called from
+        a handler or a signal receiver, and ``EventLoopError`` on the event loop the bus is
+        bound to (``await bus.aclose()`` there).
         """
-        if self._guard.active:
+        self._check_may_wait("close", "aclose")
+        self._close(timeout)
+
+    def _check_may_wait(self, method: str, twin: str) -> None:
+        if self._guard.inside():
             raise DrainInHandlerError(
-                "close() inside a handler would wait for itself forever; close from outside"
+                f"{method}() inside a handler would wait for itself forever; call it from "
+                "outside the bus's handlers"
             )
+        if self._pipeline.loops.bound_to(asyncio._get_running_loop()):
+            raise EventLoopError(
+                f"{method}() would block the event loop this bus's async handlers run on: "
+                f"`await bus.{twin}(...)` instead"
+            )
+
+    def _close(self, timeout: float | None) -> None:
         if not self._admission.close():
             return
         _open_buses.discard(self)
@@ -512,7 +557,11 @@ class EventBus:
         pipeline = self._pipeline
         waiting = pipeline.stop()
         not_started = [job_delivery(job) for job in self._executor.shutdown(remaining(deadline))]
+        # Async deliveries still running now are past the deadline: cancelled, each settles
+        # itself as abandoned (a thread cannot be stopped; a task can).
+        not_started += [job_delivery(job) for job in pipeline.loops.shutdown()]
         pipeline.abandon(waiting + not_started, None)
+        self._offload.shutdown()  # commits of async deliveries end before the store closes
         still_running = self._admission.active
         self._backend.close()
         left = None if self._store is None else pipeline.left_behind
@@ -532,6 +581,103 @@ class EventBus:
 
     def __enter__(self) -> Self:
         return self
+
+    # -- asyncio -----------------------------------------------------------------------------
+
+    async def astart(self) -> None:
+        """Bind the bus to the running event loop: ``async def`` handlers of events emitted
+        from now on run there, as tasks. Without it they run on a loop of the bus's own, on a
+        thread it starts when first needed and stops in :meth:`close`. ``async with bus:``
+        calls this on entry and :meth:`aclose` on exit.
+
+        Idempotent on the same loop. Raises ``BusClosedError`` after close and
+        ``EventLoopError`` if the bus is bound to another loop that still runs. With a
+        transport, consuming it is still :meth:`start`'s job (``await
+        asyncio.to_thread(bus.start)``, as it talks to the server).
+        """
+        if self._admission.closed:
+            raise BusClosedError("astart() after close()")
+        self._pipeline.loops.bind(asyncio.get_running_loop())
+
+    async def aemit(
+        self,
+        event: object,
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key: str | None = None,
+    ) -> Event:
+        """:meth:`emit` for coroutines: never blocks the event loop. Same arguments, result
+        and errors.
+
+        A full bus (``max_pending``) is awaited, for at most ``block_timeout`` seconds, not
+        blocked on; with a store or a transport, the commit or publish runs on a thread. On
+        an inline bus (:func:`eventbus.testing.inline_bus`) it returns once the event's
+        deliveries ran, async ones included (those waiting for a retry excepted). Cancelling
+        it while it waits for room emits nothing.
+        """
+        emitted, cls = self._prepare(event, payload, metadata, key)
+        durable = self._store is not None or self._transport is not None
+        deadline = _deadline(self._admission.block_timeout)
+        while True:
+            try:
+                if durable:
+                    result = await self._offload.run(self._accept, emitted, cls, key)
+                else:
+                    result = self._accept(emitted, cls, key)
+                break
+            except QueueFullError:
+                left = remaining(deadline)
+                count = len(self._registry.resolve(emitted.name, cls))
+                room = left != 0 and await in_thread(
+                    self._admission.wait_room, count, left, name=f"{self._name}-aemit"
+                )
+                if not room:
+                    raise
+        pipeline = self._pipeline
+        if pipeline.waits_inline and not self._guard.inside():
+            await pipeline.loops.idle()
+        return result
+
+    def _accept(self, event: Event, cls: type[Any] | None, key: str | None) -> Event:
+        """emit() past its checks, never waiting for room (QueueFullError instead)."""
+        transport = self._transport
+        if transport is not None:
+            return self._publish(transport, event, key)
+        return self._pipeline.accept(event, cls, key, block=False)
+
+    async def adrain(self, timeout: float | None = None) -> bool:
+        """:meth:`drain` for coroutines: awaits, without blocking the event loop, until no
+        delivery (thread or async) is queued, running or waiting for a retry. Returns
+        ``False`` if *timeout* seconds passed first. Raises ``DrainInHandlerError`` from
+        inside a handler."""
+        if self._guard.inside():
+            raise DrainInHandlerError("adrain() inside a handler would wait for itself forever")
+        stop = threading.Event()
+        try:
+            return await in_thread(self._drain, timeout, stop, name=f"{self._name}-drain")
+        finally:
+            stop.set()  # cancelled: the waiting thread gives up at its next look
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """:meth:`close` for coroutines: awaits, without blocking the event loop, what
+        :meth:`close` waits for. Same timeout and outcomes. Raises ``DrainInHandlerError``
+        from inside a handler."""
+        if self._guard.inside():
+            raise DrainInHandlerError("aclose() inside a handler would wait for itself forever")
+        await in_thread(self._close, timeout, name=f"{self._name}-close")
+
+    async def __aenter__(self) -> Self:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
     def __exit__(
         self,
@@ -559,6 +705,10 @@ def _resolve_typed(event: object, payload: Any) -> tuple[str, type[Any] | None, 
     if isinstance(event, type) or cls.__module__ == "builtins":
         raise InvalidEventError(f"emit() takes an event name or an event instance, got {event!r}")
     return event_name_of(cls), cls, event
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def _takes_reporter(method: Callable[..., object], before: int) -> bool:

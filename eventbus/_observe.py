@@ -10,6 +10,7 @@ block on a full bus. Signal arguments are built only when a signal has receivers
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any
 
@@ -22,9 +23,28 @@ __all__ = ["InDelivery", "Observer"]
 
 class InDelivery(threading.local):
     """Per thread: whether it is running one of this bus's deliveries or a receiver of one.
-    A class attribute for the default, so reading it on a new thread costs no exception."""
+    A class attribute for the default, so reading it on a new thread costs no exception.
+
+    An async delivery cannot use a per-thread flag (other tasks run on the loop's thread
+    between its awaits), so it marks its own task's context instead (:meth:`enter_task`);
+    :meth:`inside` asks both.
+    """
 
     active: bool = False
+
+    def inside(self) -> bool:
+        """Whether the caller is one of this bus's deliveries (thread or task) or receivers."""
+        return self.active or _ASYNC_DELIVERY.get() is self
+
+    def enter_task(self) -> None:
+        """Mark the running task (its own context) as one of this bus's deliveries."""
+        _ASYNC_DELIVERY.set(self)
+
+
+#: The bus (its guard) whose async delivery the current task runs, if any.
+_ASYNC_DELIVERY: contextvars.ContextVar[InDelivery | None] = contextvars.ContextVar(
+    "eventbus_async_delivery", default=None
+)
 
 
 class Observer:

@@ -10,6 +10,7 @@ receiver runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import time
@@ -18,8 +19,10 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from eventbus._clock import SystemClock
-from eventbus._dispatch import Job, WorkerPool
+from eventbus._dispatch import InlineExecutor, Job, WorkerPool
 from eventbus._event import DeadLetter, DeadLetterReason, Delivery, Event, new_id
+from eventbus._loop import MAX_ASYNC, EventLoops
+from eventbus._offload import Offload
 from eventbus._outcomes import format_error
 from eventbus._records import (
     ATTEMPT,
@@ -33,13 +36,13 @@ from eventbus._records import (
     RetryJob,
 )
 from eventbus._routing import GiveUp, route
-from eventbus._runner import run_attempt
+from eventbus._runner import arun_attempt, run_attempt
 from eventbus.signals import handler_succeeded as _succeeded_signal
 
 if TYPE_CHECKING:
     from eventbus._admission import Admission
     from eventbus._backends import Backend
-    from eventbus._observe import Observer
+    from eventbus._observe import InDelivery, Observer
     from eventbus._records import Records
     from eventbus._registry import Registry, Subscription
     from eventbus._retry_queue import RetryQueue
@@ -79,7 +82,10 @@ class Pipeline:
         clock: Clock,
         retries: RetryQueue[RetryJob],
         policy: RetryPolicy,
-        guard: threading.local,
+        guard: InDelivery,
+        offload: Offload | None = None,
+        max_async: int = MAX_ASYNC,
+        name: str = "eventbus",
     ) -> None:
         self.registry = registry
         self.records = records
@@ -91,6 +97,16 @@ class Pipeline:
         self.retries = retries
         self.policy = policy
         self.guard = guard
+        self.offload = offload if offload is not None else Offload(name)
+        #: Where ``async def`` handlers run (see :mod:`eventbus._loop`).
+        self.loops = EventLoops(
+            name=name,
+            limit=max_async,
+            run=self.arun,
+            cancelled=self.cancelled,
+            on_error=lambda exc: observer.log.internal_error("event loop", exc),
+        )
+        self._inline = isinstance(executor, InlineExecutor)
         self._lock = threading.Lock()  # stopped, and the hand-over to the retry queue
         self.stopped = False  # no more retries: every new failure is a final one
         self.abandoned = 0  # dead letters made because the bus stopped
@@ -110,17 +126,23 @@ class Pipeline:
 
     # -- taking events in ------------------------------------------------------------------
 
-    def accept(self, event: Event, cls: type[Any] | None, key: str | None) -> Event:
+    def accept(
+        self, event: Event, cls: type[Any] | None, key: str | None, *, block: bool = True
+    ) -> Event:
         """Admit *event* and queue its deliveries; return it (or, for an idempotency *key*
-        already used, the first event emitted under it, having admitted nothing)."""
+        already used, the first event emitted under it, having admitted nothing).
+
+        A full bus is waited on when *block* is true; otherwise it raises ``QueueFullError``
+        at once. An emit from one of this bus's deliveries never waits (it might be waiting
+        for itself) and may pass the bound."""
         dispatch = self._dispatch(event, cls, key=key)
         count = dispatch.total
-        in_handler = self.guard.active
         local_key = key is not None and self.backend.keeps_keys_in_memory
         try:
             self.admission.admit(
                 count,
-                wait=not in_handler,
+                wait=not self.guard.inside(),
+                block=block,
                 check=(lambda: self._claim_key(dispatch)) if local_key else None,
             )
         except _KeyTaken as taken:
@@ -162,7 +184,40 @@ class Pipeline:
         """Report an admitted event and queue one job per delivery."""
         count = dispatch.total
         self.observer.emitted(dispatch.event, count, verbose=dispatch.verbose)
-        self._submit_copies(dispatch, count)
+        if self.registry.has_async and any(sub.is_async for sub in dispatch.subs):
+            self._queue_mixed(dispatch)
+        else:
+            self._submit_copies(dispatch, count)
+
+    def _queue_mixed(self, dispatch: Dispatch) -> None:
+        # One job per delivery (a dispatch's shared cursor cannot tell the pool's deliveries
+        # from the loop's), each to where it runs, in start order.
+        for index in range(dispatch.total):
+            self.submit(RetryJob(dispatch, index))
+        if self._inline and not self.guard.inside():
+            self._settle_inline()
+
+    @property
+    def waits_inline(self) -> bool:
+        """Whether an emit waits for its async deliveries (an inline executor's promise)."""
+        return self._inline and self.registry.has_async
+
+    def _settle_inline(self) -> None:
+        """With an inline executor, an emit returns once its deliveries ran: wait for the
+        async ones too, unless that would block the loop they run on (then the caller awaits
+        ``adrain()``)."""
+        runner = self.loops.runner()
+        if asyncio._get_running_loop() is not None:
+            return
+        asyncio.run_coroutine_threadsafe(runner.idle(), runner.loop).result()
+
+    def submit(self, job: RetryJob) -> None:
+        """Queue one delivery where its handler runs: the event loop for an ``async def``
+        handler, the executor for the others."""
+        if job.dispatch.subs[job.index].is_async:
+            self.loops.submit(job)
+        else:
+            self.executor.submit(job)
 
     def _submit_each(self, job: Job, copies: int) -> None:
         submit = self.executor.submit
@@ -225,18 +280,14 @@ class Pipeline:
         thread inside the delivery's context (so the emitter's structlog bindings, a request
         id, are on the bus's own records too).
 
-        The success path is written out in one function on purpose: it runs once per
+        Written out in one function with :meth:`_finish` on purpose: it runs once per
         delivery, and each call it saves is a measurable share of dispatch cost.
         """
         progress = dispatch.progress
         value = progress[index] + ATTEMPT
         progress[index] = value - (value & STATE_MASK) + RUNNING
-        attempts = value // ATTEMPT
         sub = dispatch.subs[index]
-        event = dispatch.event
-        verbose = dispatch.verbose
-        clock = self.clock
-        started = clock.monotonic() if verbose else 0.0
+        started = self.clock.monotonic() if dispatch.verbose else 0.0
         guard = self.guard
         # Held for the handler and for the outcome's signal receivers after it: both run
         # while this delivery counts as pending.
@@ -245,31 +296,111 @@ class Pipeline:
         try:
             error: BaseException | None
             if self._records_attempts:
-                try:  # committed first: a crash in the handler counts as an attempt
-                    self.backend.started(event.id, sub.name, attempts)
-                except BaseException as exc:  # noqa: BLE001 - the attempt fails, nothing escapes
-                    error = exc
-                else:
-                    error = run_attempt(sub.handler, event)
+                error = self._record_start(dispatch.event, sub.name, value // ATTEMPT)
+                if error is None:
+                    error = run_attempt(sub.handler, dispatch.event)
             else:
-                error = run_attempt(sub.handler, event)
-            if error is not None:
-                self._failed(dispatch, index, sub, attempts, error)
-                return
-            if self._records_attempts:
-                self.backend.succeeded(event.id, sub.name)
-            # Reported before it settles, so that once drain() returns every outcome record
-            # has been written and every receiver has run.
-            if verbose or _succeeded_signal.receivers:
-                duration = clock.monotonic() - started if verbose else None
-                self.observer.succeeded(event, sub.name, attempts, dispatch.error(index), duration)
-            progress[index] = value - (value & STATE_MASK) + SUCCEEDED
-            count = next(dispatch.settled)
-            if count >= dispatch.total:
-                self._last_settled(dispatch, count)
-            self.admission.settled()
+                error = run_attempt(sub.handler, dispatch.event)
+            self._finish(dispatch, index, value, started, error)
         finally:
             guard.active = outer
+
+    async def arun(self, dispatch: Dispatch, index: int) -> None:
+        """The async twin of :meth:`run`, for an ``async def`` handler: the body of the
+        delivery's own task on the bus's event loop, in the delivery's context.
+
+        Store commits run on the offload threads, never on the loop. Cancelling the task
+        (close() past its timeout, the loop shutting down) settles the delivery as abandoned:
+        a dead letter, or left unfinished in the store or stream.
+        """
+        self.guard.enter_task()  # this task's context: emit/drain/close know who calls
+        progress = dispatch.progress
+        value = progress[index] + ATTEMPT
+        progress[index] = value - (value & STATE_MASK) + RUNNING
+        sub = dispatch.subs[index]
+        event = dispatch.event
+        started = self.clock.monotonic() if dispatch.verbose else 0.0
+        try:
+            error: BaseException | None
+            if self._records_attempts:
+                error = await self.offload.run(
+                    self._record_start, event, sub.name, value // ATTEMPT
+                )
+                if error is None:
+                    error = await arun_attempt(sub.handler, event)
+            else:
+                error = await arun_attempt(sub.handler, event)
+        except asyncio.CancelledError:
+            self.cancelled(dispatch, index)
+            raise
+        if self._records_attempts:
+            # Shielded: if the task is cancelled now, the commit and the outcome still end.
+            await asyncio.shield(
+                self.offload.run(self._finish_guarded, dispatch, index, value, started, error)
+            )
+        else:
+            self._finish_guarded(dispatch, index, value, started, error)
+
+    def _record_start(self, event: Event, handler: str, attempts: int) -> BaseException | None:
+        try:  # committed first: a crash in the handler counts as an attempt
+            self.backend.started(event.id, handler, attempts)
+        except BaseException as exc:  # noqa: BLE001 - the attempt fails, nothing escapes
+            return exc
+        return None
+
+    def _finish_guarded(
+        self,
+        dispatch: Dispatch,
+        index: int,
+        value: int,
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        guard = self.guard
+        outer = guard.active
+        guard.active = True  # signal receivers run with the delivery still pending
+        try:
+            self._finish(dispatch, index, value, started, error)
+        finally:
+            guard.active = outer
+
+    def _finish(
+        self,
+        dispatch: Dispatch,
+        index: int,
+        value: int,
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        """An attempt ended (*value*: its progress when it began, *error*: what it raised)."""
+        sub = dispatch.subs[index]
+        attempts = value // ATTEMPT
+        if error is not None:
+            self._failed(dispatch, index, sub, attempts, error)
+            return
+        event = dispatch.event
+        if self._records_attempts:
+            self.backend.succeeded(event.id, sub.name)
+        # Reported before it settles, so that once drain() returns every outcome record
+        # has been written and every receiver has run.
+        verbose = dispatch.verbose
+        if verbose or _succeeded_signal.receivers:
+            duration = self.clock.monotonic() - started if verbose else None
+            self.observer.succeeded(event, sub.name, attempts, dispatch.error(index), duration)
+        dispatch.progress[index] = value - (value & STATE_MASK) + SUCCEEDED
+        count = next(dispatch.settled)
+        if count >= dispatch.total:
+            self._last_settled(dispatch, count)
+        self.admission.settled()
+
+    def cancelled(self, dispatch: Dispatch, index: int) -> None:
+        """An async delivery's task was cancelled by the bus or its loop's shutdown, during
+        its attempt or before it began: settle it as abandoned."""
+        extra = dispatch.extra(index)
+        began = dispatch.progress[index] & STATE_MASK == RUNNING
+        why = "the bus closed" if self.stopped else "its event loop stopped"
+        extra.error = f"cancelled {'while running' if began else 'before it ran'}: {why}"
+        self.abandon([(dispatch, index)], None)
 
     def _failed(
         self,
@@ -337,7 +468,7 @@ class Pipeline:
             if not stopped:
                 dispatch.set_state(index, PENDING)
                 # Under the lock that stop() takes: once stopped, the pool is shut down.
-                self.executor.submit(RetryJob(dispatch, index))
+                self.submit(RetryJob(dispatch, index))
         if stopped:
             self.abandon([(dispatch, index)], _traceback(error))
 
@@ -352,12 +483,12 @@ class Pipeline:
         if stopped:
             self.abandon([(job.dispatch, job.index)], None)
         else:
-            self.executor.submit(job)
+            self.submit(job)
 
     def queue(self, dispatch: Dispatch, index: int, delay: float = 0.0) -> None:
         """Queue an adopted delivery now, or after *delay* seconds of backoff."""
         if delay <= 0:
-            self.executor.submit(RetryJob(dispatch, index))
+            self.submit(RetryJob(dispatch, index))
             return
         self._schedule(dispatch, index, delay, None)  # False: recovery raced close()
 

@@ -37,6 +37,8 @@ class Subscription:
     priority: int
     retry: RetryPolicy | None
     order: int
+    #: An ``async def`` handler: its deliveries run as tasks on the bus's event loop.
+    is_async: bool = False
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -59,21 +61,23 @@ def event_name_of(cls: type[Any]) -> str:
     return validate_name(cls.__name__ if name is None else name)
 
 
-def check_handler(handler: object) -> None:
-    """Raise ``InvalidHandlerError`` unless *handler* can be called with one event."""
+def check_handler(handler: object) -> bool:
+    """Raise ``InvalidHandlerError`` unless *handler* can be called with one event; return
+    whether it is a coroutine function (awaited on the bus's loop) rather than a plain one."""
     if not callable(handler):
         raise InvalidHandlerError(f"handler must be callable, got {type(handler).__name__}")
-    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)  # noqa: B004 - a callable object's own method
-    ):
+    call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's own method
+    if inspect.isasyncgenfunction(handler) or inspect.isasyncgenfunction(call):
         raise InvalidHandlerError(
-            f"{handler_name(handler)} is a coroutine function; eventbus runs handlers on threads "
-            "and would never await it"
+            f"{handler_name(handler)} is an async generator function: a handler is a plain "
+            "function or an `async def` coroutine function, and nothing would consume what "
+            "it yields"
         )
+    is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):  # some builtins have no signature: trust them
-        return
+        return is_async
     try:
         signature.bind(None)
     except TypeError as exc:
@@ -81,6 +85,7 @@ def check_handler(handler: object) -> None:
             f"{handler_name(handler)} must accept exactly one positional argument (the Event): "
             f"{exc}"
         ) from None
+    return is_async
 
 
 def check_target(event: object) -> Pattern | type[Any]:
@@ -104,6 +109,9 @@ class Registry:
         self._by_name: dict[str, Handler] = {}
         self._order = 0
         self._cache: dict[tuple[str, type[Any] | None], tuple[Subscription, ...]] = {}
+        #: Whether an ``async def`` handler was ever subscribed (until then, no event needs
+        #: its deliveries sorted between the worker pool and the event loop).
+        self.has_async = False
 
     def add(
         self,
@@ -113,6 +121,7 @@ class Registry:
         name: str | None,
         priority: int,
         retry: RetryPolicy | None,
+        is_async: bool = False,
     ) -> Subscription:
         """Subscribe *handler*; raise ``DuplicateHandlerError`` on a name or target clash."""
         name = handler_name(handler) if name is None else name
@@ -134,7 +143,8 @@ class Registry:
                         f"{name!r} is already subscribed to {_describe(target)}"
                     )
             self._order += 1
-            sub = Subscription(handler, name, target, priority, retry, self._order)
+            sub = Subscription(handler, name, target, priority, retry, self._order, is_async)
+            self.has_async = self.has_async or is_async
             self._subscriptions.append(sub)
             self._by_name[name] = handler
             self._cache = {}

@@ -14,6 +14,7 @@ __all__ = [
     "DuplicateHandlerError",
     "DuplicateInFlightError",
     "EventBusError",
+    "EventLoopError",
     "InvalidEventError",
     "InvalidEventNameError",
     "InvalidHandlerError",
@@ -68,6 +69,12 @@ class DuplicateInFlightError(EventBusError, RuntimeError):
 class DrainInHandlerError(EventBusError, RuntimeError):
     """``drain()`` or ``close()`` was called from inside a handler, where it would wait for
     itself forever."""
+
+
+class EventLoopError(EventBusError, RuntimeError):
+    """A call would block the event loop the bus's async handlers run on (``drain()`` or
+    ``close()`` there: await ``adrain()`` or ``aclose()``), or would bind the bus to a second
+    running loop."""
 
 
 class CodecError(EventBusError, ValueError):

@@ -289,30 +289,6 @@ def test_non_callable_handler_is_rejected(inline):
     assert isinstance(info.value, TypeError)
 
 
-def test_coroutine_function_handler_is_rejected(inline):
-    """An ``async def`` handler, which a thread would never await, raises a TypeError."""
-    bus, _ = inline
-
-    async def handler(event: Event) -> None:
-        pass
-
-    with pytest.raises(InvalidHandlerError) as info:
-        bus.subscribe("order:created", handler)
-    assert isinstance(info.value, TypeError)
-
-
-def test_callable_object_with_async_call_is_rejected(inline):
-    """An object whose ``__call__`` is a coroutine function is rejected like an async def."""
-    bus, _ = inline
-
-    class AsyncHandler:
-        async def __call__(self, event: Event) -> None:
-            pass
-
-    with pytest.raises(TypeError):
-        bus.subscribe("order:created", AsyncHandler())
-
-
 def no_args() -> None:
     pass
 

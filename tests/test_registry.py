@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -485,25 +485,44 @@ def test_check_handler_rejects_non_callables(handler: object) -> None:
     assert isinstance(info.value, TypeError)
 
 
-def test_check_handler_rejects_coroutine_functions() -> None:
-    """An async def handler is rejected: it would never be awaited."""
+def test_check_handler_tells_coroutine_functions_from_plain_ones() -> None:
+    """An async def handler is accepted and reported as async; a plain one as not."""
 
     async def handler(event: Event) -> None:
         pass
 
-    with pytest.raises(InvalidHandlerError, match="coroutine function"):
-        check_handler(handler)
+    def plain(event: Event) -> None:
+        pass
+
+    assert check_handler(handler) is True
+    assert check_handler(functools.partial(handler)) is True
+    assert check_handler(plain) is False
 
 
-def test_check_handler_rejects_async_callable_objects() -> None:
-    """An object whose __call__ is async is rejected too."""
+def test_check_handler_reports_async_callable_objects_as_async() -> None:
+    """An object whose __call__ is async is an async handler too."""
 
     class AsyncHandler:
         async def __call__(self, event: Event) -> None:
             pass
 
-    with pytest.raises(InvalidHandlerError, match="coroutine function"):
-        check_handler(AsyncHandler())
+    assert check_handler(AsyncHandler()) is True
+
+
+def test_check_handler_rejects_async_generator_functions() -> None:
+    """An async generator function (nothing would consume what it yields) is rejected."""
+
+    async def handler(event: Event) -> AsyncIterator[None]:
+        yield
+
+    class AsyncGenHandler:
+        async def __call__(self, event: Event) -> AsyncIterator[None]:
+            yield
+
+    for rejected in (handler, AsyncGenHandler()):
+        with pytest.raises(InvalidHandlerError, match="async generator function") as info:
+            check_handler(rejected)
+        assert isinstance(info.value, TypeError)
 
 
 def test_check_handler_rejects_zero_argument_functions() -> None:
