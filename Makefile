@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test servers lint types unit unit-fast example bench clean
+.PHONY: test servers lint types unit unit-fast example example-fastapi bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ unit-fast: $(VENV)/.dev
 ## The order-service demo: creates orders, ships some, drains, prints a summary.
 example: $(VENV)/.dev
 	$(BIN)/python -m examples.order_service demo
+
+## The asyncio example: a FastAPI service on http://127.0.0.1:8000 (Ctrl-C stops it).
+example-fastapi: $(VENV)/.dev
+	$(BIN)/python -m examples.fastapi_orders
 
 ## Benchmarks against blinker, pyee and raw thread pools, in one run.
 bench: $(VENV)/.dev
