@@ -14,6 +14,7 @@ from bench._harness import FULL, QUICK, Row, Section, Sizes, configure_structlog
 def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
     """Every scenario, in the order of the report."""
     from bench import (
+        asyncio_dispatch,
         dispatch,
         durable,
         latency,
@@ -30,6 +31,9 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         ("emit() latency", latency.emit_latency),
         ("emit cost vs subscriptions", subscriptions.subscription_growth),
         ("inline mode", dispatch.inline),
+        ("asyncio: 1,000 sleeping handlers", asyncio_dispatch.sleepers),
+        ("asyncio dispatch, 4 handlers", asyncio_dispatch.async_dispatch),
+        ("aemit() latency", asyncio_dispatch.aemit_latency),
         ("retry storm", retry_storm.retry_storm),
         ("durable (SQLite)", durable.durable),
         ("multi-process (Redis)", redis_streams.multi_process),

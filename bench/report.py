@@ -17,7 +17,7 @@ from typing import Any
 
 from bench._harness import STRUCTLOG_SETUP, Row
 
-PACKAGES = ("eventbus", "pyee", "blinker", "structlog", "tenacity")
+PACKAGES = ("eventbus", "pyee", "bubus", "blinker", "structlog", "tenacity")
 
 
 def machine() -> dict[str, Any]:

@@ -653,6 +653,8 @@ class EventBus:
         inside a handler."""
         if self._guard.inside():
             raise DrainInHandlerError("adrain() inside a handler would wait for itself forever")
+        if self._store is None and self._admission.wait_idle(0):
+            return True  # idle already: no thread to start (a store would want its flush)
         stop = threading.Event()
         try:
             return await in_thread(self._drain, timeout, stop, name=f"{self._name}-drain")
