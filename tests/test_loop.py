@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+
 import pytest
 
 from eventbus._event import Event
