@@ -20,6 +20,7 @@ __all__ = [
     "Executor",
     "Handler",
     "HandlerT",
+    "RateLimiter",
     "Reporter",
     "Store",
     "Transport",
@@ -65,6 +66,16 @@ class Clock(Protocol):
     def close(self) -> None:
         """Stop the clock's timer: once this returns, no callback runs or ever will (callbacks
         scheduled afterwards are accepted and never called; their owner collects them)."""
+
+
+class RateLimiter(Protocol):
+    """A token bucket for one handler's ``rate_limit``: local to a bus, or shared by every
+    consumer of a transport's group (``Transport.rate_limiter``). Thread-safe."""
+
+    def acquire(self) -> float:
+        """Take one token and return ``0.0``; or, if there is none, take nothing and return
+        the seconds until the next one. May raise (a shared limiter's server is down): the
+        bus then reports it and asks again a second later."""
 
 
 class Reporter(Protocol):
