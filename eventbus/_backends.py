@@ -14,6 +14,7 @@ rather than through attributes the bus overwrites.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,10 +40,10 @@ class Backend(Protocol):
     #: become ``"abandoned"`` dead letters).
     leaves_unfinished: bool
 
-    def add(self, dispatch: Dispatch, key: str | None) -> Event | None:
-        """Keep a newly admitted event beyond memory; or return the event already kept under
-        *key*, keeping nothing. Raises (``TypeError``, ``PayloadTooLargeError``) having kept
-        nothing."""
+    def add(self, dispatch: Dispatch, key: str | None, due_at: float | None = None) -> Event | None:
+        """Keep a newly admitted event beyond memory (its deliveries to start at wall-clock
+        *due_at*, if given); or return the event already kept under *key*, keeping nothing.
+        Raises (``TypeError``, ``PayloadTooLargeError``) having kept nothing."""
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
         """Attempt *attempts* starts now. May raise: the attempt then fails."""
@@ -80,7 +81,7 @@ class LocalBackend:
     def __init__(self, records: Records) -> None:
         self._records = records
 
-    def add(self, dispatch: Dispatch, key: str | None) -> Event | None:
+    def add(self, dispatch: Dispatch, key: str | None, due_at: float | None = None) -> Event | None:
         return None  # the records (in memory) are all there is
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
@@ -126,6 +127,12 @@ class DurableBackend:
     def __init__(self, store: Store, observer: Observer) -> None:
         self.store = store
         self._observer = observer
+        # Whether the store keeps a delayed event's start time itself (stores written before
+        # emit(delay=) do not take due_at).
+        try:
+            self._delays = "due_at" in inspect.signature(store.add).parameters
+        except (TypeError, ValueError):
+            self._delays = True
 
     def _persist(self, write: Callable[..., object], *args: Any) -> None:
         # A write after the fact (a success, a failure): if it fails, the delivery's
@@ -136,9 +143,18 @@ class DurableBackend:
         except Exception as exc:  # noqa: BLE001 - reported, and the delivery goes on
             self._observer.log.internal_error("store", exc)
 
-    def add(self, dispatch: Dispatch, key: str | None) -> Event | None:
+    def add(self, dispatch: Dispatch, key: str | None, due_at: float | None = None) -> Event | None:
         names = [sub.name for sub in dispatch.subs]
-        return self.store.add(dispatch.event, names, key)
+        if due_at is None:
+            return self.store.add(dispatch.event, names, key)
+        if self._delays:
+            return self.store.add(dispatch.event, names, key, due_at=due_at)
+        # A store written before delays: the event, then each delivery as due later.
+        first = self.store.add(dispatch.event, names, key)
+        if first is None:
+            for name in names:
+                self.store.retrying(dispatch.event.id, name, 0, "", due_at)
+        return first
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
         self.store.started(event_id, handler, attempts)

@@ -16,7 +16,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from datetime import timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any, Literal, Self, overload
@@ -32,9 +33,16 @@ from eventbus._observe import InDelivery, Observer
 from eventbus._offload import Offload, in_thread
 from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder
 from eventbus._pipeline import Pipeline, job_delivery
+from eventbus._policies import Policy, check_delay, check_seconds, make_policy
 from eventbus._records import Records, RetryJob
 from eventbus._recovery import StoreRecovery
-from eventbus._registry import Registry, check_handler, check_target, event_name_of
+from eventbus._registry import (
+    Registry,
+    check_handler,
+    check_target,
+    event_name_of,
+    handler_name,
+)
 from eventbus._retry_queue import RetryQueue
 from eventbus.exceptions import (
     BusClosedError,
@@ -91,6 +99,9 @@ class EventBus:
     * ``max_async``: how many deliveries to ``async def`` handlers run at once on the bus's
       event loop (default :data:`MAX_ASYNC`, 1,000); the others wait in line, so a burst of
       events never becomes a burst of tasks. See docs/asyncio.md for which loop that is.
+    * ``stall_warning``: seconds after which a still-running attempt is reported once
+      (``handler.stalled``, with its stack, and the ``handler_stalled`` signal), for handlers
+      that do not set their own; default ``None`` (never). See docs/policies.md.
     * ``retry``: the default :class:`RetryPolicy` for handlers that do not set their own.
     * ``executor``: where deliveries run, e.g. :class:`eventbus.testing.InlineExecutor`.
     * ``clock``: time source and timer for backoff, e.g. :class:`eventbus.testing.FakeClock`.
@@ -132,6 +143,7 @@ class EventBus:
         store: Store | None = None,
         transport: Transport | None = None,
         max_async: int = MAX_ASYNC,
+        stall_warning: float | None = None,
     ) -> None:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
@@ -144,6 +156,7 @@ class EventBus:
             # deliveries settled), so a store would be a second record of the same thing.
             raise TypeError("pass store or transport, not both")
         max_async = _check_bound(max_async, "max_async") or MAX_ASYNC
+        self._stall_warning = check_seconds(stall_warning, "stall_warning")
         if max_pending is _Default.TOKEN:
             max_pending = None if store is None and transport is None else DURABLE_MAX_PENDING
         records = Records(status_retention)
@@ -236,6 +249,11 @@ class EventBus:
         retry: RetryPolicy | None = None,
         priority: int = 0,
         name: str | None = None,
+        ordered_by: str | Callable[[Event], Hashable] | None = None,
+        concurrency: int | None = None,
+        rate_limit: str | None = None,
+        timeout: float | None = None,
+        stall_warning: float | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Decorator: subscribe the function to *event* and return it unchanged.
 
@@ -245,15 +263,41 @@ class EventBus:
         ``InvalidEventNameError`` (``ValueError``) for a malformed name or pattern,
         ``InvalidEventError`` (``TypeError``) for anything else, ``InvalidHandlerError``
         (``TypeError``) for a handler that cannot take one event or is an async generator
-        function, ``DuplicateHandlerError`` (``ValueError``) for a name clash.
+        function, ``DuplicateHandlerError`` (``ValueError``) for a name clash, and
+        ``TypeError``/``ValueError`` for a malformed delivery option.
+
+        Delivery options (docs/policies.md): ``ordered_by`` (a payload key or attribute
+        name, or a function of the event) runs deliveries of one key one at a time, in emit
+        order, retries included; ``concurrency`` bounds this handler's running attempts;
+        ``rate_limit`` (``"10/s"``, ``"100/m"``, ``"5/h"``) bounds how many start per period
+        (across every consumer of a transport's group, with a transport that shares limits);
+        ``timeout`` (seconds) fails an attempt that runs longer with ``HandlerTimeoutError``;
+        ``stall_warning`` (seconds) reports an attempt still running then. Deliveries that
+        wait for a key, a slot or a token hold no worker thread.
         """
         target = check_target(event)
         _check_options(retry, priority, name)
+        policy = make_policy(
+            ordered_by=ordered_by,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            timeout=timeout,
+            stall_warning=stall_warning if stall_warning is not None else self._stall_warning,
+        )
 
         def decorator(handler: HandlerT) -> HandlerT:
             is_async = check_handler(handler)
+            sub_name = handler_name(handler) if name is None else name
+            gate = None if policy is None else self._gate(policy, sub_name)
             self._registry.add(
-                target, handler, name=name, priority=priority, retry=retry, is_async=is_async
+                target,
+                handler,
+                name=sub_name,
+                priority=priority,
+                retry=retry,
+                is_async=is_async,
+                policy=policy,
+                gate=gate,
             )
             if isinstance(target, type):
                 self._register_type(target)
@@ -269,10 +313,37 @@ class EventBus:
         retry: RetryPolicy | None = None,
         priority: int = 0,
         name: str | None = None,
+        ordered_by: str | Callable[[Event], Hashable] | None = None,
+        concurrency: int | None = None,
+        rate_limit: str | None = None,
+        timeout: float | None = None,
+        stall_warning: float | None = None,
     ) -> HandlerT:
         """Subscribe *handler* to *event*; the non-decorator form of :meth:`on`, which see.
         Returns *handler*."""
-        return self.on(event, retry=retry, priority=priority, name=name)(handler)
+        return self.on(
+            event,
+            retry=retry,
+            priority=priority,
+            name=name,
+            ordered_by=ordered_by,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            timeout=timeout,
+            stall_warning=stall_warning,
+        )(handler)
+
+    def _gate(self, policy: Policy, name: str) -> Any:
+        """The gate of a subscription whose deliveries may have to wait; ``None`` for a
+        policy that only times attempts. A rate limit is shared through the transport when
+        it offers one (``rate_limiter``), so it holds across all of the group's consumers."""
+        if not policy.gated:
+            return None
+        limiter = None
+        shared = getattr(self._transport, "rate_limiter", None)
+        if policy.rate is not None and shared is not None:
+            limiter = shared(name, policy.rate.limit, policy.rate.period)
+        return self._pipeline.new_gate(policy, limiter)
 
     def off(self, handler: Handler | str) -> int:
         """Unsubscribe *handler* (a callable or a handler name) from everything; return how many
@@ -297,11 +368,17 @@ class EventBus:
         *,
         metadata: Mapping[str, str] | None = None,
         key: str | None = None,
+        delay: float | timedelta | None = None,
     ) -> Event: ...
 
     @overload
     def emit(
-        self, event: object, *, metadata: Mapping[str, str] | None = None, key: str | None = None
+        self,
+        event: object,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key: str | None = None,
+        delay: float | timedelta | None = None,
     ) -> Event: ...
 
     def emit(
@@ -311,6 +388,7 @@ class EventBus:
         *,
         metadata: Mapping[str, str] | None = None,
         key: str | None = None,
+        delay: float | timedelta | None = None,
     ) -> Event:
         """Publish an event and return it at once; handlers run later, on the executor.
 
@@ -323,23 +401,28 @@ class EventBus:
         retained (``status_retention``, or the store's retention), emitting again with the
         same key delivers nothing and returns that first event.
 
+        *delay* (seconds or a ``timedelta``) makes its deliveries start no earlier than that
+        from now; :meth:`status` shows them as ``"scheduled"`` meanwhile, and a store keeps
+        the time across a restart.
+
         Raises ``BusClosedError`` after :meth:`close`, ``InvalidEventNameError`` for a
         malformed name, ``InvalidEventError`` for a payload next to an event instance or for a
         plain value in place of an event, ``TypeError`` for non-string metadata, a non-string
         key or (with a store or transport) a payload that cannot be encoded,
         ``PayloadTooLargeError`` (a ``ValueError``) for one above the codec's size bound,
-        ``ValueError`` for an empty key, ``QueueFullError`` when ``max_pending`` is reached and
-        ``block_timeout`` runs out, and ``TransportError`` when the transport cannot be
-        reached. In every error case nothing was queued or stored.
+        ``ValueError`` for an empty key or a negative delay, ``QueueFullError`` when
+        ``max_pending`` is reached and ``block_timeout`` runs out, and ``TransportError`` when
+        the transport cannot be reached. In every error case nothing was queued or stored.
         """
         emitted, cls = self._prepare(event, payload, metadata, key)
+        seconds = 0.0 if delay is None else check_delay(delay)
         transport = self._transport
         if transport is not None:
-            return self._publish(transport, emitted, key)
+            return self._publish(transport, emitted, key, seconds)
         admission = self._admission
         # On a thread running an event loop, a full bus raises rather than block the loop.
         block = admission.max_pending is None or asyncio._get_running_loop() is None
-        return self._pipeline.accept(emitted, cls, key, block=block)
+        return self._pipeline.accept(emitted, cls, key, block=block, delay=seconds)
 
     def _prepare(
         self, event: object, payload: Any, metadata: Mapping[str, str] | None, key: str | None
@@ -356,14 +439,20 @@ class EventBus:
             _check_key(key)
         return make_event(name, payload, freeze_metadata(metadata)), cls
 
-    def _publish(self, transport: Transport, event: Event, key: str | None) -> Event:
+    def _publish(
+        self, transport: Transport, event: Event, key: str | None, delay: float = 0.0
+    ) -> Event:
         """emit() with a transport: hand the event over; the buses consuming it deliver it."""
         if key is not None:
             raise ValueError(
                 "key= needs a store; with a transport, redeliveries are expected and handlers "
                 "deduplicate by event id (see docs/scaling-out.md)"
             )
-        transport.publish(event)
+        if delay:
+            # Wall-clock: the consumer that delivers it may be another process.
+            transport.publish(event, not_before=time.time() + delay)
+        else:
+            transport.publish(event)
         self._observer.published(event)
         return event
 
@@ -606,6 +695,7 @@ class EventBus:
         *,
         metadata: Mapping[str, str] | None = None,
         key: str | None = None,
+        delay: float | timedelta | None = None,
     ) -> Event:
         """:meth:`emit` for coroutines: never blocks the event loop. Same arguments, result
         and errors.
@@ -617,14 +707,15 @@ class EventBus:
         it while it waits for room emits nothing.
         """
         emitted, cls = self._prepare(event, payload, metadata, key)
+        seconds = 0.0 if delay is None else check_delay(delay)
         durable = self._store is not None or self._transport is not None
         deadline = _deadline(self._admission.block_timeout)
         while True:
             try:
                 if durable:
-                    result = await self._offload.run(self._accept, emitted, cls, key)
+                    result = await self._offload.run(self._accept, emitted, cls, key, seconds)
                 else:
-                    result = self._accept(emitted, cls, key)
+                    result = self._accept(emitted, cls, key, seconds)
                 break
             except QueueFullError:
                 left = remaining(deadline)
@@ -639,12 +730,12 @@ class EventBus:
             await pipeline.loops.idle()
         return result
 
-    def _accept(self, event: Event, cls: type[Any] | None, key: str | None) -> Event:
+    def _accept(self, event: Event, cls: type[Any] | None, key: str | None, delay: float) -> Event:
         """emit() past its checks, never waiting for room (QueueFullError instead)."""
         transport = self._transport
         if transport is not None:
-            return self._publish(transport, event, key)
-        return self._pipeline.accept(event, cls, key, block=False)
+            return self._publish(transport, event, key, delay)
+        return self._pipeline.accept(event, cls, key, block=False, delay=delay)
 
     async def adrain(self, timeout: float | None = None) -> bool:
         """:meth:`drain` for coroutines: awaits, without blocking the event loop, until no

@@ -9,10 +9,15 @@ from collections import deque
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
-__all__ = ["InlineExecutor", "Job", "WorkerPool"]
+__all__ = ["InlineExecutor", "Job", "RetireWorker", "WorkerPool"]
 
 #: One unit of work handed to an executor.
 Job = Callable[[], None]
+
+
+class RetireWorker(Exception):
+    """Raised by a job to end the worker thread running it, once the pool has replaced it
+    (its handler outlived a timeout and its place was given to a fresh thread)."""
 
 
 class WorkerPool:
@@ -39,16 +44,34 @@ class WorkerPool:
         self._queue: SimpleQueue[Job | None] = SimpleQueue()
         self._on_error = on_error
         self._stopping = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
-            for i in range(max_workers)
-        ]
+        self._name = name
+        self._lock = threading.Lock()  # the thread list, changed by replace()
+        self._started = 0
+        self._threads = [self._new_thread() for _ in range(max_workers)]
         for thread in self._threads:
             thread.start()
 
+    def _new_thread(self) -> threading.Thread:
+        self._started += 1
+        name = f"{self._name}-worker-{self._started - 1}"
+        return threading.Thread(target=self._work, name=name, daemon=True)
+
     @property
     def max_workers(self) -> int:
+        """Live workers: always the number asked for (a stuck one is replaced)."""
         return len(self._threads)
+
+    def replace(self, stuck: threading.Thread) -> bool:
+        """Start a worker in place of *stuck* (whose handler outlived its timeout), so the
+        pool keeps its size; *stuck* leaves when its job raises :class:`RetireWorker`. False
+        if *stuck* is not one of the pool's workers (or the pool is shutting down)."""
+        with self._lock:
+            if self._stopping or stuck not in self._threads:
+                return False
+            fresh = self._new_thread()
+            self._threads[self._threads.index(stuck)] = fresh
+        fresh.start()
+        return True
 
     def submit(self, job: Job) -> None:
         """Queue *job* for a worker. Never blocks."""
@@ -68,7 +91,8 @@ class WorkerPool:
     def shutdown(self, timeout: float | None) -> list[Job]:
         """Take back the jobs not yet started, stop the workers once their current job ends,
         and wait up to *timeout* seconds for that. Returns the jobs taken back."""
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         not_started: list[Job] = []
         while True:
             try:
@@ -95,6 +119,8 @@ class WorkerPool:
                 return
             try:
                 job()
+            except RetireWorker:
+                return
             except BaseException as exc:  # noqa: BLE001 - a worker must outlive any job
                 _report(self._on_error, exc)
 

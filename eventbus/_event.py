@@ -21,7 +21,9 @@ __all__ = [
 ]
 
 #: Where a delivery (one event to one handler) stands.
-DeliveryState: TypeAlias = Literal["pending", "running", "retrying", "succeeded", "dead"]
+DeliveryState: TypeAlias = Literal[
+    "pending", "scheduled", "running", "retrying", "succeeded", "dead"
+]
 
 _EMPTY_METADATA: Mapping[str, str] = MappingProxyType({})
 

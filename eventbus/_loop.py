@@ -245,6 +245,10 @@ class EventLoops:
             on_error=self._on_error,
         )
 
+    def has_runner(self) -> bool:
+        """Whether async deliveries ever had a loop here (else there is nothing to wait for)."""
+        return self._current is not None
+
     def bound_to(self, loop: asyncio.AbstractEventLoop | None) -> bool:
         """Whether *loop* is the application's loop this bus is bound to."""
         current = self._current

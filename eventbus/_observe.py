@@ -104,6 +104,26 @@ class Observer:
         if signals.retry_scheduled.receivers:
             self._send(signals.retry_scheduled, event=event, delivery=delivery, delay=delay)
 
+    def stalled(
+        self, event: Event, delivery: Delivery, elapsed: float, *, where: str, stack: str
+    ) -> None:
+        self.log.stalled(
+            event, delivery.handler, delivery.attempts, elapsed, where=where, stack=stack
+        )
+        if signals.handler_stalled.receivers:
+            self._send(
+                signals.handler_stalled,
+                event=event,
+                delivery=delivery,
+                elapsed=elapsed,
+                stack=stack,
+            )
+
+    def late_result(
+        self, event: Event, handler: str, attempts: int, error: BaseException | None
+    ) -> None:
+        self.log.late_result(event, handler, attempts, error)
+
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
         self.log.dead_lettered(dead_letter)
         if signals.dead_lettered.receivers:

@@ -242,6 +242,35 @@ class OutcomeRecorder:
         )
 
     @_never_raises
+    def stalled(
+        self, event: Event, handler: str, attempt: int, elapsed: float, *, where: str, stack: str
+    ) -> None:
+        self._log.warning(
+            "handler.stalled",
+            event_id=event.id,
+            event_name=event.name,
+            handler=handler,
+            attempt=attempt,
+            elapsed=round(elapsed, 3),
+            where=where,
+            stack=stack,
+        )
+
+    @_never_raises
+    def late_result(
+        self, event: Event, handler: str, attempt: int, error: BaseException | None
+    ) -> None:
+        # The attempt was failed by its timeout already: what it did at last changes nothing.
+        self._log.warning(
+            "handler.late_result",
+            event_id=event.id,
+            event_name=event.name,
+            handler=handler,
+            attempt=attempt,
+            outcome="succeeded" if error is None else format_error(error),
+        )
+
+    @_never_raises
     def dead_lettered(self, dead_letter: DeadLetter) -> None:
         self._log.error(
             "handler.dead_lettered",

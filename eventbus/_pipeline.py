@@ -16,20 +16,22 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from eventbus._clock import SystemClock
-from eventbus._dispatch import InlineExecutor, Job, WorkerPool
+from eventbus._dispatch import InlineExecutor, Job, RetireWorker, WorkerPool
 from eventbus._event import DeadLetter, DeadLetterReason, Delivery, Event, new_id
 from eventbus._loop import MAX_ASYNC, EventLoops
 from eventbus._offload import Offload
 from eventbus._outcomes import format_error
+from eventbus._policies import Gate, Policy, TokenBucket
 from eventbus._records import (
     ATTEMPT,
     DEAD,
     PENDING,
     RETRYING,
     RUNNING,
+    SCHEDULED,
     STATE_MASK,
     SUCCEEDED,
     Dispatch,
@@ -37,6 +39,7 @@ from eventbus._records import (
 )
 from eventbus._routing import GiveUp, route
 from eventbus._runner import arun_attempt, run_attempt
+from eventbus._watchdog import Watchdog, timeout_error
 from eventbus.signals import handler_succeeded as _succeeded_signal
 
 if TYPE_CHECKING:
@@ -46,8 +49,9 @@ if TYPE_CHECKING:
     from eventbus._records import Records
     from eventbus._registry import Registry, Subscription
     from eventbus._retry_queue import RetryQueue
+    from eventbus.exceptions import HandlerTimeoutError
     from eventbus.retry import RetryPolicy
-    from eventbus.typing import Clock, Executor
+    from eventbus.typing import Clock, Executor, RateLimiter
 
 __all__ = ["Pipeline", "job_delivery"]
 
@@ -107,6 +111,8 @@ class Pipeline:
             on_error=lambda exc: observer.log.internal_error("event loop", exc),
         )
         self._inline = isinstance(executor, InlineExecutor)
+        self.watchdog = Watchdog(clock, observer, executor, self._timed_out)
+        self.gates: list[Gate] = []  # every gate ever made: close() empties them all
         self._lock = threading.Lock()  # stopped, and the hand-over to the retry queue
         self.stopped = False  # no more retries: every new failure is a final one
         self.abandoned = 0  # dead letters made because the bus stopped
@@ -127,14 +133,21 @@ class Pipeline:
     # -- taking events in ------------------------------------------------------------------
 
     def accept(
-        self, event: Event, cls: type[Any] | None, key: str | None, *, block: bool = True
+        self,
+        event: Event,
+        cls: type[Any] | None,
+        key: str | None,
+        *,
+        block: bool = True,
+        delay: float = 0.0,
     ) -> Event:
         """Admit *event* and queue its deliveries; return it (or, for an idempotency *key*
         already used, the first event emitted under it, having admitted nothing).
 
         A full bus is waited on when *block* is true; otherwise it raises ``QueueFullError``
         at once. An emit from one of this bus's deliveries never waits (it might be waiting
-        for itself) and may pass the bound."""
+        for itself) and may pass the bound. With a *delay* (seconds) its deliveries start no
+        earlier than that (and a store keeps that time)."""
         dispatch = self._dispatch(event, cls, key=key)
         count = dispatch.total
         local_key = key is not None and self.backend.keeps_keys_in_memory
@@ -149,7 +162,7 @@ class Pipeline:
             return taken.event
         if not local_key:
             try:
-                first = self.backend.add(dispatch, key)
+                first = self.backend.add(dispatch, key, self._wall() + delay if delay else None)
             except BaseException:
                 self.admission.release(count)
                 raise
@@ -157,7 +170,7 @@ class Pipeline:
                 self.admission.release(count)
                 return first
             self.records.add(dispatch)
-        self._queue_all(dispatch)
+        self._queue_all(dispatch, self.clock.monotonic() + delay if delay else None)
         return event
 
     def _dispatch(
@@ -180,44 +193,110 @@ class Pipeline:
             token=token,
         )
 
-    def _queue_all(self, dispatch: Dispatch) -> None:
-        """Report an admitted event and queue one job per delivery."""
+    def _queue_all(self, dispatch: Dispatch, not_before: float | None = None) -> None:
+        """Report an admitted event and queue one job per delivery (to start no earlier than
+        the clock's *not_before*, if given)."""
         count = dispatch.total
         self.observer.emitted(dispatch.event, count, verbose=dispatch.verbose)
-        if self.registry.has_async and any(sub.is_async for sub in dispatch.subs):
-            self._queue_mixed(dispatch)
-        else:
+        if not_before is None and not (
+            self.registry.has_special
+            and any(sub.is_async or sub.gate is not None for sub in dispatch.subs)
+        ):
             self._submit_copies(dispatch, count)
-
-    def _queue_mixed(self, dispatch: Dispatch) -> None:
+            return
         # One job per delivery (a dispatch's shared cursor cannot tell the pool's deliveries
-        # from the loop's), each to where it runs, in start order.
-        for index in range(dispatch.total):
-            self.submit(RetryJob(dispatch, index))
-        if self._inline and not self.guard.inside():
+        # from the loop's or a gate's), each to where it runs or waits, in start order.
+        for index in range(count):
+            self.submit(RetryJob(dispatch, index, not_before))
+        if self._inline and self.registry.has_special and not self.guard.inside():
             self._settle_inline()
 
     @property
     def waits_inline(self) -> bool:
         """Whether an emit waits for its async deliveries (an inline executor's promise)."""
-        return self._inline and self.registry.has_async
+        return self._inline and self.registry.has_special
 
     def _settle_inline(self) -> None:
         """With an inline executor, an emit returns once its deliveries ran: wait for the
         async ones too, unless that would block the loop they run on (then the caller awaits
         ``adrain()``)."""
-        runner = self.loops.runner()
-        if asyncio._get_running_loop() is not None:
+        if asyncio._get_running_loop() is not None or not self.loops.has_runner():
             return
+        runner = self.loops.runner()
         asyncio.run_coroutine_threadsafe(runner.idle(), runner.loop).result()
 
     def submit(self, job: RetryJob) -> None:
-        """Queue one delivery where its handler runs: the event loop for an ``async def``
-        handler, the executor for the others."""
+        """Queue one delivery: through its handler's gate if it has one, after its
+        ``not_before`` time if it has one, then where its handler runs."""
+        gate = job.dispatch.subs[job.index].gate
+        if gate is not None:
+            gate.offer(job)  # then hold(), then start()
+        elif not self.hold(job):
+            self.start(job)
+
+    def hold(self, job: RetryJob) -> bool:
+        """If *job* must wait for its ``not_before`` time, schedule it (as a retry is) and
+        return True; it comes back through :meth:`submit` when due."""
+        not_before = job.not_before
+        if not_before is None:
+            return False
+        job.not_before = None
+        delay = not_before - self.clock.monotonic()
+        if delay <= 0:
+            return False
+        self._schedule(job.dispatch, job.index, delay, None)
+        return True
+
+    def start(self, job: RetryJob) -> None:
+        """Hand one delivery to the event loop (an ``async def`` handler) or the executor."""
         if job.dispatch.subs[job.index].is_async:
             self.loops.submit(job)
-        else:
-            self.executor.submit(job)
+            return
+        if self._inline:  # runs the job here and now: never under a lock it may take
+            if self.stopped:
+                self.abandon([(job.dispatch, job.index)], None)
+            else:
+                self.executor.submit(job)
+            return
+        with self._lock:
+            stopped = self.stopped
+            if not stopped:
+                # Under the lock that stop() takes: once stopped, the pool is shut down.
+                self.executor.submit(job)
+        if stopped:
+            self.abandon([(job.dispatch, job.index)], None)
+
+    def new_gate(self, policy: Policy, limiter: RateLimiter | None) -> Gate:
+        """The gate of a new subscription with *policy* (see :mod:`eventbus._policies`)."""
+        if limiter is None and policy.rate is not None:
+            limiter = TokenBucket(policy.rate, self.clock.monotonic)
+        gate = Gate(
+            policy,
+            clock=self.clock,
+            limiter=limiter,
+            pass_on=cast(Any, self.start),
+            # Gates hold these very jobs; they name them structurally (see _policies).
+            hold=cast(Any, self.hold),
+            key_failed=cast(Any, self._key_failed),
+            limiter_failed=lambda exc: self.observer.log.internal_error("rate limiter", exc),
+            parked=self._parked,
+        )
+        with self._lock:
+            self.gates.append(gate)
+        return gate
+
+    def _parked(self, count: int) -> None:
+        # Waiting for a key or a token counts as waiting (like a backoff), not as active.
+        for _ in range(abs(count)):
+            if count > 0:
+                self.admission.to_retry()
+            else:
+                self.admission.from_retry()
+
+    def _key_failed(self, job: RetryJob, error: BaseException) -> None:
+        dispatch, index = job.dispatch, job.index
+        dispatch.extra(index).error = f"ordered_by failed: {format_error(error)}"
+        self.dead_letter(dispatch, index, "not_retryable", _traceback(error))
 
     def _submit_each(self, job: Job, copies: int) -> None:
         submit = self.executor.submit
@@ -233,10 +312,11 @@ class Pipeline:
             raise _KeyTaken(first)
         self.records.add(dispatch)
 
-    def receive(self, event: Event, token: str) -> None:
-        """A transport's hand-over of one event (on its reader thread): deliver it here.
-        Blocks while the bus is full (backpressure on the reader); admits nothing once the
-        bus is closing, so the event goes to another consumer."""
+    def receive(self, event: Event, token: str, not_before: float | None = None) -> None:
+        """A transport's hand-over of one event (on its reader thread): deliver it here, no
+        earlier than the wall-clock time *not_before* if given. Blocks while the bus is full
+        (backpressure on the reader); admits nothing once the bus is closing, so the event
+        goes to another consumer."""
         # No local holds the payload: a traceback renderer that shows locals would print it.
         cls = None if type(event.payload).__module__ == "builtins" else type(event.payload)
         dispatch = self._dispatch(event, cls, token=token)
@@ -245,7 +325,10 @@ class Pipeline:
         self.records.add(dispatch)
         if not dispatch.total:
             self.backend.event_settled(dispatch)
-        self._queue_all(dispatch)
+        start = None
+        if not_before is not None:
+            start = self.clock.monotonic() + max(0.0, not_before - self._wall())
+        self._queue_all(dispatch, start)
 
     def adopt(
         self,
@@ -295,6 +378,10 @@ class Pipeline:
         guard.active = True
         try:
             error: BaseException | None
+            policy = sub.policy
+            if policy is not None and policy.watched:
+                self._run_watched(dispatch, index, value, started)
+                return
             if self._records_attempts:
                 error = self._record_start(dispatch.event, sub.name, value // ATTEMPT)
                 if error is None:
@@ -304,6 +391,30 @@ class Pipeline:
             self._finish(dispatch, index, value, started, error)
         finally:
             guard.active = outer
+
+    def _run_watched(self, dispatch: Dispatch, index: int, value: int, started: float) -> None:
+        """run() for a handler with a timeout or a stall warning (see :mod:`_watchdog`)."""
+        sub = dispatch.subs[index]
+        watched = self.watchdog.watch_thread(dispatch, index)
+        error: BaseException | None = None
+        if self._records_attempts:
+            error = self._record_start(dispatch.event, sub.name, value // ATTEMPT)
+        if error is None:
+            error = run_attempt(sub.handler, dispatch.event)
+        if watched.end():
+            self._finish(dispatch, index, value, started, error)
+            return
+        # Failed by its timeout already (and retried or dead-lettered): too late to count.
+        self.observer.late_result(dispatch.event, sub.name, value // ATTEMPT, error)
+        if watched.replaced:
+            raise RetireWorker  # a fresh worker took this one's place
+
+    def _timed_out(self, dispatch: Dispatch, index: int, error: HandlerTimeoutError) -> None:
+        """A thread's attempt outlived its timeout (on the clock's thread): fail it now."""
+        context = dispatch.context_of(index)
+        assert context is not None
+        value = dispatch.progress[index]
+        context.copy().run(self._finish_guarded, dispatch, index, value, 0.0, error)
 
     async def arun(self, dispatch: Dispatch, index: int) -> None:
         """The async twin of :meth:`run`, for an ``async def`` handler: the body of the
@@ -320,19 +431,27 @@ class Pipeline:
         sub = dispatch.subs[index]
         event = dispatch.event
         started = self.clock.monotonic() if dispatch.verbose else 0.0
+        policy = sub.policy
+        watched = None
+        if policy is not None and policy.watched:
+            watched = self.watchdog.watch_task(dispatch, index)
         try:
-            error: BaseException | None
+            error: BaseException | None = None
             if self._records_attempts:
                 error = await self.offload.run(
                     self._record_start, event, sub.name, value // ATTEMPT
                 )
-                if error is None:
-                    error = await arun_attempt(sub.handler, event)
-            else:
-                error = await arun_attempt(sub.handler, event)
+            if error is None:
+                timed_out = None if watched is None else (lambda: watched.watch.timed_out)
+                error = await arun_attempt(sub.handler, event, timed_out)
         except asyncio.CancelledError:
+            if watched is not None:
+                watched.end()
             self.cancelled(dispatch, index)
             raise
+        if watched is not None and not watched.end():
+            assert policy is not None
+            error = timeout_error(sub.name, policy.timeout or 0.0)
         if self._records_attempts:
             # Shielded: if the task is cancelled now, the commit and the outcome still end.
             await asyncio.shield(
@@ -375,6 +494,9 @@ class Pipeline:
         """An attempt ended (*value*: its progress when it began, *error*: what it raised)."""
         sub = dispatch.subs[index]
         attempts = value // ATTEMPT
+        gate = sub.gate
+        if gate is not None:
+            gate.attempt_ended()
         if error is not None:
             self._failed(dispatch, index, sub, attempts, error)
             return
@@ -388,6 +510,8 @@ class Pipeline:
             duration = self.clock.monotonic() - started if verbose else None
             self.observer.succeeded(event, sub.name, attempts, dispatch.error(index), duration)
         dispatch.progress[index] = value - (value & STATE_MASK) + SUCCEEDED
+        if gate is not None:
+            gate.settled(dispatch, index)
         count = next(dispatch.settled)
         if count >= dispatch.total:
             self._last_settled(dispatch, count)
@@ -398,6 +522,9 @@ class Pipeline:
         its attempt or before it began: settle it as abandoned."""
         extra = dispatch.extra(index)
         began = dispatch.progress[index] & STATE_MASK == RUNNING
+        gate = dispatch.subs[index].gate
+        if gate is not None and began:
+            gate.attempt_ended()
         why = "the bus closed" if self.stopped else "its event loop stopped"
         extra.error = f"cancelled {'while running' if began else 'before it ran'}: {why}"
         self.abandon([(dispatch, index)], None)
@@ -444,7 +571,8 @@ class Pipeline:
         with self._lock:
             stopped = self.stopped
             if not stopped:
-                dispatch.set_state(index, RETRYING)
+                first = dispatch.progress[index] < ATTEMPT  # no attempt yet: a delayed start
+                dispatch.set_state(index, SCHEDULED if first else RETRYING)
                 # Counted as waiting and queued under one lock: close() takes everything
                 # waiting under it, and must not find the delivery counted but not queued.
                 self.admission.to_retry()
@@ -463,14 +591,13 @@ class Pipeline:
         self.observer.retry_scheduled(
             dispatch.event, Delivery(sub.name, "retrying", attempts, dispatch.error(index)), 0.0
         )
-        with self._lock:
-            stopped = self.stopped
-            if not stopped:
-                dispatch.set_state(index, PENDING)
-                # Under the lock that stop() takes: once stopped, the pool is shut down.
-                self.submit(RetryJob(dispatch, index))
-        if stopped:
+        if self.stopped:
             self.abandon([(dispatch, index)], _traceback(error))
+            return
+        dispatch.set_state(index, PENDING)
+        # Through its gate, if any; start() hands it over under the lock stop() takes, and
+        # abandons it if the bus stopped meanwhile.
+        self.submit(RetryJob(dispatch, index))
 
     def retry_due(self, job: RetryJob) -> None:
         """A retry's backoff ended (the retry queue's timer, or close() for one already due):
@@ -486,11 +613,10 @@ class Pipeline:
             self.submit(job)
 
     def queue(self, dispatch: Dispatch, index: int, delay: float = 0.0) -> None:
-        """Queue an adopted delivery now, or after *delay* seconds of backoff."""
-        if delay <= 0:
-            self.submit(RetryJob(dispatch, index))
-            return
-        self._schedule(dispatch, index, delay, None)  # False: recovery raced close()
+        """Queue an adopted delivery now, or after *delay* seconds of backoff (through its
+        gate first, so a recovered delivery keeps its place in its key's order)."""
+        not_before = self.clock.monotonic() + delay if delay > 0 else None
+        self.submit(RetryJob(dispatch, index, not_before))
 
     # -- ends ------------------------------------------------------------------------------
 
@@ -516,6 +642,9 @@ class Pipeline:
 
     def _settle(self, dispatch: Dispatch, index: int, state: int) -> None:
         dispatch.set_state(index, state)
+        gate = dispatch.subs[index].gate
+        if gate is not None:
+            gate.settled(dispatch, index)
         count = next(dispatch.settled)
         if count >= dispatch.total:
             self._last_settled(dispatch, count)
@@ -538,6 +667,10 @@ class Pipeline:
                 self.dead_letter(dispatch, index, "abandoned", trace)
             return
         self.backend.leave(deliveries)
+        for dispatch, index in deliveries:
+            gate = dispatch.subs[index].gate
+            if gate is not None:
+                gate.settled(dispatch, index)
         with self._lock:
             self.left_behind += len(deliveries)
         self.admission.settled(len(deliveries))
@@ -549,7 +682,9 @@ class Pipeline:
             waiting = self.retries.take_all()
             for _ in waiting:
                 self.admission.from_retry()
-        return [(job.dispatch, job.index) for job in waiting]
+            gates = list(self.gates)
+        parked = [job for gate in gates for job in gate.close()]
+        return [(job.dispatch, job.index) for job in [*waiting, *parked]]
 
 
 def _traceback(error: BaseException) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "PENDING",
     "RETRYING",
     "RUNNING",
+    "SCHEDULED",
     "SUCCEEDED",
     "Dispatch",
     "Extra",
@@ -41,8 +42,15 @@ __all__ = [
     "RetryJob",
 ]
 
-PENDING, RUNNING, RETRYING, SUCCEEDED, DEAD = 0, 1, 2, 3, 4
-STATES: tuple[DeliveryState, ...] = ("pending", "running", "retrying", "succeeded", "dead")
+PENDING, RUNNING, RETRYING, SUCCEEDED, DEAD, SCHEDULED = 0, 1, 2, 3, 4, 5
+STATES: tuple[DeliveryState, ...] = (
+    "pending",
+    "running",
+    "retrying",
+    "succeeded",
+    "dead",
+    "scheduled",
+)
 #: ``progress[i] // ATTEMPT`` is the attempts started; ``progress[i] % ATTEMPT`` the state.
 ATTEMPT = 8
 STATE_MASK = ATTEMPT - 1
@@ -167,13 +175,18 @@ class Dispatch:
 
 
 class RetryJob:
-    """A job that runs one delivery of a dispatch again (a retry, a replay, a take-over)."""
+    """A job that runs one delivery of a dispatch: again (a retry, a replay, a take-over), or
+    on its own (a delivery that passes a policy gate or runs on an event loop).
 
-    __slots__ = ("dispatch", "index")
+    *not_before* (the bus clock's monotonic time) makes it wait until then first: an event
+    emitted with a delay, a retry recovered before its due time."""
 
-    def __init__(self, dispatch: Dispatch, index: int) -> None:
+    __slots__ = ("dispatch", "index", "not_before")
+
+    def __init__(self, dispatch: Dispatch, index: int, not_before: float | None = None) -> None:
         self.dispatch = dispatch
         self.index = index
+        self.not_before = not_before
 
     def __call__(self) -> None:
         dispatch = self.dispatch

@@ -17,6 +17,7 @@ from eventbus._matching import Pattern, compile_pattern, validate_name
 from eventbus.exceptions import DuplicateHandlerError, InvalidEventError, InvalidHandlerError
 
 if TYPE_CHECKING:
+    from eventbus._policies import Gate, Policy
     from eventbus.retry import RetryPolicy
     from eventbus.typing import Handler
 
@@ -39,6 +40,10 @@ class Subscription:
     order: int
     #: An ``async def`` handler: its deliveries run as tasks on the bus's event loop.
     is_async: bool = False
+    #: Its delivery options (``ordered_by``, ``concurrency``, ...), if any.
+    policy: Policy | None = None
+    #: Where its deliveries wait before they start, for a policy that makes them wait.
+    gate: Gate | None = None
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -109,9 +114,10 @@ class Registry:
         self._by_name: dict[str, Handler] = {}
         self._order = 0
         self._cache: dict[tuple[str, type[Any] | None], tuple[Subscription, ...]] = {}
-        #: Whether an ``async def`` handler was ever subscribed (until then, no event needs
-        #: its deliveries sorted between the worker pool and the event loop).
-        self.has_async = False
+        #: Whether an ``async def`` handler or one with a gate was ever subscribed (until
+        #: then, no event needs its deliveries sorted between the pool, the event loop and
+        #: the gates).
+        self.has_special = False
 
     def add(
         self,
@@ -122,6 +128,8 @@ class Registry:
         priority: int,
         retry: RetryPolicy | None,
         is_async: bool = False,
+        policy: Policy | None = None,
+        gate: Gate | None = None,
     ) -> Subscription:
         """Subscribe *handler*; raise ``DuplicateHandlerError`` on a name or target clash."""
         name = handler_name(handler) if name is None else name
@@ -143,8 +151,11 @@ class Registry:
                         f"{name!r} is already subscribed to {_describe(target)}"
                     )
             self._order += 1
-            sub = Subscription(handler, name, target, priority, retry, self._order, is_async)
-            self.has_async = self.has_async or is_async
+            sub = Subscription(
+                handler, name, target, priority, retry, self._order, is_async, policy, gate
+            )
+            # Deliveries to such a handler are queued one by one, each to where it waits.
+            self.has_special = self.has_special or is_async or gate is not None
             self._subscriptions.append(sub)
             self._by_name[name] = handler
             self._cache = {}
@@ -161,6 +172,11 @@ class Registry:
                 self._by_name = {s.name: s.handler for s in keep}
                 self._cache = {}
         return removed
+
+    def gates(self) -> list[Gate]:
+        """The gates of every subscription that has one."""
+        with self._lock:
+            return [s.gate for s in self._subscriptions if s.gate is not None]
 
     def find(self, name: str) -> Subscription | None:
         """The first subscription of the handler called *name* (for replays), if any."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable
 
 from eventbus._event import Event
 from eventbus.exceptions import InvalidHandlerError
@@ -36,20 +37,26 @@ def run_attempt(handler: Handler, event: Event) -> BaseException | None:
     return None
 
 
-async def arun_attempt(handler: Handler, event: Event) -> BaseException | None:
+async def arun_attempt(
+    handler: Handler, event: Event, timed_out: Callable[[], bool] | None = None
+) -> BaseException | None:
     """Await the ``async def`` *handler* with *event*; return the exception it raised, or
     ``None``. Must run in the delivery's own task.
 
     A ``CancelledError`` that did not come from cancelling this task (the handler awaited
     something that was cancelled) is a failure like any other. One that did (the bus closing
     past its timeout, the event loop shutting down) is raised: the delivery did not fail, it
-    was stopped, and the caller settles it as such.
+    was stopped, and the caller settles it as such. Unless *timed_out* says the cancellation
+    was the handler's timeout: then it is withdrawn and returned, for the caller to turn into
+    the timeout's error.
     """
     try:
         await handler(event)  # type: ignore[misc]  # an async handler's result is awaitable
     except asyncio.CancelledError as error:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
+            if timed_out is not None and timed_out() and task.uncancel() == 0:
+                return error
             raise
         return error
     except BaseException as error:  # noqa: BLE001 - isolation: nothing reaches the caller

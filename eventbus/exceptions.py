@@ -15,6 +15,7 @@ __all__ = [
     "DuplicateInFlightError",
     "EventBusError",
     "EventLoopError",
+    "HandlerTimeoutError",
     "InvalidEventError",
     "InvalidEventNameError",
     "InvalidHandlerError",
@@ -75,6 +76,12 @@ class EventLoopError(EventBusError, RuntimeError):
     """A call would block the event loop the bus's async handlers run on (``drain()`` or
     ``close()`` there: await ``adrain()`` or ``aclose()``), or would bind the bus to a second
     running loop."""
+
+
+class HandlerTimeoutError(EventBusError, TimeoutError):
+    """An attempt ran longer than its handler's ``timeout``: the attempt failed (and is retried
+    per the handler's policy). An async handler was cancelled; a thread cannot be, so its late
+    result is discarded and logged as ``handler.late_result``."""
 
 
 class CodecError(EventBusError, ValueError):

@@ -16,6 +16,7 @@ Keyword arguments, by signal:
 * ``handler_failed``: ``event``, ``delivery``, ``error`` (the exception)
 * ``retry_scheduled``: ``event``, ``delivery``, ``delay`` (seconds)
 * ``dead_lettered``: ``event``, ``dead_letter``
+* ``handler_stalled``: ``event``, ``delivery``, ``elapsed`` (seconds), ``stack`` (text)
 * ``bus_closed``: ``abandoned`` (how many deliveries became dead letters at shutdown)
 
 Receivers run on the thread where the outcome happened (a worker, for handler outcomes) and
@@ -36,6 +37,7 @@ __all__ = [
     "dead_lettered",
     "event_emitted",
     "handler_failed",
+    "handler_stalled",
     "handler_succeeded",
     "retry_scheduled",
 ]
@@ -48,6 +50,9 @@ handler_failed = _signals.signal("handler_failed", doc="One attempt of a deliver
 retry_scheduled = _signals.signal("retry_scheduled", doc="A failed delivery will be retried.")
 dead_lettered = _signals.signal("dead_lettered", doc="A delivery became a dead letter.")
 bus_closed = _signals.signal("bus_closed", doc="A bus finished closing.")
+handler_stalled = _signals.signal(
+    "handler_stalled", doc="An attempt has run past its handler's stall_warning."
+)
 
 
 def has_receivers(signal: Signal) -> bool:

@@ -113,9 +113,18 @@ class Store(Protocol):
     def close(self) -> None:
         """End the session: this owner's unfinished deliveries become claimable by others."""
 
-    def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
-        """Commit the event with a pending delivery per handler; or return the event already
-        stored under *key* and write nothing. ``TypeError`` for an unstorable payload."""
+    def add(
+        self,
+        event: Event,
+        handlers: Collection[str],
+        key: str | None = None,
+        *,
+        due_at: float | None = None,
+    ) -> Event | None:
+        """Commit the event with a pending delivery per handler (with *due_at*, a wall-clock
+        time: each waiting to start then, kept as ``"retrying"`` with no attempt, which
+        :meth:`status` shows as ``"scheduled"``); or return the event already stored under
+        *key* and write nothing. ``TypeError`` for an unstorable payload."""
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
         """Commit that attempt *attempts* starts now (before the handler runs)."""
@@ -165,9 +174,12 @@ class Transport(Protocol):
     """Carries events between processes: ``emit()`` publishes, and each bus consumes its share
     (see :class:`eventbus.transports.RedisStreamsTransport`). Thread-safe."""
 
-    def publish(self, event: Event) -> str:
+    def publish(self, event: Event, *, not_before: float | None = None) -> str:
         """Send *event*; return its id in the transport. ``TypeError`` for a payload that
-        cannot be encoded, ``TransportError`` when the transport cannot be reached."""
+        cannot be encoded, ``TransportError`` when the transport cannot be reached. With
+        *not_before* (wall-clock seconds since the epoch; the bus passes it only for
+        ``emit(..., delay=...)``) the consumer receives it as ``deliver(event, token,
+        not_before)`` and holds the event until then."""
 
     def start(self, deliver: Callable[[Event, str], None], reporter: Reporter | None = None) -> int:
         """Start consuming: call *deliver(event, token)* for each event received (blocking in

@@ -591,7 +591,8 @@ def test_adopt_after_close_returns_none() -> None:
 
 
 def test_queue_with_a_delay_waits_on_the_clock() -> None:
-    """A delivery queued with a delay waits as a retry, then runs when due."""
+    """A delivery queued with a delay (before its first attempt: scheduled) waits on the
+    clock as a retry does, then runs when due."""
     h = Harness()
     calls: list[Event] = []
     sub = h.subscribe("a", calls.append)
@@ -599,7 +600,7 @@ def test_queue_with_a_delay_waits_on_the_clock() -> None:
     adopted = h.pipeline.adopt(event, sub, contextvars.copy_context())
     assert adopted is not None
     h.pipeline.queue(*adopted, delay=DELAY)
-    assert h.status(event)["a"].state == "retrying"
+    assert h.status(event)["a"].state == "scheduled"
     assert h.admission.waiting == 1
     h.clock.advance(DELAY)
     assert calls == [event]

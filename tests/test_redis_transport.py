@@ -644,6 +644,188 @@ def test_entry_whose_hand_over_fails_is_released_and_the_rest_of_its_batch_deliv
     assert calls == {first: 2, second: 1}
 
 
+# -- delayed entries: not_before -------------------------------------------------------------
+
+
+class Handed:
+    """A ``deliver`` callback given straight to a transport: records each call's arguments
+    after the event and settles the entry; signals once *expected* calls arrived."""
+
+    def __init__(self, transport: RedisStreamsTransport, expected: int = 1) -> None:
+        self._transport = transport
+        self._expected = expected
+        self._lock = threading.Lock()
+        self.calls: list[tuple[Event, tuple[Any, ...]]] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: Event, entry_id: str, *rest: Any) -> None:
+        with self._lock:
+            self.calls.append((event, rest))
+            if len(self.calls) >= self._expected:
+                self.done.set()
+        self._transport.settled(entry_id)
+
+    def by_id(self) -> dict[str, tuple[Any, ...]]:
+        with self._lock:
+            return {event.id: rest for event, rest in self.calls}
+
+    def wait(self, what: str) -> None:
+        assert self.done.wait(WAIT), f"timed out after {WAIT}s waiting until {what}"
+
+
+def _event(n: int) -> Event:
+    return Event(id=f"ev-{uuid.uuid4().hex}", name="order:placed", payload={"order_id": n})
+
+
+def test_not_before_reaches_deliver_as_a_third_argument(streams: Streams) -> None:
+    """An entry published with not_before is handed over as deliver(event, entry_id,
+    not_before), the value as published; one without it as deliver(event, entry_id)."""
+    producer = streams.transport()
+    due = time.time() + 3600.123456
+    delayed, plain, whole = _event(1), _event(2), _event(3)
+    producer.publish(delayed, not_before=due)
+    producer.publish(plain)
+    producer.publish(whole, not_before=1_900_000_000)  # an int is seconds too
+    fields = {f["id"]: f for _entry, f in streams.redis.xrange(streams.stream)}
+    assert fields[delayed.id]["not_before"] == repr(due)
+    assert "not_before" not in fields[plain.id]
+    consumer = streams.transport()
+    handed = Handed(consumer, expected=3)
+    consumer.start(handed)
+    handed.wait("the three entries were handed over")
+    calls = handed.by_id()
+    assert calls == {delayed.id: (due,), plain.id: (), whole.id: (1_900_000_000.0,)}
+    assert type(calls[whole.id][0]) is float
+    wait_until(lambda: streams.pending() == 0, "the entries were acknowledged")
+
+
+def test_two_argument_deliver_still_gets_entries_without_not_before(streams: Streams) -> None:
+    """A deliver callback written for two arguments keeps working for plain entries."""
+    producer = streams.transport()
+    sent = _event(1)
+    producer.publish(sent)
+    consumer = streams.transport()
+    got: list[str] = []
+    done = threading.Event()
+
+    def deliver(event: Event, entry_id: str) -> None:
+        got.append(event.id)
+        consumer.settled(entry_id)
+        done.set()
+
+    consumer.start(deliver)
+    assert done.wait(WAIT), "the entry was never handed over"
+    assert got == [sent.id]
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf"), 10**400, True, "1.5", [1.5]]
+)
+def test_publish_refuses_a_not_before_that_is_not_a_finite_number(
+    streams: Streams, value: Any
+) -> None:
+    """publish() raises ValueError for a not_before that is not a finite number of seconds,
+    and appends nothing."""
+    with pytest.raises(ValueError, match="not_before must be a"):
+        streams.transport().publish(_event(1), not_before=value)
+    assert streams.length() == 0
+
+
+@pytest.mark.parametrize("value", ["soon", "", "nan", "inf", "-Infinity", "1e999"])
+def test_entry_with_a_bad_not_before_is_dead_lettered_and_the_rest_of_its_batch_delivered(
+    streams: Streams, value: str
+) -> None:
+    """An entry whose not_before is not a finite number cannot be decoded: it goes to the dead
+    stream with the reason, and the entries around it (one batch) are delivered."""
+    producer = streams.transport()
+    before = _event(1)
+    producer.publish(before, not_before=1_800_000_000.5)
+    bad_id = streams.redis.xadd(streams.stream, _raw_entry(not_before=value))
+    after = _event(2)
+    producer.publish(after)
+    consumer = streams.transport()
+    handed = Handed(consumer, expected=2)
+    consumer.start(handed)  # reads the three entries in one XREADGROUP batch
+    handed.wait("the good entries around the bad one were handed over")
+    assert handed.by_id() == {before.id: (1_800_000_000.5,), after.id: ()}
+    [(_dead_id, dead)] = streams.dead_entries()
+    assert dead["entry_id"] == bad_id
+    assert dead["not_before"] == value
+    assert dead["reason"].startswith(
+        "cannot decode: CodecError: not_before is not a finite number of seconds"
+    )
+    wait_until(lambda: streams.pending() == 0, "every entry of the batch was acknowledged")
+
+
+def test_not_before_survives_the_death_of_the_consumer_that_read_it(streams: Streams) -> None:
+    """An entry with not_before read by a consumer that died is taken over by another, which
+    gets the same not_before: the delay is not lost with the consumer."""
+    due = time.time() + 600.5
+    sent = _event(1)
+    streams.transport().publish(sent, not_before=due)
+    entry_id = streams.read_as("dead-consumer")
+    streams.age("dead-consumer", entry_id)
+    consumer = streams.transport(claim_idle=30)
+    handed = Handed(consumer)
+    assert consumer.start(handed) == 1
+    handed.wait("the taken-over entry was handed over")
+    assert handed.by_id() == {sent.id: (due,)}
+
+
+#: The delay of the end-to-end tests below: long enough to see the entry held before it.
+DELAY = 1.0
+#: Slack for comparing wall-clock times taken in different places (the due time is converted
+#: to the consumer's monotonic clock).
+CLOCK_SLACK = 0.05
+
+
+class Stamps:
+    """A handler that records the wall-clock time of each call and signals the first."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.called = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.times.append(time.time())
+        self.called.set()
+
+
+def test_emit_with_delay_is_held_unacknowledged_and_delivered_once_due(
+    streams: Streams,
+) -> None:
+    """emit(delay=...) through Redis: the consumer reads the entry at once, holds it pending
+    without running the handler, and runs it no earlier than the delay."""
+    consumer = streams.bus(bus_options={"max_workers": 2})
+    stamps = Stamps()
+    consumer.subscribe("report:requested", stamps)
+    consumer.start()
+    emitted_at = time.time()
+    streams.bus().emit("report:requested", {"id": 1}, delay=DELAY)
+    [(_entry, fields)] = streams.redis.xrange(streams.stream)
+    assert float(fields["not_before"]) == pytest.approx(emitted_at + DELAY, abs=CLOCK_SLACK)
+    wait_until(lambda: streams.pending() == 1, "the consumer read the delayed entry")
+    assert stamps.called.wait(WAIT), "the delayed event was never delivered"
+    assert stamps.times[0] >= emitted_at + DELAY - CLOCK_SLACK
+    wait_until(lambda: streams.pending() == 0, "the entry was acknowledged after its delivery")
+
+
+def test_delay_survives_the_consumer_that_held_the_entry(streams: Streams) -> None:
+    """A delayed entry read by a consumer that died is taken over by a bus that starts
+    later, which still runs the handler no earlier than the entry's not_before."""
+    due = time.time() + DELAY
+    streams.transport().publish(_event(1), not_before=due)
+    entry_id = streams.read_as("dead-consumer")
+    streams.age("dead-consumer", entry_id)
+    consumer = streams.bus(claim_idle=30, bus_options={"max_workers": 2})
+    stamps = Stamps()
+    consumer.subscribe("order:placed", stamps)
+    assert consumer.start() == 1
+    assert stamps.called.wait(WAIT), "the taken-over delayed event was never delivered"
+    assert stamps.times[0] >= due - CLOCK_SLACK
+    wait_until(lambda: streams.pending() == 0, "the entry was acknowledged")
+
+
 # -- keeping in-flight entries fresh ---------------------------------------------------------
 
 

@@ -76,9 +76,17 @@ class MemoryStore:
                     if row.state in _OPEN and row.owner == owner and owner is not None:
                         _release(row)
 
-    def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
-        """Keep *event* with a pending delivery per handler, or return the event kept under
-        *key* (then nothing changes)."""
+    def add(
+        self,
+        event: Event,
+        handlers: Collection[str],
+        key: str | None = None,
+        *,
+        due_at: float | None = None,
+    ) -> Event | None:
+        """Keep *event* with a pending delivery per handler (with *due_at*: waiting to start
+        then, as a retry waits), or return the event kept under *key* (then nothing
+        changes)."""
         with self._lock:
             owner = self._require_owner()
             if key is not None and key in self._keys:
@@ -86,7 +94,10 @@ class MemoryStore:
             self._events[event.id] = (event, key)
             if key is not None:
                 self._keys[key] = event.id
-            self._rows[event.id] = {h: _Row("pending", owner) for h in handlers}
+            if due_at is None:
+                self._rows[event.id] = {h: _Row("pending", owner) for h in handlers}
+            else:
+                self._rows[event.id] = {h: _Row("retrying", owner, due_at=due_at) for h in handlers}
             self._prune()
         return None
 
@@ -161,7 +172,15 @@ class MemoryStore:
             rows = self._rows.get(event_id)
             if rows is None:
                 return None
-            return {h: Delivery(h, r.state, r.attempts, r.error) for h, r in rows.items()}
+            return {
+                h: Delivery(
+                    h,
+                    "scheduled" if r.state == "retrying" and not r.attempts else r.state,
+                    r.attempts,
+                    r.error,
+                )
+                for h, r in rows.items()
+            }
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""

@@ -26,7 +26,7 @@ from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
 from eventbus.stores._group_commit import GroupCommit, Write
 from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
-from eventbus.typing import Reporter
+from eventbus.typing import DeliveryState, Reporter
 
 __all__ = ["SQLiteStore"]
 
@@ -344,8 +344,16 @@ class SQLiteStore:
 
     # -- the bus's writes ----------------------------------------------------------------
 
-    def add(self, event: Event, handlers: Collection[str], key: str | None = None) -> Event | None:
-        """Commit *event* and one pending delivery per handler, owned by the open bus.
+    def add(
+        self,
+        event: Event,
+        handlers: Collection[str],
+        key: str | None = None,
+        *,
+        due_at: float | None = None,
+    ) -> Event | None:
+        """Commit *event* and one pending delivery per handler, owned by the open bus (with
+        *due_at*, a wall-clock time: waiting to start then, as a retry waits).
 
         Returns ``None``, or the event first stored under *key* (then nothing is written;
         fields of that event that cannot be decoded any more are given as for a quarantined
@@ -363,10 +371,11 @@ class SQLiteStore:
                     return self._event_or_undecoded(found)
             owner = self._require_owner()
             db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            state = "pending" if due_at is None else "retrying"
             db.executemany(
-                "INSERT INTO deliveries (event_id, handler, state, owner) "
-                "VALUES (?, ?, 'pending', ?)",
-                [(event.id, handler, owner) for handler in handlers],
+                "INSERT INTO deliveries (event_id, handler, state, due_at, owner) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(event.id, handler, state, due_at, owner) for handler in handlers],
             )
             self._emits += 1
             return None
@@ -483,7 +492,7 @@ class SQLiteStore:
                     f"SELECT d.handler, d.state, d.attempts, d.error, d.due_at, d.owner, "
                     f"{_EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id "
                     f"WHERE d.state IN {_OPEN_STATES} "
-                    f"ORDER BY e.created"
+                    f"ORDER BY e.created, e.rowid"
                 ).fetchall()
                 for handler, state, attempts, error, due_at, held_by, *event_row in rows:
                     if held_by is not None and held_by not in dead_owners:
@@ -551,7 +560,10 @@ class SQLiteStore:
             )
         if not rows:
             return None
-        return {h: Delivery(h, state, attempts, error) for h, state, attempts, error in rows}
+        return {
+            h: Delivery(h, _shown(state, attempts), attempts, error)
+            for h, state, attempts, error in rows
+        }
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first. A dead letter whose event cannot be decoded is
@@ -808,6 +820,11 @@ def _readable_time(text: object) -> datetime:
 def _is_count(value: object) -> TypeGuard[int]:
     """Whether a stored attempt count is one: an int (not a bool), zero or more."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shown(state: DeliveryState, attempts: int) -> DeliveryState:
+    """The state status() shows: waiting with no attempt yet is a delayed start."""
+    return "scheduled" if state == "retrying" and attempts == 0 else state
 
 
 def _delivery_problem(attempts: object, error: object, due_at: object) -> str | None:

@@ -1,7 +1,8 @@
 """RedisStreamsTransport: the event flow of several processes through one Redis stream.
 
-The only module that imports ``redis``. Thread-safe: ``publish`` and ``ping`` may be called from
-any thread; one reader thread per transport consumes the group.
+The only module that imports ``redis`` (the shared rate limiter of ``_redis_rate`` is handed
+its client). Thread-safe: ``publish``, ``ping`` and ``rate_limiter`` may be called from any
+thread; one reader thread per transport consumes the group.
 """
 
 from __future__ import annotations
@@ -26,17 +27,22 @@ from eventbus._event import Event, new_id
 from eventbus._registry import handler_name
 from eventbus.codec import JsonCodec
 from eventbus.exceptions import CodecError, DuplicateInFlightError, TransportError
-from eventbus.typing import HandlerT, Reporter
+from eventbus.transports._redis_rate import RedisRateLimiter, validate_rate
+from eventbus.typing import HandlerT, RateLimiter, Reporter
 
 __all__ = ["RedisStreamsTransport"]
 
-#: Called for each entry read: the event, and the entry id to pass to ``settled()``.
-Deliver = Callable[[Event, str], None]
+#: Called for each entry read: the event, the entry id to pass to ``settled()`` and, for an
+#: entry published with ``not_before``, that time as a third argument (only then: a callback
+#: taking two arguments works for every entry without one).
+Deliver = Callable[..., None]
 
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 #: The fields an entry must have to be decoded (``payload_type`` and ``metadata`` may be absent).
 _REQUIRED_FIELDS = ("id", "name", "payload", "occurred_at")
+#: The field of an entry published with ``not_before``: wall-clock seconds since the epoch.
+_NOT_BEFORE_FIELD = "not_before"
 
 #: Characters of one field, and of a reason, handed to ``on_dead`` (which the bus logs).
 _LOGGED_FIELD_LIMIT = 200
@@ -89,6 +95,16 @@ class RedisStreamsTransport:
       inside the client, which would multiply that bound and could append a timed-out entry
       twice. The reader's ``XREADGROUP`` waits ``block`` seconds on purpose, so its
       connection allows ``block + socket_timeout`` for the reply.
+
+    Delayed events: ``publish(event, not_before=t)`` adds a field ``not_before`` (wall-clock
+    seconds since the epoch) to the entry, and the consumer hands it over as
+    ``deliver(event, entry_id, t)``; the bus holds the entry, unacknowledged and kept fresh,
+    until then. A consumer that dies meanwhile leaves it pending: whoever takes it over reads
+    ``not_before`` again, so the delay survives. An entry whose ``not_before`` is not a finite
+    number cannot be decoded (dead stream, as above).
+
+    Shared rate limits: :meth:`rate_limiter` gives a token bucket in Redis that every consumer
+    of the group shares, so a handler's ``rate_limit`` holds across processes.
 
     Connection loss: ``publish`` (so ``emit``) raises :class:`~eventbus.TransportError`; it
     never drops an event silently. When Redis was unreachable nothing was appended; when the
@@ -182,15 +198,22 @@ class RedisStreamsTransport:
 
     # -- producing -----------------------------------------------------------------------
 
-    def publish(self, event: Event) -> str:
+    def publish(self, event: Event, *, not_before: float | None = None) -> str:
         """Append *event* to the stream; return the entry id. Thread-safe. Blocks for at most
         ``2 * socket_timeout`` (connecting, then the reply) when Redis does not answer.
 
-        Raises ``TypeError`` for a payload the codec cannot encode (nothing appended) and
+        *not_before* (wall-clock seconds since the epoch, a finite number) is written with the
+        entry, and the consumer that reads it, or takes it over, passes it to its ``deliver``.
+
+        Raises ``ValueError`` for a *not_before* that is not a finite number and ``TypeError``
+        for a payload the codec cannot encode (nothing appended in either case), and
         :class:`~eventbus.TransportError` when Redis cannot be reached, the connection broke or
         Redis did not answer within ``socket_timeout`` (appended only if Redis ran, or later
         runs, the command: see the class docs)."""
+        due = None if not_before is None else _checked_not_before(not_before)
         fields = self._encode(event)
+        if due is not None:
+            fields[_NOT_BEFORE_FIELD] = repr(due)
         try:
             self._ensure_group()
             entry_id = self._redis.xadd(self.stream, fields)
@@ -217,6 +240,30 @@ class RedisStreamsTransport:
                 f"Redis at {self._where} answered PING with an error: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def rate_limiter(self, name: str, limit: int, period: float) -> RateLimiter:
+        """A token bucket for handler *name* shared by every consumer of this transport's
+        group: at most *limit* attempts start per *period* seconds across all of them (a burst
+        of up to *limit*, then *limit* per *period*). The bus asks for one per rate-limited
+        handler. Thread-safe.
+
+        The bucket is a hash ``<stream>:rate:<group>:<name>`` updated by one Lua script on the
+        server's clock, so the processes' clocks do not matter; an idle bucket expires once it
+        would be full again. ``acquire()`` returns ``0.0`` for a token taken, else the seconds
+        until the next, and raises :class:`~eventbus.TransportError` when Redis cannot be
+        reached or answers with an error (within ``2 * socket_timeout``).
+
+        Raises ``ValueError`` (``TypeError`` for a *limit* that is not an int) for an empty
+        *name*, a *limit* below 1 or a *period* that is not a finite number > 0."""
+        name, limit, period = validate_rate(name, limit, period)
+        return RedisRateLimiter(
+            self._redis,
+            f"{self.stream}:rate:{self.group}:{name}",
+            limit,
+            period,
+            errors=(redis.RedisError,),
+            where=self._where,
+        )
+
     def _encode(self, event: Event) -> dict[str, str]:
         envelope = to_envelope(self.codec, event)
         # A stream entry's fields are strings: plain JSON's missing type name is "".
@@ -226,13 +273,20 @@ class RedisStreamsTransport:
         """The event of an entry's fields as Redis hands them over (bytes). Raises
         ``CodecError`` (a ``ValueError``) for fields that are not UTF-8, a missing field, or
         anything :func:`from_envelope` refuses."""
+        return self._decode_entry(raw)[0]
+
+    def _decode_entry(self, raw: Mapping[Any, Any] | None) -> tuple[Event, float | None]:
+        """The event of an entry's fields and its ``not_before`` (``None`` without one).
+        Raises ``CodecError`` as :meth:`_decode` does, and for a ``not_before`` that is not a
+        finite number."""
         fields = _utf8_fields(raw)
         missing = [repr(name) for name in _REQUIRED_FIELDS if name not in fields]
         if missing:
             raise CodecError(
                 f"entry has no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}"
             )
-        return from_envelope(
+        not_before = _parse_not_before(fields.get(_NOT_BEFORE_FIELD))
+        event = from_envelope(
             self.codec,
             Envelope(
                 id=fields["id"],
@@ -243,14 +297,17 @@ class RedisStreamsTransport:
                 occurred_at=fields["occurred_at"],
             ),
         )
+        return event, not_before
 
     # -- consuming -----------------------------------------------------------------------
 
     def start(self, deliver: Deliver, reporter: Reporter | None = None) -> int:
         """Create the group if needed, take over entries of stopped consumers, and start the
-        reader thread, which hands each entry to *deliver*. Returns how many entries were
-        taken over. The reader's errors, dead-lettered entries and take-overs go to
-        *reporter* when given (else to ``on_error``, ``on_dead`` and ``on_taken_over``).
+        reader thread, which hands each entry to *deliver*: ``deliver(event, entry_id)``, or
+        ``deliver(event, entry_id, not_before)`` for an entry published with ``not_before``
+        (hold it, unsettled, until then). Returns how many entries were taken over. The
+        reader's errors, dead-lettered entries and take-overs go to *reporter* when given
+        (else to ``on_error``, ``on_dead`` and ``on_taken_over``).
         Raises :class:`~eventbus.TransportError` if Redis cannot be reached and
         ``RuntimeError`` if already started."""
         if reporter is not None:
@@ -404,14 +461,17 @@ class RedisStreamsTransport:
             self._dead_letter(entry_id, _lenient_fields(raw), reason, deliveries)
             return False
         try:
-            event = self._decode(raw)
+            event, not_before = self._decode_entry(raw)
         except Exception as exc:  # noqa: BLE001 - quarantined, the stream goes on
             reason = f"cannot decode: {type(exc).__name__}: {exc}"
             self._dead_letter(entry_id, _lenient_fields(raw), reason, deliveries)
             return False
         deliver = self._deliver
         assert deliver is not None
-        deliver(event, entry_id)
+        if not_before is None:
+            deliver(event, entry_id)
+        else:
+            deliver(event, entry_id, not_before)
         return True
 
     def _release(self, entry_ids: Iterable[str]) -> None:
@@ -565,6 +625,34 @@ class RedisStreamsTransport:
 
     def __repr__(self) -> str:
         return f"<RedisStreamsTransport {self.stream!r} group={self.group!r}>"
+
+
+def _checked_not_before(value: object) -> float:
+    """*value*, publish()'s ``not_before``, as a float; ``ValueError`` unless it is a finite
+    number of seconds (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"not_before must be a number of seconds since the epoch, got {value!r}")
+    try:
+        due = float(value)
+    except OverflowError:  # an int too large for a float
+        due = math.inf
+    if not math.isfinite(due):
+        raise ValueError(f"not_before must be a finite number of seconds, got {value!r}")
+    return due
+
+
+def _parse_not_before(text: str | None) -> float | None:
+    """An entry's ``not_before`` field as a float, ``None`` without one; ``CodecError``
+    unless it is a finite number."""
+    if text is None:
+        return None
+    try:
+        due = float(text)
+    except ValueError:
+        due = math.nan
+    if not math.isfinite(due):
+        raise CodecError(f"not_before is not a finite number of seconds: {text[:40]!r}")
+    return due
 
 
 def _utf8_fields(raw: Mapping[Any, Any] | None) -> dict[str, str]:
