@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from eventbus._dispatch import WorkerPool
 from eventbus._policies import AttemptWatch
@@ -149,6 +148,14 @@ def _thread_stack(thread: threading.Thread) -> str:
 
 
 def _task_stack(task: asyncio.Task[object]) -> str:
-    out = io.StringIO()
-    task.print_stack(file=out)
-    return out.getvalue()
+    # Down the chain of awaits: Task.get_stack() stops at the task's own coroutine, which is
+    # eventbus's, not where the handler waits.
+    frames = []
+    awaitable: Any = task.get_coro()
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+    return "".join(traceback.StackSummary.extract(iter(frames)).format())
