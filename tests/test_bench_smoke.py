@@ -27,6 +27,8 @@ SCENARIOS = (
     "emit() latency p99, 4 handlers, workers busy",
     "emit cost vs subscriptions, 4 matching",
     "inline (sync), 4 handlers",
+    "keyed dispatch, 500 keys, 4 handlers",
+    "concurrency=16, 4 handlers",
     "1,000 async handlers, each awaiting asyncio.sleep(0.1)",
     "async dispatch, 4 handlers",
     "aemit() latency p50, 4 async handlers, loop busy",
