@@ -198,10 +198,7 @@ class Pipeline:
         the clock's *not_before*, if given)."""
         count = dispatch.total
         self.observer.emitted(dispatch.event, count, verbose=dispatch.verbose)
-        if not_before is None and not (
-            self.registry.has_special
-            and any(sub.is_async or sub.gate is not None for sub in dispatch.subs)
-        ):
+        if not_before is None and not getattr(dispatch.subs, "special", True):
             self._submit_copies(dispatch, count)
             return
         # One job per delivery (a dispatch's shared cursor cannot tell the pool's deliveries

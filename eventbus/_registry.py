@@ -218,7 +218,21 @@ class Registry:
             if sub.name not in seen:
                 seen.add(sub.name)
                 unique.append(sub)
-        return tuple(unique)
+        return _route(unique)
+
+
+class Route(tuple):  # type: ignore[type-arg]
+    """The subscriptions an event resolves to, and whether any of them needs its deliveries
+    queued one by one (an ``async def`` handler, or one with a gate): decided once per
+    resolution, not once per event."""
+
+    special: bool
+
+
+def _route(subs: list[Subscription]) -> tuple[Subscription, ...]:
+    route = Route(subs)
+    route.special = any(sub.is_async or sub.gate is not None for sub in subs)
+    return route
 
 
 def _is(sub: Subscription, handler: Handler | str) -> bool:
