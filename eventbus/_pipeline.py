@@ -520,7 +520,7 @@ class Pipeline:
         extra = dispatch.extra(index)
         began = dispatch.progress[index] & STATE_MASK == RUNNING
         gate = dispatch.subs[index].gate
-        if gate is not None and began:
+        if gate is not None:  # it passed the gate's slot stage on its way to the loop
             gate.attempt_ended()
         why = "the bus closed" if self.stopped else "its event loop stopped"
         extra.error = f"cancelled {'while running' if began else 'before it ran'}: {why}"
