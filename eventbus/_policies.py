@@ -254,6 +254,7 @@ class Gate:
         self._holders: dict[Hashable, tuple[object, int]] = {}
         self._key_waiting: dict[Hashable, deque[RetryJob]] = {}
         self._key_of_delivery: dict[tuple[object, int], Hashable] = {}
+        self._keys_only = policy.concurrency is None and limiter is None
         # Slot stage.
         self._slots_lock = threading.Lock()
         self._running = 0
@@ -274,7 +275,10 @@ class Gate:
         key_of = self.policy.ordered_by
         if key_of is not None and not self._take_key(job, key_of):
             return
-        if self._hold(job):
+        if job.not_before is not None and self._hold(job):
+            return
+        if self._keys_only:  # no slot or token to wait for
+            self._pass_on(job)
             return
         self._to_slot(job)
 
@@ -394,7 +398,7 @@ class Gate:
                 del self._key_waiting[key]
             self._holders[key] = (following.dispatch, following.index)
         self._parked(-1)
-        if self._hold(following):
+        if following.not_before is not None and self._hold(following):
             return
         self._to_slot(following)
 
