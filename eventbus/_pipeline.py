@@ -202,9 +202,19 @@ class Pipeline:
             self._submit_copies(dispatch, count)
             return
         # One job per delivery (a dispatch's shared cursor cannot tell the pool's deliveries
-        # from the loop's or a gate's), each to where it runs or waits, in start order.
-        for index in range(count):
-            self.submit(RetryJob(dispatch, index, not_before))
+        # from the loop's or a gate's), each to where it runs or waits, in start order; those
+        # that may start now are handed to the pool together, under one lock.
+        ready: list[RetryJob] = []
+        for index, sub in enumerate(dispatch.subs):
+            job = RetryJob(dispatch, index, not_before)
+            gate = sub.gate
+            if gate is not None:
+                if gate.offer(job):
+                    ready.append(job)
+            elif not_before is None or not self.hold(job):
+                ready.append(job)
+        if ready:
+            self._start_all(ready)
         if self._inline and self.registry.has_special and not self.guard.inside():
             self._settle_inline()
 
@@ -227,7 +237,8 @@ class Pipeline:
         ``not_before`` time if it has one, then where its handler runs."""
         gate = job.dispatch.subs[job.index].gate
         if gate is not None:
-            gate.offer(job)  # then hold(), then start()
+            if gate.offer(job):  # else it waits in the gate, which starts it in its turn
+                self.start(job)
         elif not self.hold(job):
             self.start(job)
 
@@ -262,6 +273,29 @@ class Pipeline:
                 self.executor.submit(job)
         if stopped:
             self.abandon([(job.dispatch, job.index)], None)
+
+    def _start_all(self, jobs: list[RetryJob]) -> None:
+        """start() for several deliveries, with one hand-over to the pool."""
+        pooled = []
+        for job in jobs:
+            if job.dispatch.subs[job.index].is_async:
+                self.loops.submit(job)
+            else:
+                pooled.append(job)
+        if not pooled:
+            return
+        if self._inline:
+            for job in pooled:
+                self.start(job)
+            return
+        submit = self.executor.submit
+        with self._lock:
+            stopped = self.stopped
+            if not stopped:
+                for job in pooled:
+                    submit(job)
+        if stopped:
+            self.abandon([(job.dispatch, job.index) for job in pooled], None)
 
     def new_gate(self, policy: Policy, limiter: RateLimiter | None) -> Gate:
         """The gate of a new subscription with *policy* (see :mod:`eventbus._policies`)."""

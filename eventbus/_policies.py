@@ -270,17 +270,19 @@ class Gate:
 
     # -- the way in ------------------------------------------------------------------------
 
-    def offer(self, job: RetryJob) -> None:
-        """A delivery wants to start (first attempt, retry, replay or take-over)."""
+    def offer(self, job: RetryJob) -> bool:
+        """A delivery wants to start (first attempt, retry, replay or take-over). True if it
+        may start now: the caller starts it (so that it can start an event's deliveries
+        together); False if it waits here (it is handed on when its turn comes) or was
+        settled or scheduled instead."""
         key_of = self.policy.ordered_by
         if key_of is not None and not self._take_key(job, key_of):
-            return
+            return False
         if job.not_before is not None and self._hold(job):
-            return
+            return False
         if self._keys_only:  # no slot or token to wait for
-            self._pass_on(job)
-            return
-        self._to_slot(job)
+            return True
+        return self._to_slot(job)
 
     def _take_key(self, job: RetryJob, key_of: Callable[[Event], Hashable]) -> bool:
         delivery: tuple[object, int] = (job.dispatch, job.index)
@@ -307,21 +309,20 @@ class Gate:
         self._parked(1)
         return False
 
-    def _to_slot(self, job: RetryJob) -> None:
+    def _to_slot(self, job: RetryJob) -> bool:
         limit = self.policy.concurrency
         if limit is not None:
             with self._slots_lock:
                 if self._running >= limit or self._slot_waiting:
                     self._slot_waiting.append(job)
-                    return
+                    return False
                 self._running += 1
-        self._to_token(job)
+        return self._to_token(job)
 
-    def _to_token(self, job: RetryJob) -> None:
+    def _to_token(self, job: RetryJob) -> bool:
         limiter = self._limiter
         if limiter is None:
-            self._pass_on(job)
-            return
+            return True
         with self._tokens_lock:
             if self._token_waiting:
                 wait = 1.0
@@ -333,8 +334,8 @@ class Gate:
                 self._token_waiting.append(job)
         if wait > 0:
             self._parked(1)
-            return
-        self._pass_on(job)
+            return False
+        return True
 
     def _acquire(self, limiter: RateLimiter) -> float:
         try:
@@ -377,7 +378,8 @@ class Gate:
                 return
             self._running += 1
             job = self._slot_waiting.popleft()
-        self._to_token(job)
+        if self._to_token(job):
+            self._pass_on(job)
 
     def settled(self, job_dispatch: object, index: int) -> None:
         """A delivery reached its end (or left this process): its key goes to the next."""
@@ -400,7 +402,8 @@ class Gate:
         self._parked(-1)
         if following.not_before is not None and self._hold(following):
             return
-        self._to_slot(following)
+        if self._to_slot(following):
+            self._pass_on(following)
 
     def close(self) -> list[RetryJob]:
         """Stop handing on; return every job still waiting at a stage."""

@@ -151,6 +151,12 @@ class Recorder:
     def _park(self, count: int) -> None:
         self.parked += count
 
+    def offer(self, j: RetryJob) -> None:
+        """Offer *j*, starting it as the pipeline does when the gate says it may start now
+        (later turns are handed on through pass_on)."""
+        if self.gate.offer(j):
+            self.started.append(j)
+
 
 def job(payload: object = None) -> RetryJob:
     def handler(event: Event) -> None:
@@ -167,10 +173,10 @@ def test_a_key_runs_one_delivery_at_a_time_in_the_order_offered():
     r = Recorder(Policy(ordered_by=key_function("k")))
     first, second, other = job({"k": 1}), job({"k": 1}), job({"k": 2})
     for j in (first, second, other):
-        r.gate.offer(j)
+        r.offer(j)
     assert r.started == [first, other]
     assert r.parked == 1  # the second waits, counted as waiting
-    r.gate.offer(first)  # its retry: the holder passes again
+    r.offer(first)  # its retry: the holder passes again
     assert r.started == [first, other, first]
     r.gate.settled(first.dispatch, 0)
     assert r.started == [first, other, first, second]
@@ -180,8 +186,8 @@ def test_a_key_runs_one_delivery_at_a_time_in_the_order_offered():
 def test_a_key_function_that_raises_fails_the_delivery_and_holds_no_key():
     r = Recorder(Policy(ordered_by=key_function("k")))
     broken, fine = job({"no k": 1}), job({"k": 1})
-    r.gate.offer(broken)
-    r.gate.offer(fine)
+    r.offer(broken)
+    r.offer(fine)
     assert [j for j, _ in r.failed] == [broken]
     assert isinstance(r.failed[0][1], KeyError)
     assert r.started == [fine]
@@ -191,7 +197,7 @@ def test_slots_bound_running_attempts_and_free_as_attempts_end():
     r = Recorder(Policy(concurrency=2))
     jobs = [job() for _ in range(4)]
     for j in jobs:
-        r.gate.offer(j)
+        r.offer(j)
     assert r.started == jobs[:2]
     assert r.parked == 0  # waiting for a slot is active work, not waiting
     r.gate.attempt_ended()
@@ -205,7 +211,7 @@ def test_tokens_start_at_most_the_rate_and_the_rest_when_the_clock_moves():
     r = Recorder(Policy(rate=Rate(2, 1.0)))
     jobs = [job() for _ in range(5)]
     for j in jobs:
-        r.gate.offer(j)
+        r.offer(j)
     assert r.started == jobs[:2]
     assert r.parked == 3
     r.clock.advance(0.5)
@@ -219,7 +225,7 @@ def test_close_returns_everything_waiting_and_hands_nothing_on_afterwards():
     r = Recorder(Policy(ordered_by=key_function("k"), concurrency=1))
     first, behind_key, behind_slot = job({"k": 1}), job({"k": 1}), job({"k": 2})
     for j in (first, behind_key, behind_slot):
-        r.gate.offer(j)
+        r.offer(j)
     assert r.started == [first]
     waiting = r.gate.close()
     assert {id(j) for j in waiting} == {id(behind_key), id(behind_slot)}
