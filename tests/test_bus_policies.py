@@ -435,3 +435,24 @@ def test_a_delayed_event_of_a_key_holds_the_later_ones(inline):
     assert calls == []
     clock.advance(10)
     assert calls == [1, 2]
+
+
+def test_close_abandons_deliveries_waiting_for_a_token_instead_of_waiting_for_time():
+    """close() does not wait for a rate limit's tokens (time may never come on a fake clock):
+    deliveries still waiting for one are abandoned like retries not yet due."""
+    bus, _ = inline_bus(retry=FIXED)
+    calls: list[int] = []
+
+    @bus.on("partner:call", rate_limit="1/h", name="call_partner")
+    def call_partner(event: Event) -> None:
+        calls.append(event.payload)
+
+    for n in range(3):
+        bus.emit("partner:call", n)
+    with capture_logs() as logs:
+        bus.close()
+    assert calls == [0]
+    assert sorted(letter.event.payload for letter in bus.dead_letters()) == [1, 2]
+    assert {letter.reason for letter in bus.dead_letters()} == {"abandoned"}
+    [closed] = [r for r in logs if r["event"] == "bus.closed"]
+    assert closed["abandoned"] == 2
