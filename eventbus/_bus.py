@@ -688,6 +688,27 @@ class EventBus:
             raise BusClosedError("astart() after close()")
         self._pipeline.loops.bind(asyncio.get_running_loop())
 
+    @overload
+    async def aemit(
+        self,
+        event: str,
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key: str | None = None,
+        delay: float | timedelta | None = None,
+    ) -> Event: ...
+
+    @overload
+    async def aemit(
+        self,
+        event: object,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key: str | None = None,
+        delay: float | timedelta | None = None,
+    ) -> Event: ...
+
     async def aemit(
         self,
         event: object,
