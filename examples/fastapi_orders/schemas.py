@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from eventbus import DeadLetter, Delivery
+from eventbus.typing import DeliveryState
 from examples.fastapi_orders.orders import LineItem, Order
 
 __all__ = [
@@ -103,7 +104,7 @@ class OrderOut(_Strict):
 class DeliveryOut(_Strict):
     """Where one handler's delivery of the order's event stands (``bus.status()``)."""
 
-    state: Literal["pending", "running", "retrying", "succeeded", "dead"]
+    state: DeliveryState
     attempts: int
     error: str | None
 
