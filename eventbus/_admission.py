@@ -202,17 +202,17 @@ class Admission:
             self._tallies.append(tally)
         return tally
 
-    def to_retry(self) -> None:
-        """A pending delivery starts waiting for its backoff (no longer active)."""
+    def to_retry(self, count: int = 1) -> None:
+        """*count* pending deliveries start waiting for their backoff (no longer active)."""
         with self._lock:
-            self._waiting += 1
+            self._waiting += count
             if self._waiters:
                 self._changed.notify_all()
 
-    def from_retry(self) -> None:
-        """A delivery's backoff ended: it is active again (it may pass the bound)."""
+    def from_retry(self, count: int = 1) -> None:
+        """*count* deliveries' backoff ended: active again (they may pass the bound)."""
         with self._lock:
-            self._waiting -= 1
+            self._waiting -= count
 
     # -- totals and waiting ----------------------------------------------------------------
 

@@ -257,25 +257,11 @@ class Pipeline:
 
     def start(self, job: RetryJob) -> None:
         """Hand one delivery to the event loop (an ``async def`` handler) or the executor."""
-        if job.dispatch.subs[job.index].is_async:
-            self.loops.submit(job)
-            return
-        if self._inline:  # runs the job here and now: never under a lock it may take
-            if self.stopped:
-                self.abandon([(job.dispatch, job.index)], None)
-            else:
-                self.executor.submit(job)
-            return
-        with self._lock:
-            stopped = self.stopped
-            if not stopped:
-                # Under the lock that stop() takes: once stopped, the pool is shut down.
-                self.executor.submit(job)
-        if stopped:
-            self.abandon([(job.dispatch, job.index)], None)
+        self._start_all([job])
 
     def _start_all(self, jobs: list[RetryJob]) -> None:
-        """start() for several deliveries, with one hand-over to the pool."""
+        """Hand deliveries to the event loop or the executor, with one hand-over to the pool;
+        abandon them instead if the bus stopped."""
         pooled = []
         for job in jobs:
             if job.dispatch.subs[job.index].is_async:
@@ -284,9 +270,12 @@ class Pipeline:
                 pooled.append(job)
         if not pooled:
             return
-        if self._inline:
+        if self._inline:  # runs each job here and now: never under a lock it may take
             for job in pooled:
-                self.start(job)
+                if self.stopped:
+                    self.abandon([(job.dispatch, job.index)], None)
+                else:
+                    self.executor.submit(job)
             return
         submit = self.executor.submit
         with self._lock:
@@ -318,11 +307,10 @@ class Pipeline:
 
     def _parked(self, count: int) -> None:
         # Waiting for a key or a token counts as waiting (like a backoff), not as active.
-        for _ in range(abs(count)):
-            if count > 0:
-                self.admission.to_retry()
-            else:
-                self.admission.from_retry()
+        if count > 0:
+            self.admission.to_retry(count)
+        else:
+            self.admission.from_retry(-count)
 
     def _key_failed(self, job: RetryJob, error: BaseException) -> None:
         dispatch, index = job.dispatch, job.index
