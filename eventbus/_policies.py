@@ -71,10 +71,6 @@ class Rate:
     limit: int
     period: float
 
-    def __str__(self) -> str:
-        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.period, f"{self.period}s")
-        return f"{self.limit}/{unit}"
-
 
 def parse_rate(text: object) -> Rate:
     """``"10/s"``, ``"100/m"``, ``"5/h"`` (Celery's syntax) as a :class:`Rate`. Raises
@@ -422,12 +418,6 @@ class Gate:
         if parked:
             self._parked(-parked)
         return waiting
-
-    def waiting(self) -> int:
-        """Deliveries waiting at one of the stages (a snapshot)."""
-        with self._keys_lock, self._slots_lock, self._tokens_lock:
-            keyed = sum(len(line) for line in self._key_waiting.values())
-            return keyed + len(self._slot_waiting) + len(self._token_waiting)
 
 
 class AttemptWatch:

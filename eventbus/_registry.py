@@ -173,11 +173,6 @@ class Registry:
                 self._cache = {}
         return removed
 
-    def gates(self) -> list[Gate]:
-        """The gates of every subscription that has one."""
-        with self._lock:
-            return [s.gate for s in self._subscriptions if s.gate is not None]
-
     def find(self, name: str) -> Subscription | None:
         """The first subscription of the handler called *name* (for replays), if any."""
         with self._lock:
