@@ -91,13 +91,14 @@ class Watchdog:
 
             watched.timers.append(clock.call_later(policy.timeout, on_timeout))
         if policy.stall_warning is not None:
-            started = clock.monotonic()
-
-            def on_stall() -> None:
-                if watched.watch.running:
-                    self._stalled(dispatch, index, started, thread.name, _thread_stack(thread))
-
-            watched.timers.append(clock.call_later(policy.stall_warning, on_stall))
+            self._watch_stall(
+                watched,
+                dispatch,
+                index,
+                policy.stall_warning,
+                where=thread.name,
+                stack=lambda: _thread_stack(thread),
+            )
         return watched
 
     def watch_task(self, dispatch: Dispatch, index: int) -> Watched:
@@ -117,22 +118,39 @@ class Watchdog:
 
             watched.timers.append(clock.call_later(policy.timeout, lambda: _on_loop(loop, cancel)))
         if policy.stall_warning is not None:
-            started = clock.monotonic()
-
-            def on_stall() -> None:
-                if watched.watch.running:
-                    self._stalled(dispatch, index, started, task.get_name(), _task_stack(task))
-
-            watched.timers.append(clock.call_later(policy.stall_warning, on_stall))
+            self._watch_stall(
+                watched,
+                dispatch,
+                index,
+                policy.stall_warning,
+                where=task.get_name(),
+                stack=lambda: _task_stack(task),
+            )
         return watched
 
-    def _stalled(
-        self, dispatch: Dispatch, index: int, started: float, where: str, stack: str
+    def _watch_stall(
+        self,
+        watched: Watched,
+        dispatch: Dispatch,
+        index: int,
+        seconds: float,
+        *,
+        where: str,
+        stack: Callable[[], str],
     ) -> None:
-        elapsed = self._clock.monotonic() - started
-        self._observer.stalled(
-            dispatch.event, dispatch.snapshot(index), elapsed, where=where, stack=stack
-        )
+        """Report the attempt once if it still runs *seconds* from now (*stack* says where,
+        read only then)."""
+        clock = self._clock
+        started = clock.monotonic()
+
+        def on_stall() -> None:
+            if watched.watch.running:
+                elapsed = clock.monotonic() - started
+                self._observer.stalled(
+                    dispatch.event, dispatch.snapshot(index), elapsed, where=where, stack=stack()
+                )
+
+        watched.timers.append(clock.call_later(seconds, on_stall))
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
