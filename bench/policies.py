@@ -31,6 +31,7 @@ from bench._harness import (
     Sizes,
     Tally,
     Trial,
+    add_ratios,
     closing_all,
     make_handlers,
     median,
@@ -106,10 +107,7 @@ def _compare(scenario: str, sizes: Sizes, option: str, reference: str, **options
                 },
             )
         )
-    by = {r.dispatcher: r for r in rows}
-    for row in rows:
-        row.ratio = row.value / by[reference].value
-        row.ratio_to = reference
+    add_ratios(rows, next(r for r in rows if r.dispatcher == reference))
     return Section(rows)
 
 
