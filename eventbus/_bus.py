@@ -33,7 +33,7 @@ from eventbus._observe import InDelivery, Observer
 from eventbus._offload import Offload, in_thread
 from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder
 from eventbus._pipeline import Pipeline, job_delivery
-from eventbus._policies import Policy, check_delay, check_seconds, make_policy
+from eventbus._policies import Gate, Policy, check_delay, check_seconds, make_policy
 from eventbus._records import Records, RetryJob
 from eventbus._recovery import StoreRecovery
 from eventbus._registry import (
@@ -333,7 +333,7 @@ class EventBus:
             stall_warning=stall_warning,
         )(handler)
 
-    def _gate(self, policy: Policy, name: str) -> Any:
+    def _gate(self, policy: Policy, name: str) -> Gate | None:
         """The gate of a subscription whose deliveries may have to wait; ``None`` for a
         policy that only times attempts. A rate limit is shared through the transport when
         it offers one (``rate_limiter``), so it holds across all of the group's consumers."""
