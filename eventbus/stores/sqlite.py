@@ -7,26 +7,29 @@ serialised by SQLite itself (WAL, ``busy_timeout``, ``BEGIN IMMEDIATE`` for ever
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sqlite3
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Literal, TypeGuard, cast
+from typing import Any, Literal, cast
 
 from eventbus._envelope import Envelope, from_envelope, to_envelope
 from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
 from eventbus.stores._group_commit import GroupCommit, Write
 from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
-from eventbus.typing import DeliveryState, Reporter
+from eventbus.stores._rows import (
+    delivery_problem,
+    is_count,
+    print_error,
+    readable_time,
+    shown,
+    undecoded_event,
+)
+from eventbus.typing import Reporter
 
 __all__ = ["SQLiteStore"]
 
@@ -72,8 +75,6 @@ CREATE TABLE IF NOT EXISTS owners (
 SCHEMA_VERSION = 1
 #: The tables of an eventbus store, all present in every schema version so far.
 _TABLES = frozenset({"events", "deliveries", "dead_letters", "owners"})
-#: What a dead letter shows for a stored time that cannot be read.
-_EPOCH = datetime.fromtimestamp(0, UTC)
 
 _OPEN_STATES = "('pending', 'running', 'retrying')"
 #: Gives deliveries up: unowned, and an interrupted attempt is pending again.
@@ -169,9 +170,9 @@ class SQLiteStore:
         self._background: threading.Thread | None = None
         #: Called with errors of background work (a deferred commit, a heartbeat). The bus
         #: sets it to log ``eventbus.internal_error``.
-        self.on_error: Callable[[BaseException], None] = _print_error
+        self.on_error: Callable[[BaseException], None] = print_error
         self._reporting: Callable[[BaseException], None] | None = None
-        self._before_reporting: Callable[[BaseException], None] = _print_error
+        self._before_reporting: Callable[[BaseException], None] = print_error
         self._db: sqlite3.Connection | None = self._connect()
 
     # -- connection ----------------------------------------------------------------------
@@ -256,7 +257,7 @@ class SQLiteStore:
 
         def report(exc: BaseException) -> None:
             reporter.internal_error("store", exc)
-            if previous is not _print_error:
+            if previous is not print_error:
                 previous(exc)
 
         self._before_reporting, self._reporting = previous, report
@@ -508,7 +509,7 @@ class SQLiteStore:
                             self._quarantine(db, event_row, handler, attempts, why)
                         )
                         continue
-                    problem = _delivery_problem(attempts, error, due_at)
+                    problem = delivery_problem(attempts, error, due_at)
                     if problem is not None:
                         why = f"cannot decode the stored delivery: {problem}"
                         claim.quarantined.append(
@@ -561,7 +562,7 @@ class SQLiteStore:
         if not rows:
             return None
         return {
-            h: Delivery(h, _shown(state, attempts), attempts, error)
+            h: Delivery(h, shown(state, attempts), attempts, error)
             for h, state, attempts, error in rows
         }
 
@@ -657,11 +658,11 @@ class SQLiteStore:
         return from_envelope(self.codec, Envelope(*row))
 
     def _event_or_undecoded(self, row: Any) -> Event:
-        """The event of *row*, or what can be read of it (see :func:`_undecoded_event`)."""
+        """The event of *row*, or what can be read of it (see :func:`undecoded_event`)."""
         try:
             return self._event_from_row(row)
         except Exception:  # noqa: BLE001 - whatever the codec raises, show what can be read
-            return _undecoded_event(self.codec, row)
+            return undecoded_event(self.codec, row)
 
     def _dead_letter_from_row(self, row: Any) -> DeadLetter:
         letter_id, handler, attempts, error, reason, trace, failed_at, *event_row = row
@@ -673,7 +674,7 @@ class SQLiteStore:
             error=error,
             reason=reason,
             traceback=trace,
-            failed_at=_readable_time(failed_at),
+            failed_at=readable_time(failed_at),
         )
 
     def _quarantine(
@@ -686,7 +687,7 @@ class SQLiteStore:
             id=new_id(),
             event=self._event_or_undecoded(event_row),
             handler=handler,
-            attempts=attempts if _is_count(attempts) else 0,
+            attempts=attempts if is_count(attempts) else 0,
             error=why,
             reason="not_retryable",
         )
@@ -723,10 +724,6 @@ def _run(op: Write[sqlite3.Connection], db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK TO write")
         op.error = exc
     db.execute("RELEASE write")
-
-
-def _print_error(error: BaseException) -> None:
-    traceback.print_exception(error, file=sys.stderr)
 
 
 def _check_version(db: sqlite3.Connection, path: Path) -> None:
@@ -777,65 +774,6 @@ def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter) -> None
         "owner = NULL WHERE event_id = ? AND handler = ?",
         (dead_letter.attempts, dead_letter.error, dead_letter.event.id, dead_letter.handler),
     )
-
-
-def _undecoded_event(codec: JsonCodec, row: Any) -> Event:
-    """The event of a row that cannot be decoded, for its dead letter: each field that can be
-    read as it is stored, the others replaced (payload ``None``, metadata empty, time the
-    Unix epoch; a time without a zone is taken as UTC). Never raises."""
-    event_id, name, payload_type, payload, metadata, occurred_at = row
-    try:
-        value = codec.decode(payload_type, payload)
-    except Exception:  # noqa: BLE001 - an unreadable payload is shown as None
-        value = None
-    return Event(
-        name=name if isinstance(name, str) else repr(name),
-        payload=value,
-        metadata=_readable_metadata(metadata),
-        id=event_id if isinstance(event_id, str) else repr(event_id),
-        occurred_at=_readable_time(occurred_at),
-    )
-
-
-def _readable_metadata(text: object) -> MappingProxyType[str, str]:
-    """Stored metadata if it is a JSON object of strings, else empty."""
-    try:
-        value = json.loads(text) if isinstance(text, str) else None
-    except (ValueError, RecursionError):
-        value = None
-    if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
-        return MappingProxyType(value)
-    return MappingProxyType({})
-
-
-def _readable_time(text: object) -> datetime:
-    """A stored timestamp (UTC if it has no zone), or the Unix epoch if it is not one."""
-    try:
-        when = datetime.fromisoformat(text) if isinstance(text, str) else _EPOCH
-    except ValueError:
-        return _EPOCH
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
-def _is_count(value: object) -> TypeGuard[int]:
-    """Whether a stored attempt count is one: an int (not a bool), zero or more."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _shown(state: DeliveryState, attempts: int) -> DeliveryState:
-    """The state status() shows: waiting with no attempt yet is a delayed start."""
-    return "scheduled" if state == "retrying" and attempts == 0 else state
-
-
-def _delivery_problem(attempts: object, error: object, due_at: object) -> str | None:
-    """What is wrong with a delivery row's own columns, or ``None`` if they can be used."""
-    if not _is_count(attempts):
-        return f"attempts is not a whole number: {attempts!r:.40}"
-    if due_at is not None and (isinstance(due_at, bool) or not isinstance(due_at, int | float)):
-        return f"due_at is not a time: {due_at!r:.40}"
-    if error is not None and not isinstance(error, str):
-        return f"error is not text: {error!r:.40}"
-    return None
 
 
 def _check_is_ours(db: sqlite3.Connection, path: Path, *, complete: bool) -> None:

@@ -1,0 +1,92 @@
+"""Reading rows back, the same for every store that keeps events as text: what a status
+shows, whether a stored delivery's columns can be used, and what can be shown of an event
+that cannot be decoded any more (never raising: a damaged row must not block anything)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, TypeGuard
+
+from eventbus._event import DeliveryState, Event
+from eventbus.codec import JsonCodec
+
+__all__ = [
+    "EPOCH",
+    "delivery_problem",
+    "is_count",
+    "print_error",
+    "readable_metadata",
+    "readable_time",
+    "shown",
+    "undecoded_event",
+]
+
+#: What a dead letter shows for a stored time that cannot be read.
+EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def print_error(error: BaseException) -> None:
+    traceback.print_exception(error, file=sys.stderr)
+
+
+def undecoded_event(codec: JsonCodec, row: Any) -> Event:
+    """The event of a row that cannot be decoded, for its dead letter: each field that can be
+    read as it is stored, the others replaced (payload ``None``, metadata empty, time the
+    Unix epoch; a time without a zone is taken as UTC). Never raises."""
+    event_id, name, payload_type, payload, metadata, occurred_at = row
+    try:
+        value = codec.decode(payload_type, payload)
+    except Exception:  # noqa: BLE001 - an unreadable payload is shown as None
+        value = None
+    return Event(
+        name=name if isinstance(name, str) else repr(name),
+        payload=value,
+        metadata=readable_metadata(metadata),
+        id=event_id if isinstance(event_id, str) else repr(event_id),
+        occurred_at=readable_time(occurred_at),
+    )
+
+
+def readable_metadata(text: object) -> MappingProxyType[str, str]:
+    """Stored metadata if it is a JSON object of strings, else empty."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
+        return MappingProxyType(value)
+    return MappingProxyType({})
+
+
+def readable_time(text: object) -> datetime:
+    """A stored timestamp (UTC if it has no zone), or the Unix epoch if it is not one."""
+    try:
+        when = datetime.fromisoformat(text) if isinstance(text, str) else EPOCH
+    except ValueError:
+        return EPOCH
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def is_count(value: object) -> TypeGuard[int]:
+    """Whether a stored attempt count is one: an int (not a bool), zero or more."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def shown(state: DeliveryState, attempts: int) -> DeliveryState:
+    """The state status() shows: waiting with no attempt yet is a delayed start."""
+    return "scheduled" if state == "retrying" and attempts == 0 else state
+
+
+def delivery_problem(attempts: object, error: object, due_at: object) -> str | None:
+    """What is wrong with a delivery row's own columns, or ``None`` if they can be used."""
+    if not is_count(attempts):
+        return f"attempts is not a whole number: {attempts!r:.40}"
+    if due_at is not None and (isinstance(due_at, bool) or not isinstance(due_at, int | float)):
+        return f"due_at is not a time: {due_at!r:.40}"
+    if error is not None and not isinstance(error, str):
+        return f"error is not text: {error!r:.40}"
+    return None
