@@ -21,6 +21,7 @@ __all__ = [
     "InvalidHandlerError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "StoreError",
     "TransportError",
     "UnknownDeadLetterError",
     "UnknownEventError",
@@ -60,6 +61,11 @@ class TransportError(EventBusError, RuntimeError):
     """The transport (Redis) could not be reached, or the connection broke during
     ``emit()``: the event was not published, or (if the break came after Redis ran the
     command) it was, and a retry may publish it twice."""
+
+
+class StoreError(EventBusError, RuntimeError):
+    """The store (PostgreSQL) could not be reached, or stayed out of reach while a write was
+    retried; the call that raised it wrote nothing."""
 
 
 class DuplicateInFlightError(EventBusError, RuntimeError):

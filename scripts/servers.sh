@@ -5,8 +5,22 @@
 # so a missing server never shows up later as skipped tests or a coverage failure.
 set -euo pipefail
 
+# PostgreSQL counts as installed when initdb is on the PATH or in Debian's versioned
+# directories (/usr/lib/postgresql/<version>/bin, which the postgresql package does not put on
+# the PATH); tests/support/postgres.py looks in the same places.
+have_postgres() {
+    command -v initdb >/dev/null 2>&1 && return 0
+    local initdb
+    for initdb in /usr/lib/postgresql/*/bin/initdb; do
+        [ -x "$initdb" ] && return 0
+    done
+    return 1
+}
+
 missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+brew_missing=()
+command -v redis-server >/dev/null 2>&1 || { missing+=(redis-server); brew_missing+=(redis); }
+have_postgres || { missing+=(postgresql); brew_missing+=(postgresql@15); }
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
@@ -23,7 +37,7 @@ fi
 if command -v apt-get >/dev/null 2>&1; then
     echo "make test needs ${missing[*]}: run  sudo apt-get install ${missing[*]}" >&2
 elif command -v brew >/dev/null 2>&1; then
-    echo "make test needs ${missing[*]}: run  brew install redis" >&2
+    echo "make test needs ${missing[*]}: run  brew install ${brew_missing[*]}" >&2
 else
     echo "make test needs ${missing[*]} on the PATH (Debian: sudo apt-get install ${missing[*]})" >&2
 fi

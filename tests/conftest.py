@@ -1,6 +1,6 @@
 """Shared fixtures: every bus a test makes is closed when the test ends, and no thread it
-started is left running; the real redis-servers and child processes of the integration and
-multi-process tests (see tests/support/)."""
+started is left running; the real redis-servers, PostgreSQL servers and child processes of the
+integration and multi-process tests (see tests/support/)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import structlog
 from eventbus import EventBus, RetryPolicy
 from eventbus.testing import FakeClock, inline_bus
 from tests.support.children import Children
+from tests.support.postgres import PostgresServer
 from tests.support.redis import RedisServer
 
 #: How long a thread a test started may take to end after the test (and its fixtures) did.
@@ -115,4 +116,30 @@ def own_redis() -> Iterator[RedisServer]:
     """A fresh redis-server of the test's own (skipped without one, failed under CI), which
     the test may stop, restart or pause; stopped at the end."""
     with RedisServer() as server:
+        yield server
+
+
+# -- real PostgreSQL servers ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session (skipped without one, failed under CI):
+    tests sharing it use databases of their own (``postgres_dsn``)."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """The connection string of a fresh, empty database of the session server, the test's
+    own (left behind: the server and its data go at the end of the session)."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A fresh PostgreSQL server of the test's own (skipped without one, failed under CI),
+    which the test may stop, kill and restart; stopped and removed at the end."""
+    with PostgresServer() as server:
         yield server

@@ -2,6 +2,9 @@
 and SQLiteStore, then a few SQLite-only behaviours (encoding, corruption, file modes, options,
 concurrent claims).
 
+PostgresStore joins the shared suite when a PostgreSQL server can be started (see
+tests/support/postgres.py); its own behaviours are in tests/test_postgres_store.py.
+
 A "second session" is what a restarted process sees: for MemoryStore the same object closed and
 opened again, for SQLiteStore a new SQLiteStore on the same file. A "peer" is another session
 that is live at the same time: a second SQLiteStore on the file, or (since one MemoryStore holds
@@ -21,11 +24,11 @@ from typing import Any
 import pytest
 
 from eventbus import DeadLetter, Event
-from eventbus.stores import Claim, MemoryStore, SQLiteStore, StoredDelivery
+from eventbus.stores import Claim, MemoryStore, PostgresStore, SQLiteStore, StoredDelivery
 from eventbus.typing import Store
 from tests.support.damaged_rows import DAMAGE, damage
 
-KINDS = ["memory", "sqlite"]
+KINDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.integration)]
 
 #: Upper bound on events added while waiting for a store to prune; only a store that never
 #: prunes gets there.
@@ -35,9 +38,10 @@ PRUNE_BOUND = 5000
 class Sessions:
     """The stores of one test on one set of data (MemoryStore object or SQLite file)."""
 
-    def __init__(self, kind: str, path: Path, **options: Any) -> None:
+    def __init__(self, kind: str, path: Path, dsn: str | None = None, **options: Any) -> None:
         self.kind = kind
         self.path = path
+        self.dsn = dsn
         self.options = options
         self._made: list[Store] = []
         self._memory = MemoryStore(**options) if kind == "memory" else None
@@ -46,7 +50,11 @@ class Sessions:
         """A store on this data, not yet opened."""
         if self._memory is not None:
             return self._memory
-        store = SQLiteStore(self.path, **self.options)
+        store: Store
+        if self.dsn is not None:
+            store = PostgresStore(self.dsn, **self.options)
+        else:
+            store = SQLiteStore(self.path, **self.options)
         self._made.append(store)
         return store
 
@@ -79,12 +87,19 @@ class Sessions:
 
 
 @pytest.fixture
-def make_sessions(tmp_path: Path) -> Iterator[Callable[..., Sessions]]:
-    """Builds Sessions of a kind with store options; every store is closed at teardown."""
+def make_sessions(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Sessions]]:
+    """Builds Sessions of a kind with store options; every store is closed at teardown.
+    PostgreSQL sessions get a database of their own (a schema each within it)."""
     made: list[Sessions] = []
 
     def make(kind: str, **options: Any) -> Sessions:
-        sessions = Sessions(kind, tmp_path / f"store-{len(made)}.db", **options)
+        dsn = None
+        if kind == "postgres":
+            dsn = request.getfixturevalue("postgres_dsn")
+            options.setdefault("schema", f"store{len(made)}")
+        sessions = Sessions(kind, tmp_path / f"store-{len(made)}.db", dsn, **options)
         made.append(sessions)
         return sessions
 
