@@ -126,6 +126,9 @@ class PostgresStore:
     * ``retention`` / ``retention_seconds``: as for :class:`~eventbus.stores.SQLiteStore`.
     * ``pool_size``: connections kept open (writes share transactions, so few are needed).
     * ``codec``: how payloads become JSON (:class:`eventbus.codec.JsonCodec` by default).
+    * ``create``: ``True`` (default) creates the schema and tables when missing. ``False``
+      opens an existing store only and writes nothing to set it up: a schema without the
+      eventbus tables raises ``ValueError`` (this is how the command line opens stores).
 
     Thread-safe. Writes from many threads share transactions (group commit). A write whose
     connection broke is retried on a new connection; if the database stays out of reach it
@@ -145,6 +148,7 @@ class PostgresStore:
         pool_size: int = 4,
         connect_timeout: float = 10.0,
         codec: JsonCodec | None = None,
+        create: bool = True,
     ) -> None:
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str (postgresql://...), got {type(dsn).__name__}")
@@ -168,6 +172,7 @@ class PostgresStore:
         self._retention_seconds = retention_seconds
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
+        self._create = create
         self._s = sql.Identifier(schema)
         self._channel = f"eventbus.{schema}"
         self._lock = threading.Lock()  # owner, pool and threads
@@ -204,7 +209,7 @@ class PostgresStore:
         try:
             pool.open(wait=True, timeout=self._connect_timeout)
             with pool.connection() as conn:
-                self._store_id = _create_schema(conn, self._s, self.schema)
+                self._store_id = _create_schema(conn, self._s, self.schema, create=self._create)
                 self._server = (conn.info.dbname, str(conn.info.port))
         except BaseException as exc:
             pool.close()
@@ -942,10 +947,13 @@ def _run(op: Write[psycopg.Connection[Any]], conn: psycopg.Connection[Any]) -> N
     op.result = op.write(conn)
 
 
-def _create_schema(conn: psycopg.Connection[Any], s: sql.Identifier, name: str) -> str:
+def _create_schema(
+    conn: psycopg.Connection[Any], s: sql.Identifier, name: str, *, create: bool
+) -> str:
     """Create the schema and tables if missing (one process at a time: an advisory lock),
     stamp the version, and return the store's id. ``RuntimeError`` for a newer version,
-    ``ValueError`` for a schema holding other tables and none of ours."""
+    ``ValueError`` for a schema holding other tables and none of ours, or (not *create*) for
+    no store at all."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"eventbus:{name}",))
         tables = {
@@ -972,6 +980,10 @@ def _create_schema(conn: psycopg.Connection[Any], s: sql.Identifier, name: str) 
                     )
                 if version == SCHEMA_VERSION:
                     return cast(str, store_id)
+        if not create:
+            raise ValueError(
+                f"no eventbus store in schema {name!r} of database {conn.info.dbname!r}"
+            )
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
         for statement in _SCHEMA.split(";"):
             conn.execute(sql.SQL(statement.strip()).format(s=s))
