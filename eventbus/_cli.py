@@ -1,5 +1,6 @@
 """The command line, ``python -m eventbus``: look at a :class:`~eventbus.stores.SQLiteStore`
-file from outside the service that writes it.
+file, or the database of a :class:`~eventbus.stores.PostgresStore` (``--store postgresql://...``,
+``--schema NAME``), from outside the service that writes it.
 
 * ``dead-letters list`` / ``show ID``: the dead letters, as a table (``--wide``: errors not
   cut) or ``--json``.
@@ -11,8 +12,10 @@ file from outside the service that writes it.
 
 Exit codes: 0 done, 1 something named was not found (the rest was still done), 2 usage error
 (bad arguments, or a store path that is missing, a directory, not an SQLite database, not an
-eventbus store or of a newer schema), 141 the reader of the output went away
-(``... | head``). The command line never creates a store file or writes a schema into one.
+eventbus store or of a newer schema; a PostgreSQL server out of reach, a schema without a
+store, psycopg not installed), 141 the reader of the output went away (``... | head``). The
+command line never creates a store file or writes a schema into one. A connection string's
+password is never printed.
 
 Payloads are shown in their stored JSON form, with their type name (``null`` for a plain JSON
 payload): typed payloads are not rebuilt, so no class has to be importable or registered, and
@@ -24,21 +27,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from eventbus import stores
 from eventbus._envelope import Envelope, from_envelope
 from eventbus._event import DeadLetter, Delivery
 from eventbus.codec import JsonCodec
-from eventbus.exceptions import CodecError
+from eventbus.exceptions import CodecError, StoreError
 from eventbus.stores.sqlite import SQLiteStore
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "StoredPayload", "main"]
@@ -53,6 +59,13 @@ PROG = "python -m eventbus"
 
 #: The error column of a table never gets narrower than this, however small the terminal.
 MIN_ERROR_WIDTH = 30
+
+#: What a ``--store`` naming a PostgreSQL database starts with.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+#: The PostgreSQL schema read when ``--schema`` is not given (PostgresStore's default).
+DEFAULT_SCHEMA = "eventbus"
+#: Seconds to wait for a PostgreSQL server before giving up on it.
+CONNECT_TIMEOUT = 5.0
 
 _REPLAY_HINT = (
     "a running service (after recover()) runs replays within its poll_interval, "
@@ -102,7 +115,30 @@ class _Output:
         print(f"eventbus: {text}", file=self.err)
 
 
-_Command = Callable[[SQLiteStore, argparse.Namespace, _Output], int]
+class _Store(Protocol):
+    """What the commands use of a store: :class:`~eventbus.stores.SQLiteStore` and
+    :class:`~eventbus.stores.PostgresStore` both have it."""
+
+    @property
+    def codec(self) -> JsonCodec: ...
+
+    def dead_letters(self) -> list[DeadLetter]: ...
+
+    def dead_letter(self, dead_letter_id: str) -> DeadLetter | None: ...
+
+    def replay_dead_letter(self, dead_letter_id: str) -> DeadLetter | None: ...
+
+    def purge_dead_letters(self, ids: Collection[str] | None = None) -> int: ...
+
+    def status(self, event_id: str) -> Mapping[str, Delivery] | None: ...
+
+    def _stored_event(self, event_id: str) -> Envelope | None: ...
+
+    def close(self) -> None: ...
+
+
+#: A command: runs on the opened store, ``args.where`` naming it in messages.
+_Command = Callable[[_Store, argparse.Namespace, _Output], int]
 
 
 def main(
@@ -120,7 +156,9 @@ def main(
     is returned, without a traceback.
 
     Raises ``sqlite3.Error`` when the database fails during a command (for instance stays
-    locked by another process for longer than the store's busy timeout).
+    locked by another process for longer than the store's busy timeout); for PostgreSQL,
+    :class:`~eventbus.exceptions.StoreError` when the server goes out of reach during a
+    command, or the driver's error.
     """
     output = _Output(
         sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr
@@ -131,9 +169,16 @@ def main(
             args.check(args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    store = _open_store(Path(args.store), output)
-    if store is None:
+    with _quiet_driver_logs():
+        return _run(args, output)
+
+
+def _run(args: argparse.Namespace, output: _Output) -> int:
+    """Open the store, run the command on it, close it; the exit code."""
+    opened = _open_store(args, output)
+    if opened is None:
         return EXIT_USAGE
+    store, args.where = opened
     command: _Command = args.command
     try:
         code = command(store, args, output)
@@ -146,7 +191,91 @@ def main(
     return code
 
 
-def _open_store(path: Path, output: _Output) -> SQLiteStore | None:
+def _open_store(args: argparse.Namespace, output: _Output) -> tuple[_Store, str] | None:
+    """The store ``--store`` names, opened without creating anything, with how messages name
+    it; or ``None`` after saying on one line why it cannot be."""
+    if args.store.startswith(POSTGRES_SCHEMES):
+        schema = DEFAULT_SCHEMA if args.schema is None else args.schema
+        return _open_postgres(args.store, schema, output)
+    if args.schema is not None:
+        output.problem(
+            "error: --schema is for a PostgreSQL store (--store postgresql://...), "
+            f"not for the SQLite file {args.store}"
+        )
+        return None
+    path = Path(args.store)
+    store = _open_sqlite(path, output)
+    return None if store is None else (store, str(path))
+
+
+def _open_postgres(dsn: str, schema: str, output: _Output) -> tuple[_Store, str] | None:
+    """The store in *schema* of the PostgreSQL database *dsn*, opened without creating
+    anything, with how messages name it; or ``None`` after saying on one line why it cannot
+    be (the password of *dsn* never shown)."""
+    shown = _without_password(dsn)
+    try:
+        postgres_store = stores.PostgresStore  # imports psycopg, on first use only
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("psycopg", "psycopg_pool"):
+            raise
+        output.problem(f"error: cannot open the PostgreSQL store {shown}: {exc}")
+        return None
+    try:
+        store = postgres_store(
+            dsn,
+            schema=schema,
+            connect_timeout=CONNECT_TIMEOUT,
+            codec=_StoredFormCodec(),
+            create=False,
+        )
+    except StoreError as exc:  # out of reach; its message names the server, no password
+        output.problem(f"error: {exc}")
+    except (ValueError, RuntimeError) as exc:  # no store there, a newer schema, a bad option
+        output.problem(f"error: {shown}: {exc}")
+    except Exception as exc:
+        if not type(exc).__module__.startswith("psycopg"):
+            raise
+        output.problem(f"error: cannot open {shown} as an eventbus store: {_one_line(exc)}")
+    else:
+        return store, f"schema {schema!r} of {shown}"
+    return None
+
+
+def _without_password(dsn: str) -> str:
+    """The ``postgresql://`` URL *dsn* without its password (in the user part or a
+    ``password`` parameter), for messages."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:  # e.g. an unclosed [ in the host part
+        return f"{dsn.partition('://')[0]}://... (cannot be parsed)"
+    user, at, hosts = parts.netloc.rpartition("@")
+    netloc = f"{user.partition(':')[0]}@{hosts}" if at else hosts
+    query = "&".join(
+        param
+        for param in parts.query.split("&")
+        if param and unquote(param.partition("=")[0]).strip() != "password"
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+@contextmanager
+def _quiet_driver_logs() -> Iterator[None]:
+    """Silence the log records of psycopg (its pool warns of each failed connection attempt)
+    when logging is not set up: Python would print them to stderr beside the command line's
+    one line. Where logging is set up, its handlers get them as usual."""
+    logger = logging.getLogger("psycopg")
+    if logger.hasHandlers():
+        yield
+        return
+    handler = logging.NullHandler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _open_sqlite(path: Path, output: _Output) -> SQLiteStore | None:
     """The store in the existing file *path*, opened without creating anything, or ``None``
     after saying on one line why it cannot be."""
     if not path.exists():
@@ -183,7 +312,16 @@ def _discard(stream: TextIO) -> None:
 def _parser() -> argparse.ArgumentParser:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument(
-        "--store", required=True, metavar="PATH", help="the SQLiteStore database file"
+        "--store",
+        required=True,
+        metavar="PATH|DSN",
+        help="the SQLiteStore database file, or a PostgresStore's database: postgresql://...",
+    )
+    store.add_argument(
+        "--schema",
+        metavar="NAME",
+        help=f"the PostgreSQL schema of the store (default: {DEFAULT_SCHEMA}); "
+        "only with --store postgresql://...",
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -194,7 +332,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Inspect an eventbus SQLiteStore: dead letters and delivery status.",
+        description="Inspect an eventbus store (an SQLite file or a PostgreSQL database): "
+        "dead letters and delivery status.",
         epilog="Exit codes: 0 done, 1 not found, 2 usage error, 141 output pipe closed.",
     )
     parser.set_defaults(check=_no_check)
@@ -260,7 +399,7 @@ def _no_check(args: argparse.Namespace) -> None:
 # -- the commands ----------------------------------------------------------------------------
 
 
-def _list(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+def _list(store: _Store, args: argparse.Namespace, output: _Output) -> int:
     letters = store.dead_letters()
     if args.json:
         output.print(
@@ -287,10 +426,10 @@ def _list(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
     return EXIT_OK
 
 
-def _show(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+def _show(store: _Store, args: argparse.Namespace, output: _Output) -> int:
     letter = store.dead_letter(args.id)
     if letter is None:
-        output.problem(f"no dead letter with id {args.id} in {store.path}")
+        output.problem(f"no dead letter with id {args.id} in {args.where}")
         return EXIT_NOT_FOUND
     undecodable = _undecodable(store, letter)
     if args.json:
@@ -300,7 +439,7 @@ def _show(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
     return EXIT_OK
 
 
-def _replay(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+def _replay(store: _Store, args: argparse.Namespace, output: _Output) -> int:
     ids = [letter.id for letter in store.dead_letters()] if args.all else _unique(args.ids)
     replayed: list[str] = []
     missing: list[str] = []
@@ -321,7 +460,7 @@ def _replay(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> in
     return _report_missing(missing, len(replayed), "replayed", output)
 
 
-def _purge(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+def _purge(store: _Store, args: argparse.Namespace, output: _Output) -> int:
     purged = 0
     missing: list[str] = []
     if args.all:
@@ -341,10 +480,10 @@ def _purge(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int
     return _report_missing(missing, purged, "purged", output)
 
 
-def _status(store: SQLiteStore, args: argparse.Namespace, output: _Output) -> int:
+def _status(store: _Store, args: argparse.Namespace, output: _Output) -> int:
     found = store.status(args.event_id)
     if found is None:
-        output.problem(f"no event with id {args.event_id} in {store.path}")
+        output.problem(f"no event with id {args.event_id} in {args.where}")
         return EXIT_NOT_FOUND
     deliveries = sorted(found.values(), key=lambda d: d.handler)
     if args.json:
@@ -368,7 +507,7 @@ def _report_missing(missing: list[str], done: int, verb: str, output: _Output) -
 # -- formatting ------------------------------------------------------------------------------
 
 
-def _undecodable(store: SQLiteStore, letter: DeadLetter) -> _Undecodable | None:
+def _undecodable(store: _Store, letter: DeadLetter) -> _Undecodable | None:
     """Why *letter*'s stored event cannot be decoded, with its stored fields; ``None`` if it
     decodes (or is no longer stored)."""
     stored = store._stored_event(letter.event.id)
