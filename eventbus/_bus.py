@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from datetime import timedelta
 from functools import partial
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, Self, cast, overload
 
 from eventbus._admission import Admission, remaining
 from eventbus._backends import Backend, DurableBackend, LocalBackend, StreamedBackend
@@ -35,7 +35,7 @@ from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder
 from eventbus._pipeline import Pipeline, job_delivery
 from eventbus._policies import Gate, Policy, check_delay, check_seconds, make_policy
 from eventbus._records import Records, RetryJob
-from eventbus._recovery import StoreRecovery
+from eventbus._recovery import BusReporter, StoreRecovery
 from eventbus._registry import (
     Registry,
     check_handler,
@@ -206,8 +206,10 @@ class EventBus:
         )
         self._recovery: StoreRecovery | None = None
         if store is not None:
-            self._open_store(store, own_executor=own_executor, own_clock=own_clock)
+            reporter = BusReporter(outcomes)
+            self._open_store(store, reporter, own_executor=own_executor, own_clock=own_clock)
             self._recovery = StoreRecovery(store, self._registry, self._pipeline, observer, clock)
+            reporter.recovery = self._recovery  # news of work from now on wakes it
         _open_buses.add(self)
 
     def _retry_due(self, job: RetryJob) -> None:
@@ -221,11 +223,14 @@ class EventBus:
             return LocalBackend(records)
         return StreamedBackend(records, transport, observer)
 
-    def _open_store(self, store: Store, *, own_executor: bool, own_clock: bool) -> None:
+    def _open_store(
+        self, store: Store, reporter: BusReporter, *, own_executor: bool, own_clock: bool
+    ) -> None:
         try:
-            # The store reports its background errors to the bus's log through the reporter.
+            # The store reports its background errors to the bus's log through the reporter,
+            # and news of work committed elsewhere to the bus's recovery.
             if _takes_reporter(store.open, 0):
-                store.open(self._observer.log)  # raises if another bus has it open
+                store.open(reporter)  # raises if another bus has it open
             else:  # a store written before Reporter: its on_error hook
                 log = self._observer.log
                 store.on_error = partial(log.internal_error, "store")  # type: ignore[attr-defined]
@@ -369,6 +374,7 @@ class EventBus:
         metadata: Mapping[str, str] | None = None,
         key: str | None = None,
         delay: float | timedelta | None = None,
+        within: object = None,
     ) -> Event: ...
 
     @overload
@@ -379,6 +385,7 @@ class EventBus:
         metadata: Mapping[str, str] | None = None,
         key: str | None = None,
         delay: float | timedelta | None = None,
+        within: object = None,
     ) -> Event: ...
 
     def emit(
@@ -389,6 +396,7 @@ class EventBus:
         metadata: Mapping[str, str] | None = None,
         key: str | None = None,
         delay: float | timedelta | None = None,
+        within: object = None,
     ) -> Event:
         """Publish an event and return it at once; handlers run later, on the executor.
 
@@ -405,6 +413,14 @@ class EventBus:
         from now; :meth:`status` shows them as ``"scheduled"`` meanwhile, and a store keeps
         the time across a restart.
 
+        *within* is the application's own database connection, in a transaction: the event
+        and its deliveries are written in that transaction (a psycopg 3 connection for a
+        :class:`~eventbus.stores.PostgresStore`, an ``sqlite3.Connection`` to the store's file
+        for a :class:`~eventbus.stores.SQLiteStore`). Nothing runs until it commits; a
+        rollback leaves no trace. After the commit this bus (or any bus of the store that
+        recovered) claims and runs the deliveries: this bus starts looking for committed work
+        as :meth:`recover` does. Blocks only for the one write on that connection.
+
         Raises ``BusClosedError`` after :meth:`close`, ``InvalidEventNameError`` for a
         malformed name, ``InvalidEventError`` for a payload next to an event instance or for a
         plain value in place of an event, ``TypeError`` for non-string metadata, a non-string
@@ -412,10 +428,15 @@ class EventBus:
         ``PayloadTooLargeError`` (a ``ValueError``) for one above the codec's size bound,
         ``ValueError`` for an empty key or a negative delay, ``QueueFullError`` when
         ``max_pending`` is reached and ``block_timeout`` runs out, and ``TransportError`` when
-        the transport cannot be reached. In every error case nothing was queued or stored.
+        the transport cannot be reached. With *within*: ``TypeError`` for a connection of
+        the wrong kind (or a store that cannot write through one), ``ValueError`` for a
+        closed one, one to another database, one outside a transaction, or a bus without a
+        store. In every error case nothing was queued or stored.
         """
         emitted, cls = self._prepare(event, payload, metadata, key)
         seconds = 0.0 if delay is None else check_delay(delay)
+        if within is not None:
+            return self._emit_within(within, emitted, cls, key, seconds)
         transport = self._transport
         if transport is not None:
             return self._publish(transport, emitted, key, seconds)
@@ -439,6 +460,32 @@ class EventBus:
             _check_key(key)
         return make_event(name, payload, freeze_metadata(metadata)), cls
 
+    def _emit_within(
+        self, connection: object, event: Event, cls: type[Any] | None, key: str | None, delay: float
+    ) -> Event:
+        """emit(within=...): the store writes the event through the caller's connection;
+        this bus claims its deliveries once the store hears of the commit."""
+        store, recovery = self._store, self._recovery
+        if store is None or recovery is None:
+            raise ValueError(
+                "within= needs a bus with a store in the application's database: "
+                "EventBus(store=PostgresStore(dsn)) or EventBus(store=SQLiteStore(path))"
+            )
+        add_within = getattr(store, "add_within", None)
+        if add_within is None:
+            raise TypeError(
+                f"{type(store).__name__} cannot write within the application's transaction; "
+                "PostgresStore and SQLiteStore can"
+            )
+        names = self._pipeline.handler_names(event, cls)
+        due_at = time.time() + delay if delay else None
+        recovery.start_polling()  # before the write: its commit may wake the bus at once
+        first = cast("Event | None", add_within(connection, event, names, key, due_at=due_at))
+        if first is not None:
+            return first
+        self._observer.emitted(event, len(names), verbose=self._observer.verbose())
+        return event
+
     def _publish(
         self, transport: Transport, event: Event, key: str | None, delay: float = 0.0
     ) -> Event:
@@ -461,12 +508,17 @@ class EventBus:
     def drain(self, timeout: float | None = None) -> bool:
         """Block until no delivery is queued, running or waiting for a retry, including those
         of events emitted meanwhile (by handlers, too), and, with a store, until their outcomes
-        are committed. Returns ``False`` if *timeout* seconds passed first. Raises
-        ``DrainInHandlerError`` when called from a handler, where it would wait for itself."""
+        are committed. A bus that claims committed work (after :meth:`recover` or an
+        ``emit(..., within=conn)``) first claims what is committed now, so events whose
+        transaction committed before this call are waited for too. Returns ``False`` if
+        *timeout* seconds passed first. Raises ``DrainInHandlerError`` when called from a
+        handler, where it would wait for itself."""
         self._check_may_wait("drain", "adrain")
         return self._drain(timeout)
 
     def _drain(self, timeout: float | None, stop: threading.Event | None = None) -> bool:
+        if self._recovery is not None:
+            self._recovery.look_now()  # work committed with within= before this call, too
         drained = self._admission.wait_idle(timeout, stop)
         if drained and self._store is not None:
             self._store.flush()  # so the store, read from anywhere, says what drain() saw
@@ -554,7 +606,7 @@ class EventBus:
             )
         transport, log = self._transport, self._observer.log
         if _takes_reporter(transport.start, 1):
-            return transport.start(self._pipeline.receive, log)
+            return transport.start(self._pipeline.receive, BusReporter(log))
         # A transport written before Reporter: its hooks.
         transport.on_error = partial(log.internal_error, "transport")  # type: ignore[attr-defined]
         transport.on_dead = log.stream_dead_lettered  # type: ignore[attr-defined]
@@ -588,7 +640,7 @@ class EventBus:
             raise RuntimeError(
                 "recover() needs a store or a transport: EventBus(store=SQLiteStore(...))"
             )
-        count = recovery.take_over()
+        count = recovery.take_over(explicit=True)
         recovery.start_polling()
         return count
 

@@ -338,6 +338,10 @@ class OutcomeRecorder:
         self._log.info("bus.recovered", queued=queued, quarantined=quarantined)
 
     @_never_raises
+    def claimed(self, queued: int) -> None:
+        self._log.debug("bus.claimed", queued=queued)
+
+    @_never_raises
     def closed(self, abandoned: int, still_running: int, left_in_store: int | None) -> None:
         """*left_in_store* is ``None`` for a bus without a store (the key is then left out)."""
         level = self._log.warning if abandoned or still_running else self._log.info

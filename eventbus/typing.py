@@ -92,6 +92,11 @@ class Reporter(Protocol):
     def stream_taken_over(self, count: int) -> None:
         """*count* events of stopped consumers were taken over."""
 
+    def work_available(self) -> None:
+        """The store heard of work to claim that another connection committed (an
+        ``emit(..., within=conn)``, a replay, a release): the bus looks now instead of at its
+        next poll. Cheap; the store may call it from any thread."""
+
 
 class Store(Protocol):
     """Where a bus keeps every delivery's state so that it survives the process.

@@ -19,6 +19,7 @@ from eventbus.exceptions import (
     InvalidHandlerError,
     PayloadTooLargeError,
     QueueFullError,
+    StoreError,
     TransportError,
     UnknownDeadLetterError,
     UnknownEventError,
@@ -28,6 +29,7 @@ from eventbus.exceptions import (
 #: Each error and the builtin exception its docstring promises.
 DOCUMENTED_BUILTIN: dict[type[EventBusError], type[Exception]] = {
     InvalidEventNameError: ValueError,
+    StoreError: RuntimeError,
     TransportError: RuntimeError,
     DuplicateInFlightError: RuntimeError,
     CodecError: ValueError,

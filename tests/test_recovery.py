@@ -153,14 +153,44 @@ def test_queued_deliveries_run_and_settle_in_the_store() -> None:
 
 
 def test_take_over_logs_how_many_it_recovered() -> None:
-    """A take-over that found work logs bus.recovered with the counts."""
+    """An explicit take-over (recover()) that found work logs bus.recovered with the counts."""
+    store = MemoryStore()
+    _left_by_a_closed_owner(store, _event(), "a")
+    h = Harness(store)
+    h.subscribe("a")
+    with capture_logs() as logs:
+        h.recovery.take_over(explicit=True)
+    assert [(r["event"], r["queued"], r["quarantined"]) for r in logs] == [("bus.recovered", 1, 0)]
+
+
+def test_a_poll_that_finds_only_new_work_logs_bus_claimed_at_debug() -> None:
+    """A poll claiming deliveries never attempted (committed elsewhere) logs bus.claimed at
+    debug, not bus.recovered: it is the ordinary path of emit(within=)."""
     store = MemoryStore()
     _left_by_a_closed_owner(store, _event(), "a")
     h = Harness(store)
     h.subscribe("a")
     with capture_logs() as logs:
         h.recovery.take_over()
-    assert [(r["event"], r["queued"], r["quarantined"]) for r in logs] == [("bus.recovered", 1, 0)]
+    assert [(r["event"], r["log_level"], r["queued"]) for r in logs] == [
+        ("bus.claimed", "debug", 1)
+    ]
+
+
+def test_a_poll_that_takes_over_an_interrupted_attempt_logs_bus_recovered() -> None:
+    """A poll that takes over a delivery already attempted elsewhere logs bus.recovered."""
+    store = MemoryStore()
+    event = _event()
+    store.open()
+    store.add(event, ["a"])
+    store.started(event.id, "a", 1)
+    store.close()
+    store.open()
+    h = Harness(store)
+    h.subscribe("a")
+    with capture_logs() as logs:
+        h.recovery.take_over()
+    assert [r["event"] for r in logs] == ["bus.recovered"]
 
 
 def test_take_over_of_nothing_logs_nothing() -> None:

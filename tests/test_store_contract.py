@@ -1117,19 +1117,35 @@ def test_sqlite_create_false_refuses_a_store_missing_a_table(sqlite_stores, db_p
     assert "dead_letters" not in tables
 
 
-def test_sqlite_refuses_another_applications_database_either_way(db_path):
-    """A database holding only other tables raises ValueError ("not an eventbus store"), with
-    create=True as with create=False, and gets no eventbus table."""
+def test_sqlite_create_false_refuses_another_applications_database(db_path):
+    """create=False on a database holding only other tables raises ValueError ("not an
+    eventbus store") and adds no eventbus table."""
     with sqlite3.connect(db_path) as db:
         db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
     db.close()
-    for create in (True, False):
-        with pytest.raises(ValueError, match="not an eventbus store"):
-            SQLiteStore(db_path, create=create)
+    with pytest.raises(ValueError, match="not an eventbus store"):
+        SQLiteStore(db_path, create=False)
     with sqlite3.connect(db_path) as db:
         tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     db.close()
     assert tables == {"customers"}
+
+
+def test_sqlite_store_shares_a_file_with_the_applications_tables(db_path):
+    """create=True adds the store's tables beside the application's (so that emit(within=)
+    can join its transactions) and leaves the application's rows alone."""
+    with sqlite3.connect(db_path) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+        db.execute("INSERT INTO customers VALUES (7)")
+    db.close()
+    store = SQLiteStore(db_path)
+    store.close()
+    with sqlite3.connect(db_path) as db:
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        rows = db.execute("SELECT id FROM customers").fetchall()
+    db.close()
+    assert tables == {"customers", "events", "deliveries", "dead_letters", "owners"}
+    assert rows == [(7,)]
 
 
 def test_sqlite_create_false_refuses_a_newer_schema(sqlite_stores, db_path):

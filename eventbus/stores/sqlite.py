@@ -91,6 +91,11 @@ _DEAD_LETTER_QUERY = (
 #: How long the background thread lets a deferred write wait for a ride (seconds).
 _LINGER = 0.002
 
+#: How often the background thread looks whether an add_within() transaction ended (seconds).
+_WATCH_EVERY = 0.002
+#: How long an add_within() event is looked for before the regular poll takes over (seconds).
+_WATCH_FOR = 30.0
+
 #: How often old succeeded events are pruned, in emits.
 _PRUNE_EVERY = 1000
 
@@ -118,14 +123,15 @@ class SQLiteStore:
       runs every 1,000 emits, so up to 1,000 more may be kept meanwhile. Idempotency keys
       live as long as their event.
     * ``codec``: how payloads become JSON (:class:`eventbus.codec.JsonCodec` by default).
-    * ``create``: ``True`` (default) creates the file and its tables when missing. ``False``
+    * ``create``: ``True`` (default) creates the file and its tables when missing, also
+      beside the application's own tables in a database it already uses (so that
+      ``emit(..., within=conn)`` can write in the application's transactions). ``False``
       opens an existing store only and never writes the schema: a missing path raises
-      ``FileNotFoundError``, a file without the eventbus tables (an empty file included)
-      ``ValueError``. This is how the command line opens stores.
+      ``FileNotFoundError``, a file without the eventbus tables (an empty file, another
+      application's database) ``ValueError``. This is how the command line opens stores.
 
     The file and its ``-wal``/``-shm`` companions are created readable by the owner only.
-    Either way, a database holding other tables and none of ours raises ``ValueError``, and
-    one written by a newer schema version ``RuntimeError``.
+    Either way, a database written by a newer schema version raises ``RuntimeError``.
     """
 
     def __init__(
@@ -168,6 +174,11 @@ class SQLiteStore:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a deferred write is queued
         self._background: threading.Thread | None = None
+        self._reporter: Reporter | None = None
+        # Events written with add_within() not yet seen committed: id -> when to give up.
+        self._watch_lock = threading.Lock()
+        self._watched: dict[str, float] = {}
+        self._watched_version = -1
         #: Called with errors of background work (a deferred commit, a heartbeat). The bus
         #: sets it to log ``eventbus.internal_error``.
         self.on_error: Callable[[BaseException], None] = print_error
@@ -270,6 +281,7 @@ class SQLiteStore:
         already open."""
         if reporter is not None:
             self._report_to(reporter)
+        self._reporter = reporter
         with self._lock:
             if self._owner is not None:
                 raise RuntimeError("this store is already used by an open bus")
@@ -292,15 +304,52 @@ class SQLiteStore:
         interval = self._lease / 3
         next_beat = time.monotonic() + interval
         while not self._stop.is_set():
-            if self._wake.wait(max(0.0, next_beat - time.monotonic())):
+            wait = max(0.0, next_beat - time.monotonic())
+            if self._watched:
+                wait = min(wait, _WATCH_EVERY)
+            if self._wake.wait(wait):
                 self._wake.clear()
                 # Linger a moment: a worker's next commit usually carries the deferred write
                 # in its own transaction, which is cheaper than one more commit here.
                 self._stop.wait(_LINGER)
                 self._guard(self.flush)
+            if self._watched:
+                self._check_watched()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + interval
                 self._guard(self._beat)
+
+    def _check_watched(self) -> None:
+        """Tell the bus when another connection committed while events written with
+        add_within() are not yet visible here. SQLite has no commit hook, so the background
+        thread reads ``PRAGMA data_version`` (a counter in shared memory: no I/O) every couple
+        of milliseconds while there are such events, for up to ``_WATCH_FOR`` seconds each (a
+        rolled-back event never shows; the regular poll finds anything committed later)."""
+        now = time.monotonic()
+        with self._lock:
+            db = self._read()
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            changed = version != self._watched_version
+            self._watched_version = version
+            with self._watch_lock:
+                ids = list(self._watched)
+            visible: set[str] = set()
+            if changed:
+                marks = ", ".join("?" * len(ids))
+                visible = {
+                    event_id
+                    for (event_id,) in db.execute(
+                        f"SELECT id FROM events WHERE id IN ({marks})", ids
+                    )
+                }
+        with self._watch_lock:
+            for event_id in ids:
+                if event_id in visible or self._watched[event_id] < now:
+                    del self._watched[event_id]
+        if visible and self._reporter is not None:
+            wake = getattr(self._reporter, "work_available", None)
+            if wake is not None:
+                wake()
 
     def _guard(self, work: Callable[[], None]) -> None:
         try:
@@ -382,6 +431,75 @@ class SQLiteStore:
             return None
 
         return cast(Event | None, self._writes.commit(write, several_statements=True))
+
+    def add_within(
+        self,
+        connection: object,
+        event: Event,
+        handlers: Collection[str],
+        key: str | None = None,
+        *,
+        due_at: float | None = None,
+    ) -> Event | None:
+        """Write *event* and its deliveries through the application's own *connection* to
+        this store's file, in its transaction: they exist if and only if that transaction
+        commits. The deliveries belong to no bus until one claims them; the open bus is told
+        within a few milliseconds of the commit.
+
+        Raises ``TypeError`` for anything but an ``sqlite3.Connection`` (or an unencodable
+        payload), ``ValueError`` for a closed connection, one to another database file, or one
+        in autocommit mode outside a transaction; nothing is written then. Returns as
+        :meth:`add` does. Call it on the connection's own thread."""
+        conn = self._check_within(connection)
+        row = (*to_envelope(self.codec, event), key, time.time())  # raises before any write
+        if key is not None:
+            found = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.key = ?", (key,)
+            ).fetchone()
+            if found is not None:
+                return self._event_or_undecoded(found)
+        state = "pending" if due_at is None else "retrying"
+        conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+        try:
+            conn.executemany(
+                "INSERT INTO deliveries (event_id, handler, state, due_at, owner) "
+                "VALUES (?, ?, ?, ?, NULL)",
+                [(event.id, handler, state, due_at) for handler in handlers],
+            )
+        except BaseException:
+            # No savepoint (outside a transaction one would commit on release): undo by hand.
+            conn.execute("DELETE FROM deliveries WHERE event_id = ?", (event.id,))
+            conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
+            raise
+        with self._watch_lock:
+            self._watched[event.id] = time.monotonic() + _WATCH_FOR
+        self._wake.set()
+        return None
+
+    def _check_within(self, connection: object) -> sqlite3.Connection:
+        if not isinstance(connection, sqlite3.Connection):
+            raise TypeError(
+                "within= takes the sqlite3.Connection whose transaction the event joins "
+                f"(SQLiteStore), got {type(connection).__module__}."
+                f"{type(connection).__qualname__}"
+            )
+        try:
+            files = connection.execute("PRAGMA database_list").fetchall()
+        except sqlite3.ProgrammingError as exc:
+            raise ValueError(f"within= got a connection that cannot be used: {exc}") from None
+        main = next((file for _, name, file in files if name == "main"), "")
+        if not main or str(self.path) == ":memory:" or not _same_file(main, self.path):
+            raise ValueError(
+                f"within= got a connection to {main or 'an in-memory database'!s}, "
+                f"but this store is {self.path}"
+            )
+        autocommit = getattr(connection, "autocommit", None) is True  # Python 3.12+
+        if (autocommit or connection.isolation_level is None) and not connection.in_transaction:
+            raise ValueError(
+                "within= needs a transaction: the connection is in autocommit mode; "
+                "execute BEGIN first"
+            )
+        return connection
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
         """Commit that attempt number *attempts* is starting (before the handler runs, so a
@@ -777,12 +895,12 @@ def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter) -> None
 
 
 def _check_is_ours(db: sqlite3.Connection, path: Path, *, complete: bool) -> None:
-    """Refuse a database that holds other tables and none of ours: adding our tables to
-    somebody else's database would be a surprise. With *complete*, also refuse one missing
-    any of our tables (an empty file too), since nothing will create them. Raises
-    ``ValueError``."""
+    """With *complete* (opening an existing store only), refuse a database that is not one:
+    other tables and none of ours, no tables at all, or some of ours missing, since nothing
+    will create them. Raises ``ValueError``. (Creating our tables beside an application's is
+    how a store shares its database.)"""
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if tables and not tables & {"events", "deliveries"}:
+    if complete and tables and not tables & {"events", "deliveries"}:
         raise ValueError(
             f"{path} is an SQLite database of something else (tables: "
             f"{', '.join(sorted(tables))}), not an eventbus store"
@@ -793,3 +911,10 @@ def _check_is_ours(db: sqlite3.Connection, path: Path, *, complete: bool) -> Non
         raise ValueError(
             f"{path} is not an eventbus store: tables missing: {', '.join(sorted(missing))}"
         )
+
+
+def _same_file(path: str, other: Path) -> bool:
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
