@@ -43,6 +43,7 @@ from eventbus._registry import (
     event_name_of,
     handler_name,
 )
+from eventbus._relay import RELAY, Relay
 from eventbus._retry_queue import RetryQueue
 from eventbus.exceptions import (
     BusClosedError,
@@ -151,10 +152,11 @@ class EventBus:
             raise ValueError(f"block_timeout must be >= 0 or None, got {block_timeout!r}")
         if executor is not None and max_workers is not None:
             raise TypeError("pass max_workers or executor, not both")
+        outbox = None
         if store is not None and transport is not None:
-            # The transport keeps undelivered work (an entry is acknowledged only once all its
-            # deliveries settled), so a store would be a second record of the same thing.
-            raise TypeError("pass store or transport, not both")
+            # Both: the store is the transport's outbox (events are committed there first and
+            # relayed to the transport), not a record of deliveries: the transport keeps those.
+            outbox, store = store, None
         max_async = _check_bound(max_async, "max_async") or MAX_ASYNC
         self._stall_warning = check_seconds(stall_warning, "stall_warning")
         if max_pending is _Default.TOKEN:
@@ -170,6 +172,7 @@ class EventBus:
         self._records = records
         self._store = store
         self._transport = transport
+        self._outbox = outbox
         own_clock, own_executor = clock is None, executor is None
         if clock is None:
             system_clock = SystemClock(name=f"{name}-timer")
@@ -205,12 +208,27 @@ class EventBus:
             name=name,
         )
         self._recovery: StoreRecovery | None = None
-        if store is not None:
-            reporter = BusReporter(outcomes)
-            self._open_store(store, reporter, own_executor=own_executor, own_clock=own_clock)
-            self._recovery = StoreRecovery(store, self._registry, self._pipeline, observer, clock)
-            reporter.recovery = self._recovery  # news of work from now on wakes it
+        self._relay: Relay | None = None
+        self._open_stores(outcomes, own_executor=own_executor, own_clock=own_clock)
         _open_buses.add(self)
+
+    def _open_stores(
+        self, outcomes: OutcomeRecorder, *, own_executor: bool, own_clock: bool
+    ) -> None:
+        """Open the store (with its recovery) or the outbox (with its relay); each reports
+        news of work committed elsewhere to the part that claims it."""
+        reporter = BusReporter(outcomes)
+        store, outbox, transport = self._store, self._outbox, self._transport
+        if store is not None:
+            self._open_store(store, reporter, own_executor=own_executor, own_clock=own_clock)
+            self._recovery = StoreRecovery(
+                store, self._registry, self._pipeline, self._observer, self._clock
+            )
+            reporter.on_work = self._recovery.wake  # news of work from now on wakes it
+        elif outbox is not None and transport is not None:
+            self._open_store(outbox, reporter, own_executor=own_executor, own_clock=own_clock)
+            self._relay = Relay(outbox, transport, self._observer, name=self._name)
+            reporter.on_work = self._relay.wake
 
     def _retry_due(self, job: RetryJob) -> None:
         self._pipeline.retry_due(job)
@@ -358,7 +376,7 @@ class EventBus:
     def _register_type(self, cls: type[Any]) -> None:
         # A store or transport decodes only classes it knows (it never imports by name), so
         # a class subscribed here is made known to whichever of them encodes payloads.
-        for carrier in (self._store, self._transport):
+        for carrier in (self._store, self._transport, self._outbox):
             codec = getattr(carrier, "codec", None)
             if codec is not None:
                 codec.register(cls)
@@ -464,19 +482,20 @@ class EventBus:
         self, connection: object, event: Event, cls: type[Any] | None, key: str | None, delay: float
     ) -> Event:
         """emit(within=...): the store writes the event through the caller's connection;
-        this bus claims its deliveries once the store hears of the commit."""
+        this bus claims its deliveries (or, with a transport, relays the event) once the store
+        hears of the commit."""
+        if self._outbox is not None:
+            add = self._check_within_store(self._outbox)
+            due_at = time.time() + delay if delay else None
+            first = cast("Event | None", add(connection, event, [RELAY], key, due_at=due_at))
+            return event if first is None else first
         store, recovery = self._store, self._recovery
         if store is None or recovery is None:
             raise ValueError(
                 "within= needs a bus with a store in the application's database: "
                 "EventBus(store=PostgresStore(dsn)) or EventBus(store=SQLiteStore(path))"
             )
-        add_within = getattr(store, "add_within", None)
-        if add_within is None:
-            raise TypeError(
-                f"{type(store).__name__} cannot write within the application's transaction; "
-                "PostgresStore and SQLiteStore can"
-            )
+        add_within = self._check_within_store(store)
         names = self._pipeline.handler_names(event, cls)
         due_at = time.time() + delay if delay else None
         recovery.start_polling()  # before the write: its commit may wake the bus at once
@@ -486,10 +505,29 @@ class EventBus:
         self._observer.emitted(event, len(names), verbose=self._observer.verbose())
         return event
 
+    @staticmethod
+    def _check_within_store(store: Store) -> Callable[..., object]:
+        add_within: Callable[..., object] | None = getattr(store, "add_within", None)
+        if add_within is None:
+            raise TypeError(
+                f"{type(store).__name__} cannot write within the application's transaction; "
+                "PostgresStore and SQLiteStore can"
+            )
+        return add_within
+
     def _publish(
         self, transport: Transport, event: Event, key: str | None, delay: float = 0.0
     ) -> Event:
-        """emit() with a transport: hand the event over; the buses consuming it deliver it."""
+        """emit() with a transport: hand the event over; the buses consuming it deliver it.
+        With an outbox store too: commit it there; the relay publishes it."""
+        outbox, relay = self._outbox, self._relay
+        if outbox is not None and relay is not None:
+            due_at = time.time() + delay if delay else None
+            first = outbox.add(event, [RELAY], key, due_at=due_at)
+            if first is not None:
+                return first
+            relay.add(event, due_at)
+            return event
         if key is not None:
             raise ValueError(
                 "key= needs a store; with a transport, redeliveries are expected and handlers "
@@ -519,6 +557,11 @@ class EventBus:
     def _drain(self, timeout: float | None, stop: threading.Event | None = None) -> bool:
         if self._recovery is not None:
             self._recovery.look_now()  # work committed with within= before this call, too
+        if self._relay is not None:
+            deadline = _deadline(timeout)
+            if not self._relay.wait_idle(timeout):
+                return False
+            timeout = remaining(deadline)
         drained = self._admission.wait_idle(timeout, stop)
         if drained and self._store is not None:
             self._store.flush()  # so the store, read from anywhere, says what drain() saw
@@ -704,6 +747,10 @@ class EventBus:
         pipeline.abandon(waiting + not_started, None)
         self._offload.shutdown()  # commits of async deliveries end before the store closes
         still_running = self._admission.active
+        if self._relay is not None and self._outbox is not None:
+            # Before the transport closes; what it could not publish stays in the store.
+            self._relay.stop(remaining(deadline))
+            self._outbox.close()
         self._backend.close()
         left = None if self._store is None else pipeline.left_behind
         self._observer.closed(pipeline.abandoned, still_running, left)

@@ -310,6 +310,21 @@ class OutcomeRecorder:
         self._log.debug("event.published", **self._event_keys(event))
 
     @_never_raises
+    def relay_failed(self, event: Event, error: BaseException, waiting: int) -> None:
+        self._log.warning(
+            "relay.publish_failed",
+            event_id=event.id,
+            event_name=event.name,
+            error=format_error(error),
+            waiting=waiting,
+            action="kept in the store; retried with backoff until the transport answers",
+        )
+
+    @_never_raises
+    def relay_resumed(self, failures: int) -> None:
+        self._log.info("relay.resumed", failed_attempts=failures)
+
+    @_never_raises
     def stream_dead_lettered(self, entry_id: str, fields: Mapping[str, str], reason: str) -> None:
         self._log.error(
             "stream.dead_lettered",

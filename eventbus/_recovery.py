@@ -161,11 +161,13 @@ class StoreRecovery:
 
 class BusReporter:
     """The :class:`~eventbus.typing.Reporter` a bus hands its store or transport: background
-    errors go to the bus's log, news of work to its recovery (a store's bus, once it has one)."""
+    errors go to the bus's log, news of work to whoever claims it (the bus's recovery, or its
+    outbox relay), once there is one."""
 
     def __init__(self, log: OutcomeRecorder) -> None:
         self._log = log
-        self.recovery: StoreRecovery | None = None
+        #: Called when the store hears of work (the bus's recovery, or its outbox relay).
+        self.on_work: Callable[[], None] | None = None
 
     def internal_error(self, where: str, error: BaseException) -> None:
         self._log.internal_error(where, error)
@@ -177,6 +179,6 @@ class BusReporter:
         self._log.stream_taken_over(count)
 
     def work_available(self) -> None:
-        recovery = self.recovery
-        if recovery is not None:
-            recovery.wake()
+        on_work = self.on_work
+        if on_work is not None:
+            on_work()

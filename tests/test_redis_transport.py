@@ -1187,10 +1187,20 @@ def test_emit_with_key_is_refused_with_a_transport(streams: Streams) -> None:
     assert not streams.redis.exists(streams.stream)
 
 
-def test_store_and_transport_together_are_refused(streams: Streams) -> None:
-    """EventBus(store=..., transport=...) raises TypeError."""
-    with pytest.raises(TypeError, match="store or transport"):
-        EventBus(store=MemoryStore(), transport=streams.transport())
+def test_store_and_transport_together_make_the_store_an_outbox(streams: Streams) -> None:
+    """EventBus(store=..., transport=...) commits each emit to the store and relays it to the
+    stream: the event is in the stream once drain() returns, and the store marks it relayed."""
+    store = MemoryStore()
+    producer = EventBus(store=store, transport=streams.transport())
+    try:
+        event = producer.emit("order:placed", {"order_id": 1})
+        assert producer.drain(10)
+        assert streams.redis.xlen(streams.stream) == 1
+        assert {h: d.state for h, d in store.status(event.id).items()} == {
+            "eventbus.relay": "succeeded"
+        }
+    finally:
+        producer.close()
 
 
 # -- once ------------------------------------------------------------------------------------
