@@ -523,7 +523,11 @@ class EventBus:
         outbox, relay = self._outbox, self._relay
         if outbox is not None and relay is not None:
             due_at = time.time() + delay if delay else None
-            first = outbox.add(event, [RELAY], key, due_at=due_at)
+            if relay.shared:  # one relay of all processes publishes it, in commit order
+                add: Callable[..., Event | None] = outbox.add
+                first = add(event, [RELAY], key, due_at=due_at, claimable=True)
+            else:
+                first = outbox.add(event, [RELAY], key, due_at=due_at)
             if first is not None:
                 return first
             relay.add(event, due_at)

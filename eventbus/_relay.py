@@ -18,7 +18,9 @@ consumers deduplicate by event id as for any redelivery.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from eventbus.stores._model import StoredDelivery
@@ -51,6 +53,11 @@ class Relay:
         self._queue: deque[StoredDelivery] = deque()  # claimed or emitted here, not published
         self._queued: set[str] = set()  # their event ids
         self._claim_wanted = True  # the first round looks for what earlier runs left
+        # A store shared by several processes (PostgreSQL) lets one relay of them all publish,
+        # so that events reach the transport in commit order whichever process emitted them.
+        self._lead: Callable[[str], bool] | None = getattr(store, "lead", None)
+        self._leading = False
+        self._next_ask = 0.0
         self._publishing = False
         self._failing = False  # the transport failed the last publish
         self._stopping = False
@@ -59,10 +66,20 @@ class Relay:
 
     # -- fed by the bus ------------------------------------------------------------------
 
+    @property
+    def shared(self) -> bool:
+        """Whether the store is shared by processes with one relay among them: the bus then
+        writes its events claimable by any (:meth:`add` only wakes the relay)."""
+        return self._lead is not None
+
     def add(self, event: Event, due_at: float | None) -> None:
-        """An event this bus just committed to the store (owned by it): publish it next."""
+        """An event this bus just committed to the store: publish it next (or, with a shared
+        store, claim it with whatever else is committed, if this relay leads)."""
         with self._lock:
-            self._append(StoredDelivery(event, RELAY, "pending", 0, None, due_at))
+            if self._lead is not None:
+                self._claim_wanted = True
+            else:
+                self._append(StoredDelivery(event, RELAY, "pending", 0, None, due_at))
             self._lock.notify_all()
 
     def wake(self) -> None:
@@ -151,7 +168,11 @@ class Relay:
 
     def _claim(self) -> None:
         """Take over outbox rows nobody alive owns: committed by other connections
-        (``within=``), released by a closed bus, left by a crashed one."""
+        (``within=``), released by a closed bus, left by a crashed one. With a shared store,
+        only while this relay leads (what it claimed before losing the lead it still
+        publishes: those rows are its own)."""
+        if self._lead is not None and not self._leads():
+            return
         try:
             found = self._store.claim([RELAY])
         except Exception as exc:  # noqa: BLE001 - the next round tries again
@@ -163,6 +184,18 @@ class Relay:
             with self._lock:
                 for item in found.deliveries:
                     self._append(item)
+
+    def _leads(self) -> bool:
+        """Whether this relay leads; a relay that does not asks again once per poll
+        interval, not at every wake (asking opens a connection)."""
+        assert self._lead is not None
+        now = time.monotonic()
+        if not self._leading and now < self._next_ask:
+            return False
+        self._leading = self._lead("relay")
+        if not self._leading:
+            self._next_ask = now + self._store.poll_interval
+        return self._leading
 
     def _publish(self, item: StoredDelivery, failures: int) -> bool:
         """Publish *item*, then mark it published; ``False`` if the transport failed."""

@@ -186,6 +186,7 @@ class PostgresStore:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a deferred write is queued
         self._threads: list[threading.Thread] = []
+        self._leading: dict[str, psycopg.Connection[Any]] = {}  # role -> its lock's connection
         self._listener: psycopg.Connection[Any] | None = None
         self._reporter: Reporter | None = None
         #: Called with errors of background work when no bus reporter is set.
@@ -308,6 +309,9 @@ class PostgresStore:
         with self._lock:
             owner, self._owner = self._owner, None
             self._reporter = None
+            leading, self._leading = list(self._leading.values()), {}
+        for conn in leading:  # the roles are free for another process
+            conn.close()
         try:
             self._writes.flush()  # deferred successes: committed before the session ends
             if owner is not None:
@@ -423,6 +427,48 @@ class PostgresStore:
         """Commit deferred writes (successes) now; return once they are committed."""
         self._writes.flush()
 
+    def lead(self, role: str) -> bool:
+        """Whether this session is the one of all processes sharing the store that does
+        *role* (``"relay"``: publishes the outbox, so that events reach the transport in
+        commit order). The first to ask holds a session advisory lock on a connection of its
+        own until it closes or that connection breaks; the others get ``False`` and ask again
+        later, taking over when it is gone. Blocks for a round trip; never raises (a failure
+        is reported and counts as ``False``)."""
+        with self._lock:
+            conn = self._leading.get(role)
+        if conn is not None:
+            try:
+                conn.execute("SELECT 1")  # still connected: the lock is still ours
+                return True
+            except psycopg.Error:
+                conn.close()
+                with self._lock:
+                    self._leading.pop(role, None)
+        try:
+            conn = psycopg.connect(
+                self.dsn, autocommit=True, connect_timeout=max(1, round(self._connect_timeout))
+            )
+        except psycopg.Error as exc:
+            self._report(StoreError(f"cannot ask to lead {role}: {exc}"))
+            return False
+        try:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s))", (f"eventbus:{self.schema}:{role}",)
+            ).fetchone()
+        except psycopg.Error as exc:
+            conn.close()
+            self._report(StoreError(f"cannot ask to lead {role}: {exc}"))
+            return False
+        if row is None or not row[0]:
+            conn.close()
+            return False
+        with self._lock:
+            if self._owner is None:  # closed meanwhile
+                conn.close()
+                return False
+            self._leading[role] = conn
+        return True
+
     # -- the bus's writes ----------------------------------------------------------------
 
     def add(
@@ -432,16 +478,20 @@ class PostgresStore:
         key: str | None = None,
         *,
         due_at: float | None = None,
+        claimable: bool = False,
     ) -> Event | None:
         """Commit *event* and one pending delivery per handler, owned by the open bus (with
-        *due_at*, a wall-clock time: waiting to start then). Returns ``None``, or the event
-        first stored under *key* (then nothing is written). Raises ``TypeError`` for a
-        payload the codec cannot encode, ``StoreError`` when the database is out of reach;
-        either way nothing was written."""
-        params = self._add_params(event, handlers, key, due_at, self._require_owner())
+        *due_at*, a wall-clock time: waiting to start then). With *claimable*, owned by no
+        bus, and listening buses are told, as for :meth:`add_within` (the outbox of a store
+        whose one relay may be in another process). Returns ``None``, or the event first
+        stored under *key* (then nothing is written). Raises ``TypeError`` for a payload the
+        codec cannot encode, ``StoreError`` when the database is out of reach; either way
+        nothing was written."""
+        owner = self._require_owner()
+        params = self._add_params(event, handlers, key, due_at, None if claimable else owner)
 
         def write(conn: psycopg.Connection[Any]) -> Event | None:
-            return self._insert(conn, params, notify=False)
+            return self._insert(conn, params, notify=claimable)
 
         return cast(Event | None, self._writes.commit(write))
 
