@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from eventbus._event import DeadLetter, Delivery, Event
+from eventbus._policies import order_keys
 
 if TYPE_CHECKING:
     from eventbus._observe import Observer
@@ -130,9 +131,13 @@ class DurableBackend:
         # Whether the store keeps a delayed event's start time itself (stores written before
         # emit(delay=) do not take due_at).
         try:
-            self._delays = "due_at" in inspect.signature(store.add).parameters
-        except (TypeError, ValueError):
-            self._delays = True
+            parameters = set(inspect.signature(store.add).parameters)
+        except (TypeError, ValueError):  # no signature to read: assume delays, nothing more
+            parameters = {"due_at"}
+        self._delays = "due_at" in parameters
+        # Whether the store keeps ordered_by keys, to run one key's deliveries one process at
+        # a time when processes share it (PostgresStore).
+        self._order_keys = "order_keys" in parameters
 
     def _persist(self, write: Callable[..., object], *args: Any) -> None:
         # A write after the fact (a success, a failure): if it fails, the delivery's
@@ -145,6 +150,11 @@ class DurableBackend:
 
     def add(self, dispatch: Dispatch, key: str | None, due_at: float | None = None) -> Event | None:
         names = [sub.name for sub in dispatch.subs]
+        if self._order_keys:
+            keys = order_keys(((sub.name, sub.policy) for sub in dispatch.subs), dispatch.event)
+            if keys:
+                add: Callable[..., Event | None] = self.store.add
+                return add(dispatch.event, names, key, due_at=due_at, order_keys=keys)
         if due_at is None:
             return self.store.add(dispatch.event, names, key)
         if self._delays:

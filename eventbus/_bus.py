@@ -33,7 +33,14 @@ from eventbus._observe import InDelivery, Observer
 from eventbus._offload import Offload, in_thread
 from eventbus._outcomes import DEFAULT_REDACT_KEYS, OutcomeRecorder
 from eventbus._pipeline import Pipeline, job_delivery
-from eventbus._policies import Gate, Policy, check_delay, check_seconds, make_policy
+from eventbus._policies import (
+    Gate,
+    Policy,
+    check_delay,
+    check_seconds,
+    make_policy,
+    order_keys,
+)
 from eventbus._records import Records, RetryJob
 from eventbus._recovery import BusReporter, StoreRecovery
 from eventbus._registry import (
@@ -125,7 +132,11 @@ class EventBus:
       :meth:`recover`). Without one, records live in this process's memory only. The bus
       opens the store and closes it in :meth:`close`; one store serves one open bus.
     * ``transport``: a :class:`~eventbus.typing.Transport` that carries events between
-      processes (see :meth:`start`); not together with ``store``.
+      processes (see :meth:`start`). With a ``store`` too, the store is the transport's
+      outbox: ``emit()`` commits the event there (inside the application's transaction with
+      ``within=``) and returns; a relay publishes it afterwards, in order, retrying while the
+      transport is down. :meth:`status` and :meth:`dead_letters` then describe the deliveries
+      this bus runs as a consumer, as with a transport alone.
     """
 
     def __init__(
@@ -496,10 +507,16 @@ class EventBus:
                 "EventBus(store=PostgresStore(dsn)) or EventBus(store=SQLiteStore(path))"
             )
         add_within = self._check_within_store(store)
-        names = self._pipeline.handler_names(event, cls)
+        subs = self._registry.resolve(event.name, cls)
+        names = [sub.name for sub in subs]
         due_at = time.time() + delay if delay else None
+        options: dict[str, object] = {"due_at": due_at}
+        if "order_keys" in inspect.signature(add_within).parameters:
+            keys = order_keys(((sub.name, sub.policy) for sub in subs), event)
+            if keys:
+                options["order_keys"] = keys
         recovery.start_polling()  # before the write: its commit may wake the bus at once
-        first = cast("Event | None", add_within(connection, event, names, key, due_at=due_at))
+        first = cast("Event | None", add_within(connection, event, names, key, **options))
         if first is not None:
             return first
         self._observer.emitted(event, len(names), verbose=self._observer.verbose())
@@ -561,10 +578,12 @@ class EventBus:
     def _drain(self, timeout: float | None, stop: threading.Event | None = None) -> bool:
         if self._recovery is not None:
             self._recovery.look_now()  # work committed with within= before this call, too
-        if self._relay is not None:
+        if self._relay is not None and self._outbox is not None:
             deadline = _deadline(timeout)
+            self._relay.look_now()  # events committed with within= before this call, too
             if not self._relay.wait_idle(timeout):
                 return False
+            self._outbox.flush()  # so the store, read from anywhere, shows them relayed
             timeout = remaining(deadline)
         drained = self._admission.wait_idle(timeout, stop)
         if drained and self._store is not None:
@@ -751,12 +770,12 @@ class EventBus:
         pipeline.abandon(waiting + not_started, None)
         self._offload.shutdown()  # commits of async deliveries end before the store closes
         still_running = self._admission.active
+        left = None if self._store is None else pipeline.left_behind
         if self._relay is not None and self._outbox is not None:
             # Before the transport closes; what it could not publish stays in the store.
-            self._relay.stop(remaining(deadline))
+            left = self._relay.stop(remaining(deadline))
             self._outbox.close()
         self._backend.close()
-        left = None if self._store is None else pipeline.left_behind
         self._observer.closed(pipeline.abandoned, still_running, left)
 
     def _settle_due(self, deadline: float | None) -> None:

@@ -173,10 +173,6 @@ class Pipeline:
         self._queue_all(dispatch, self.clock.monotonic() + delay if delay else None)
         return event
 
-    def handler_names(self, event: Event, cls: type[Any] | None) -> list[str]:
-        """The names of the handlers *event* goes to now (in start order)."""
-        return [sub.name for sub in self.registry.resolve(event.name, cls)]
-
     def _dispatch(
         self,
         event: Event,

@@ -23,7 +23,7 @@ import math
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -158,6 +158,22 @@ class Policy:
     def gated(self) -> bool:
         """Whether deliveries pass a :class:`Gate` before they start."""
         return self.ordered_by is not None or self.concurrency is not None or self.rate is not None
+
+
+def order_keys(subs: Iterable[tuple[str, Policy | None]], event: Event) -> dict[str, str]:
+    """The ``ordered_by`` key of *event* for each subscription that has one, as text for a
+    store shared by processes (which runs the deliveries of one key one process at a time).
+    A key that cannot be computed is left out: its delivery fails in the gate all the same."""
+    keys: dict[str, str] = {}
+    for name, policy in subs:
+        if policy is None or policy.ordered_by is None:
+            continue
+        try:
+            value = policy.ordered_by(event)
+        except Exception:  # noqa: BLE001 - the gate reports it when the delivery runs
+            continue
+        keys[name] = f"{type(value).__name__}:{value}"
+    return keys
 
 
 def make_policy(

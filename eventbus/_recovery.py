@@ -39,6 +39,7 @@ class StoreRecovery:
         self._clock = clock
         self._wall: Callable[[], float] = getattr(clock, "time", time.time)
         self._lock = threading.Lock()
+        self._taking = threading.Lock()
         self._poll: Cancellable | None = None
         self._polling = False
         self._looking = False
@@ -53,6 +54,12 @@ class StoreRecovery:
         ``bus.recovered`` when *explicit* (:meth:`EventBus.recover`) or when it took over
         work that had begun elsewhere; new work committed elsewhere and never attempted
         (``emit(..., within=conn)``) is the ordinary case, logged as ``bus.claimed`` (debug)."""
+        # One take-over at a time: drain()'s look waits for a background look to have queued
+        # what it claimed, so that drain() then waits for those deliveries too.
+        with self._taking:
+            return self._take_over(explicit=explicit)
+
+    def _take_over(self, *, explicit: bool) -> int:
         store, pipeline = self._store, self._pipeline
         claim = store.claim(self._registry.names())
         for letter in claim.quarantined:

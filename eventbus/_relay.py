@@ -88,6 +88,13 @@ class Relay:
             self._claim_wanted = True
             self._lock.notify_all()
 
+    def look_now(self) -> None:
+        """Claim what is committed now, on the caller's thread (``drain()`` does, so that it
+        also waits for events committed with ``within=`` before it was called)."""
+        self._claim()
+        with self._lock:
+            self._lock.notify_all()
+
     def wait_idle(self, timeout: float | None) -> bool:
         """Block until every event handed to the relay so far is published (``False`` if
         *timeout* seconds passed first, e.g. while the transport is down)."""

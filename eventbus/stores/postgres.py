@@ -70,10 +70,13 @@ CREATE TABLE IF NOT EXISTS {s}.deliveries (
     error text,
     due_at double precision,
     owner text,
+    order_key text,
     PRIMARY KEY (event_id, handler)
 );
 CREATE INDEX IF NOT EXISTS deliveries_open ON {s}.deliveries (seq)
     WHERE state IN ('pending', 'running', 'retrying');
+CREATE INDEX IF NOT EXISTS deliveries_order ON {s}.deliveries (handler, order_key, seq)
+    WHERE order_key IS NOT NULL AND state IN ('pending', 'running', 'retrying');
 CREATE TABLE IF NOT EXISTS {s}.dead_letters (
     id text PRIMARY KEY,
     seq bigint GENERATED ALWAYS AS IDENTITY,
@@ -106,6 +109,8 @@ _WRITE_TRIES = 3
 _RECONNECT_PAUSES = (0.05, 0.2, 1.0, 2.0, 5.0)
 #: A notice's payload that ends a closing store's wait for notices (followed by its owner).
 _STOP = "stop:"
+#: A notice's payload naming the session that sent it (it does not wake that session).
+_FROM = "from:"
 
 
 class PostgresStore:
@@ -187,6 +192,7 @@ class PostgresStore:
         self._wake = threading.Event()  # a deferred write is queued
         self._threads: list[threading.Thread] = []
         self._leading: dict[str, psycopg.Connection[Any]] = {}  # role -> its lock's connection
+        self._me = ""  # the payload of this session's own notices
         self._listener: psycopg.Connection[Any] | None = None
         self._reporter: Reporter | None = None
         #: Called with errors of background work when no bus reporter is set.
@@ -279,6 +285,7 @@ class PostgresStore:
         self._retrying(register)
         with self._lock:
             self._owner = owner
+            self._me = _FROM + owner
             self._stop.clear()
             self._notified.set()  # the first look claims whatever is there
             self._threads = [
@@ -405,7 +412,8 @@ class PostgresStore:
                 failures = 0
                 while not self._stop.is_set():
                     for notice in conn.notifies(timeout=1.0, stop_after=1):
-                        if not notice.payload.startswith(_STOP):  # another bus's close
+                        # Not another bus's close, nor a notice of our own.
+                        if not notice.payload.startswith(_STOP) and notice.payload != self._me:
                             self._work_available()
             except psycopg.Error as exc:
                 if not self._stop.is_set():
@@ -479,6 +487,7 @@ class PostgresStore:
         *,
         due_at: float | None = None,
         claimable: bool = False,
+        order_keys: Mapping[str, str] | None = None,
     ) -> Event | None:
         """Commit *event* and one pending delivery per handler, owned by the open bus (with
         *due_at*, a wall-clock time: waiting to start then). With *claimable*, owned by no
@@ -488,7 +497,9 @@ class PostgresStore:
         codec cannot encode, ``StoreError`` when the database is out of reach; either way
         nothing was written."""
         owner = self._require_owner()
-        params = self._add_params(event, handlers, key, due_at, None if claimable else owner)
+        params = self._add_params(
+            event, handlers, key, due_at, None if claimable else owner, order_keys=order_keys
+        )
 
         def write(conn: psycopg.Connection[Any]) -> Event | None:
             return self._insert(conn, params, notify=claimable)
@@ -503,6 +514,7 @@ class PostgresStore:
         key: str | None = None,
         *,
         due_at: float | None = None,
+        order_keys: Mapping[str, str] | None = None,
     ) -> Event | None:
         """Write *event* and its deliveries through the application's own *connection*, in
         its open transaction, with one statement: they exist if and only if that transaction
@@ -514,7 +526,7 @@ class PostgresStore:
         autocommit mode outside a transaction, or one to another database; nothing is written
         then. Returns as :meth:`add` does."""
         conn = self._check_within(connection)
-        params = self._add_params(event, handlers, key, due_at, None)
+        params = self._add_params(event, handlers, key, due_at, None, order_keys=order_keys)
         return self._insert(conn, params, notify=True, guarded=True)
 
     def _check_within(self, connection: object) -> psycopg.Connection[Any]:
@@ -551,8 +563,12 @@ class PostgresStore:
         key: str | None,
         due_at: float | None,
         owner: str | None,
+        *,
+        order_keys: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         envelope = to_envelope(self.codec, event)  # raises before anything is written
+        names = list(handlers)
+        keys = [None if order_keys is None else order_keys.get(name) for name in names]
         return {
             "id": envelope.id,
             "name": envelope.name,
@@ -562,7 +578,8 @@ class PostgresStore:
             "occurred_at": envelope.occurred_at,
             "key": key,
             "created": time.time(),
-            "handlers": list(handlers),
+            "handlers": names,
+            "order_keys": keys,
             "state": "pending" if due_at is None else "retrying",
             "due_at": due_at,
             "owner": owner,
@@ -591,9 +608,11 @@ class PostgresStore:
             "SELECT %(id)s, %(name)s, %(payload_type)s, %(payload)s, %(metadata)s, "
             "%(occurred_at)s, %(key)s, %(created)s FROM guard "
             "ON CONFLICT DO NOTHING RETURNING seq), "
-            "dl AS (INSERT INTO {s}.deliveries (event_id, handler, seq, state, due_at, owner) "
-            "SELECT %(id)s, h, ev.seq, %(state)s, %(due_at)s, %(owner)s "
-            "FROM ev, unnest(%(handlers)s::text[]) AS h RETURNING 1), "
+            "dl AS (INSERT INTO {s}.deliveries "
+            "(event_id, handler, seq, state, due_at, owner, order_key) "
+            "SELECT %(id)s, h.name, ev.seq, %(state)s, %(due_at)s, %(owner)s, h.order_key "
+            "FROM ev, unnest(%(handlers)s::text[], %(order_keys)s::text[]) "
+            "AS h(name, order_key) RETURNING 1), "
             f"note AS ({note}) "
             "SELECT (SELECT count(*) FROM guard), (SELECT count(*) FROM ev), "
             "(SELECT count(*) FROM dl), (SELECT count(*) FROM note)"
@@ -740,18 +759,24 @@ class PostgresStore:
             self._forget_dead_owners(conn)
             rows = conn.execute(
                 self._q(
-                    "SELECT d.handler, d.state, d.attempts, d.error, d.due_at, "
-                    f"{_EVENT_COLUMNS} FROM {{s}}.deliveries d "
+                    "SELECT d.seq, d.order_key, d.handler, d.state, d.attempts, d.error, "
+                    f"d.due_at, {_EVENT_COLUMNS} FROM {{s}}.deliveries d "
                     "JOIN {s}.events e ON e.id = d.event_id "
                     f"WHERE d.state IN {_OPEN_STATES} AND (d.owner IS NULL OR NOT EXISTS "
                     "(SELECT 1 FROM {s}.owners o WHERE o.owner = d.owner)) "
                     "ORDER BY d.seq FOR UPDATE OF d SKIP LOCKED"
                 )
             ).fetchall()
+            stops = self._order_stops(conn, owner, [r[:3] for r in rows if r[2] in names])
+            waiting = 0
             taken: list[tuple[str, str]] = []
-            for handler, state, attempts, error, due_at, *event_row in rows:
+            for seq, order_key, handler, state, attempts, error, due_at, *event_row in rows:
                 if handler not in names:
                     claim.unknown[handler] = claim.unknown.get(handler, 0) + 1
+                    continue
+                stop = stops.get((handler, order_key))
+                if stop is not None and seq >= stop:
+                    waiting += 1  # an earlier delivery of its key is another process's
                     continue
                 try:
                     event = self._event_from_row(event_row)
@@ -772,6 +797,11 @@ class PostgresStore:
                 claim.deliveries.append(
                     StoredDelivery(event, handler, state, attempts, error, due_at)
                 )
+            if waiting:
+                # Rows this claim locked and left: a session that skipped them meanwhile
+                # (SKIP LOCKED), or the holder of their key, must look again. Not this one:
+                # it would skip them again until the holder is done.
+                conn.execute("SELECT pg_notify(%s, %s)", (self._channel, _FROM + owner))
             if taken:
                 conn.execute(
                     self._q(
@@ -784,6 +814,36 @@ class PostgresStore:
             return claim
 
         return cast(Claim, self._retrying(work))
+
+    def _order_stops(
+        self,
+        conn: psycopg.Connection[Any],
+        owner: str,
+        candidates: list[tuple[int, str | None, str]],
+    ) -> dict[tuple[str, str], int]:
+        """For the keys (``ordered_by``) of the *candidates* (seq, order key, handler) this
+        claim locked: the seq from which a key's deliveries must wait, because an earlier
+        open delivery of that key and handler is neither locked by this claim nor this
+        owner's (another process runs it, or another claim is taking it right now). So the
+        deliveries of one key run one process at a time, in the order they were committed."""
+        mine = {(handler, key, seq) for seq, key, handler in candidates if key is not None}
+        if not mine:
+            return {}
+        pairs = sorted({(handler, key) for handler, key, _ in mine})
+        stops: dict[tuple[str, str], int] = {}
+        for handler, key, seq, held_by in conn.execute(
+            self._q(
+                "SELECT d.handler, d.order_key, d.seq, d.owner FROM {s}.deliveries d "
+                "JOIN unnest(%s::text[], %s::text[]) AS k(handler, order_key) "
+                "ON d.handler = k.handler AND d.order_key = k.order_key "
+                f"WHERE d.state IN {_OPEN_STATES} ORDER BY d.seq"
+            ),
+            ([h for h, _ in pairs], [k for _, k in pairs]),
+        ).fetchall():
+            if (handler, key) in stops or (handler, key, seq) in mine or held_by == owner:
+                continue
+            stops[(handler, key)] = seq
+        return stops
 
     def _forget_dead_owners(self, conn: psycopg.Connection[Any]) -> None:
         """Delete owners whose lease ran out (server time) or whose process on this host is
