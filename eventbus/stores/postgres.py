@@ -21,6 +21,7 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from eventbus._envelope import Envelope, from_envelope, to_envelope
@@ -109,6 +110,8 @@ _WRITE_TRIES = 3
 _RECONNECT_PAUSES = (0.05, 0.2, 1.0, 2.0, 5.0)
 #: A notice's payload that ends a closing store's wait for notices (followed by its owner).
 _STOP = "stop:"
+#: The longest schema name: its notice channel ("eventbus." + schema) stays under 64 bytes.
+_MAX_SCHEMA = 54
 #: A notice's payload naming the session that sent it (it does not wake that session).
 _FROM = "from:"
 
@@ -159,6 +162,10 @@ class PostgresStore:
             raise TypeError(f"dsn must be a str (postgresql://...), got {type(dsn).__name__}")
         if not isinstance(schema, str) or not schema.isidentifier():
             raise ValueError(f"schema must be a plain identifier, got {schema!r}")
+        if len(schema.encode()) > _MAX_SCHEMA:
+            # PostgreSQL cuts names at 63 bytes (two long names would be one schema), and the
+            # notice channel, "eventbus." + schema, must fit in them too.
+            raise ValueError(f"schema must be at most {_MAX_SCHEMA} bytes long, got {schema!r}")
         for what, value in (
             ("lease", lease),
             ("poll_interval", poll_interval),
@@ -193,6 +200,7 @@ class PostgresStore:
         self._threads: list[threading.Thread] = []
         self._leading: dict[str, psycopg.Connection[Any]] = {}  # role -> its lock's connection
         self._me = ""  # the payload of this session's own notices
+        self._listening = threading.Event()  # the listener has run LISTEN
         self._listener: psycopg.Connection[Any] | None = None
         self._reporter: Reporter | None = None
         #: Called with errors of background work when no bus reporter is set.
@@ -214,10 +222,12 @@ class PostgresStore:
             open=False,
         )
         try:
-            pool.open(wait=True, timeout=self._connect_timeout)
-            with pool.connection() as conn:
+            # One connection of our own first: it says why it failed (no such database, a
+            # wrong password), where the pool would only time out.
+            with self._connect() as conn:
                 self._store_id = _create_schema(conn, self._s, self.schema, create=self._create)
                 self._server = (conn.info.dbname, str(conn.info.port))
+            pool.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
             pool.close()
             if isinstance(exc, PoolTimeout):
@@ -227,6 +237,21 @@ class PostgresStore:
                 ) from None
             raise
         self._pool = pool
+
+    def _connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+        """A connection of our own, outside the pool. Raises ``StoreError`` with the
+        server's reason when it cannot connect."""
+        try:
+            return psycopg.connect(
+                self.dsn,
+                autocommit=autocommit,
+                connect_timeout=max(1, round(self._connect_timeout)),
+            )
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {_safe_dsn(self.dsn)}: {reason}"
+            ) from None
 
     def _get_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
         # After close() the store still answers queries (a closed bus's status(), the
@@ -247,17 +272,22 @@ class PostgresStore:
             yield conn
 
     def _retrying(self, work: Callable[[psycopg.Connection[Any]], Any]) -> Any:
-        """Run *work* in a transaction, again on a new connection if the connection broke."""
-        last: Exception | None = None
-        for attempt in range(_WRITE_TRIES):
+        """Run *work* in a transaction; if the connection broke (or the pool has none), again
+        on a connection of its own, opened now: the pool reconnects on its own schedule
+        (seconds apart after an outage), and a write must not wait for that."""
+        try:
+            with self._transaction() as conn:
+                return work(conn)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            last: Exception = exc
+        with contextlib.suppress(Exception):  # let the pool drop its broken connections
+            self._get_pool().check()
+        for pause in _RECONNECT_PAUSES[: _WRITE_TRIES - 1]:
+            self._stop.wait(pause)
             try:
-                with self._transaction() as conn:
+                with self._connect() as conn, conn.transaction():
                     return work(conn)
-            except psycopg.OperationalError as exc:
-                last = exc
-                if attempt + 1 < _WRITE_TRIES:
-                    self._stop.wait(_RECONNECT_PAUSES[attempt])
-            except PoolTimeout as exc:
+            except (psycopg.OperationalError, StoreError) as exc:
                 last = exc
         raise StoreError(f"PostgreSQL at {_safe_dsn(self.dsn)} is out of reach: {last}") from last
 
@@ -271,6 +301,7 @@ class PostgresStore:
             if self._owner is not None:
                 raise RuntimeError("this store is already used by an open bus")
             self._reporter = reporter
+            self._listening.clear()
         owner = new_owner()
 
         def register(conn: psycopg.Connection[Any]) -> None:
@@ -294,6 +325,9 @@ class PostgresStore:
             ] + [threading.Thread(target=self._listen, name="eventbus-store-listen", daemon=True)]
             for thread in self._threads:
                 thread.start()
+        # Listening before open() returns: a commit right after it must wake this bus. If the
+        # listener cannot connect it says so, and the polls find the work meanwhile.
+        self._listening.wait(self._connect_timeout)
         return owner
 
     def close(self) -> None:
@@ -399,6 +433,7 @@ class PostgresStore:
                 )
             except psycopg.Error as exc:
                 self._report(StoreError(f"cannot listen for new work: {exc}"))
+                self._listening.set()  # open() waits no longer: the polls cover meanwhile
                 self._stop.wait(_RECONNECT_PAUSES[min(failures, len(_RECONNECT_PAUSES) - 1)])
                 failures += 1
                 continue
@@ -407,6 +442,7 @@ class PostgresStore:
                 if self._stop.is_set():
                     return
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                self._listening.set()
                 if failures:
                     self._work_available()  # notices sent while we were away were missed
                 failures = 0
@@ -617,7 +653,9 @@ class PostgresStore:
             "SELECT (SELECT count(*) FROM guard), (SELECT count(*) FROM ev), "
             "(SELECT count(*) FROM dl), (SELECT count(*) FROM note)"
         )
-        row = conn.execute(query, params).fetchone()
+        # Rows as tuples whatever row factory the caller's connection has.
+        with conn.cursor(row_factory=tuple_row) as cur:
+            row = cur.execute(query, params).fetchone()
         assert row is not None
         ours, inserted = row[0], row[1]
         if not ours:
@@ -630,10 +668,13 @@ class PostgresStore:
             # after its connection broke at commit).
             self._emits += 1
             return None
-        found = conn.execute(
-            self._q(f"SELECT {_EVENT_COLUMNS} FROM {{s}}.events e WHERE e.key = %s AND e.id <> %s"),
-            (params["key"], params["id"]),
-        ).fetchone()
+        with conn.cursor(row_factory=tuple_row) as cur:
+            found = cur.execute(
+                self._q(
+                    f"SELECT {_EVENT_COLUMNS} FROM {{s}}.events e WHERE e.key = %s AND e.id <> %s"
+                ),
+                (params["key"], params["id"]),
+            ).fetchone()
         return None if found is None else self._event_or_undecoded(found)
 
     def started(self, event_id: str, handler: str, attempts: int) -> None:
