@@ -20,6 +20,7 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         latency,
         memory,
         policies,
+        postgres,
         redis_streams,
         retry_storm,
         subscriptions,
@@ -39,6 +40,9 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         ("aemit() latency", asyncio_dispatch.aemit_latency),
         ("retry storm", retry_storm.retry_storm),
         ("durable (SQLite)", durable.durable),
+        ("PostgresStore", postgres.postgres_store),
+        ("emit(within=) round trips", postgres.within_round_trips),
+        ("commit -> handler start (within=)", postgres.commit_to_handler),
         ("multi-process (Redis)", redis_streams.multi_process),
         ("memory", memory.memory),
         ("handler weight (info)", dispatch.latch_sensitivity),
@@ -67,7 +71,7 @@ def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (< 10 s)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (< 30 s)")
     parser.add_argument("--json", metavar="PATH", help="write machine-readable results here")
     parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")

@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import contextvars
 import enum
+import functools
 import inspect
 import os
 import threading
@@ -511,7 +512,7 @@ class EventBus:
         names = [sub.name for sub in subs]
         due_at = time.time() + delay if delay else None
         options: dict[str, object] = {"due_at": due_at}
-        if "order_keys" in inspect.signature(add_within).parameters:
+        if _takes_order_keys(getattr(add_within, "__func__", add_within)):
             keys = order_keys(((sub.name, sub.policy) for sub in subs), event)
             if keys:
                 options["order_keys"] = keys
@@ -945,6 +946,16 @@ def _resolve_typed(event: object, payload: Any) -> tuple[str, type[Any] | None, 
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_order_keys(method: Callable[..., object]) -> bool:
+    """Whether a store's ``add_within`` (the function, not bound to a store, so that the
+    cache holds no store) keeps ``ordered_by`` keys: read once per store class."""
+    try:
+        return "order_keys" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _takes_reporter(method: Callable[..., object], before: int) -> bool:

@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.postgres import find_postgres_bin
 from tests.support.redis import find_redis_server
 
-# `python -m bench --quick` runs every scenario: a real redis-server and consumer processes.
+# `python -m bench --quick` runs every scenario: real redis-server and PostgreSQL servers and
+# consumer processes.
 pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +39,9 @@ SCENARIOS = (
     "durable (SQLite), 4 handlers",
     "durable (SQLite) emit() latency p50, 4 handlers",
     "durable (SQLite) emit() latency p99, 4 handlers",
+    "PostgresStore, 4 handlers",
+    "emit(within=) round trips",
+    "commit -> handler start latency (within=) p50",
     "multi-process (Redis), 4 handlers",
     "multi-process (Redis), 4 handlers waiting 2 ms (I/O-like)",
     "memory, 20,000 events x 4 handlers",
@@ -54,6 +59,15 @@ THREAD_DISPATCHERS = {
 #: Whether the multi-process (Redis) scenario can run here (else its rows say "skipped").
 REDIS = find_redis_server() is not None and importlib.util.find_spec("redis") is not None
 REDIS_SCENARIOS = SCENARIOS[-4:-2]
+#: Whether the PostgreSQL scenarios can run here (else each has one "skipped" row).
+POSTGRES = find_postgres_bin() is not None and all(
+    importlib.util.find_spec(name) is not None for name in ("psycopg", "psycopg_pool")
+)
+POSTGRES_SCENARIOS = (
+    "PostgresStore, 4 handlers",
+    "emit(within=) round trips",
+    "commit -> handler start latency (within=) p50",
+)
 
 
 def _bench(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
@@ -97,7 +111,7 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
     doc, _, _ = quick
     for row in doc["results"]:
         if row["dispatcher"].startswith("skipped:"):
-            assert not REDIS, row
+            assert not (POSTGRES if row["scenario"] in POSTGRES_SCENARIOS else REDIS), row
             continue
         assert math.isfinite(row["value"]), row
         assert row["value"] > 0, row
@@ -126,6 +140,7 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
         detail = row["detail"]
         assert detail["stored_events"] * 4 == detail["stored_succeeded_deliveries"]
         assert detail["stored_succeeded_deliveries"] == detail["expected"]
+    _check_postgres_rows(doc["results"])
     redis_rows = [r for r in doc["results"] if r["scenario"] in REDIS_SCENARIOS]
     if not REDIS:
         assert len(redis_rows) == 2
@@ -138,6 +153,34 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
         assert all(len(trial) == processes for trial in detail["handled_per_consumer"]), row
         assert sum(map(sum, detail["handled_per_consumer"])) == detail["expected"], row
         assert detail["expected"] == 4 * detail["events_per_trial"], row  # 1 round when quick
+
+
+def _check_postgres_rows(results: list[dict[str, Any]]) -> None:
+    """The PostgreSQL rows: one "skipped" row per scenario without PostgreSQL, else the store's
+    three rows read back complete, the round trips counted for every traced emit, and each
+    commit's handler timed."""
+    rows = [r for r in results if r["scenario"] in POSTGRES_SCENARIOS]
+    if not POSTGRES:
+        assert len(rows) == 3, rows
+        assert all(r["dispatcher"].startswith("skipped: ") for r in rows), rows
+        return
+    store = [r for r in rows if r["scenario"] == "PostgresStore, 4 handlers"]
+    assert len(store) == 3
+    for row in store:
+        detail = row["detail"]
+        assert detail["stored_events"] * 4 == detail["stored_succeeded_deliveries"]
+        assert detail["stored_succeeded_deliveries"] == detail["expected"]
+    counted = {r["dispatcher"]: r for r in rows if r["scenario"] == "emit(within=) round trips"}
+    assert len(counted) == 2
+    for row in counted.values():
+        assert len(row["samples"]) == row["detail"].get("emits", row["detail"].get("inserts"))
+    timed = [r for r in results if r["scenario"].startswith("emit(within=) latency")]
+    assert len(timed) == 3
+    assert all(r["ratio_to"] == "SELECT 1 in the same transaction" for r in timed)
+    latency = [r for r in results if r["scenario"].startswith("commit -> handler start")]
+    assert len(latency) == 4  # p50 and p99, PostgreSQL and SQLite
+    for row in latency:
+        assert len(row["samples"]) == row["detail"]["commits"] == row["detail"]["handled"]
 
 
 def test_machine_and_logging_set_up_are_reported(
@@ -202,3 +245,30 @@ def test_redis_scenario_without_redis_server_is_skipped_loudly(
     assert "multi-process (Redis) scenario SKIPPED: redis-server not installed" in (
         capsys.readouterr().err
     )
+
+
+def test_postgres_scenarios_without_postgresql_are_skipped_loudly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without PostgreSQL each PostgreSQL scenario is one "skipped" row, stderr says so once,
+    and the SQLite half of the commit -> handler scenario is still measured."""
+    import bench.postgres
+    import tests.support.postgres
+    from bench._harness import QUICK
+
+    monkeypatch.setattr(tests.support.postgres, "find_postgres_bin", lambda: None)
+    monkeypatch.setattr(bench.postgres, "_warned", set())
+    skipped = "skipped: PostgreSQL (initdb, postgres) not installed"
+    for scenario, run in (
+        ("PostgresStore, 4 handlers", bench.postgres.postgres_store),
+        ("emit(within=) round trips", bench.postgres.within_round_trips),
+    ):
+        (row,) = run(QUICK).rows
+        assert (row.scenario, row.dispatcher, row.ok) == (scenario, skipped, True)
+    rows = bench.postgres.commit_to_handler(QUICK).rows
+    assert rows[0].dispatcher == skipped
+    assert rows[0].scenario == "commit -> handler start latency (within=) p50"
+    sqlite = rows[1:]
+    assert {r.dispatcher for r in sqlite} == {bench.postgres.SQLITE_WITHIN}
+    assert all(r.ok and r.value > 0 for r in sqlite)
+    assert capsys.readouterr().err.count("PostgreSQL scenarios SKIPPED") == 1

@@ -186,6 +186,7 @@ class PostgresStore:
         self._pool_size = pool_size
         self._create = create
         self._s = sql.Identifier(schema)
+        self._queries: dict[str, sql.Composed] = {}
         self._channel = f"eventbus.{schema}"
         self._lock = threading.Lock()  # owner, pool and threads
         self._writes: GroupCommit[psycopg.Connection[Any]] = GroupCommit(self._run_batch)
@@ -217,7 +218,8 @@ class PostgresStore:
             max_size=self._pool_size,
             kwargs={"connect_timeout": max(1, round(self._connect_timeout))},
             timeout=self._connect_timeout,
-            check=ConnectionPool.check_connection,
+            # No check on each checkout (a round trip per transaction): a broken connection
+            # fails its write, which is retried on a new connection (_retrying).
             name=f"eventbus-{self.schema}",
             open=False,
         )
@@ -973,8 +975,12 @@ class PostgresStore:
     # -- helpers -------------------------------------------------------------------------
 
     def _q(self, statement: str) -> sql.Composed:
-        """*statement* with ``{s}`` as this store's schema, quoted."""
-        return sql.SQL(statement).format(s=self._s)
+        """*statement* with ``{s}`` as this store's schema, quoted (composed once: it is on
+        the path of every write)."""
+        query = self._queries.get(statement)
+        if query is None:
+            query = self._queries[statement] = sql.SQL(statement).format(s=self._s)
+        return query
 
     def _read(self, statement: str, params: tuple[Any, ...]) -> list[Any]:
         query = self._q(statement)
