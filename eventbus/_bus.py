@@ -578,7 +578,10 @@ class EventBus:
 
     def _drain(self, timeout: float | None, stop: threading.Event | None = None) -> bool:
         if self._recovery is not None:
-            self._recovery.look_now()  # work committed with within= before this call, too
+            # Work committed with within= before this call, too (within the timeout).
+            deadline = _deadline(timeout)
+            self._recovery.look_now(timeout)
+            timeout = remaining(deadline)
         if self._relay is not None and self._outbox is not None:
             deadline = _deadline(timeout)
             self._relay.look_now()  # events committed with within= before this call, too

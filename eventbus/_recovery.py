@@ -125,13 +125,20 @@ class StoreRecovery:
                 self._poll.cancel()
             self._schedule(0.0)
 
-    def look_now(self) -> None:
-        """If polling: claim what is committed now, on the caller's thread (``drain()`` does,
-        so that it also waits for work committed with ``within=`` before it was called).
-        Blocks on the store; a failure is logged, not raised."""
+    def look_now(self, timeout: float | None) -> None:
+        """If polling: claim what is committed now and queue it (``drain()`` does, so that it
+        also waits for work committed with ``within=`` before it was called). Waits at most
+        *timeout* seconds: a store may be locked by the application's open transaction (SQLite);
+        the look then finishes on its own thread, and the next look finds the rest. A failure
+        is logged, not raised."""
         with self._lock:
             if not self._polling or self._stopped:
                 return
+        look = threading.Thread(target=self._look_logged, name="eventbus-drain-look", daemon=True)
+        look.start()
+        look.join(timeout)
+
+    def _look_logged(self) -> None:
         try:
             self.take_over()
         except Exception as exc:  # noqa: BLE001 - drain goes on; the next look may work

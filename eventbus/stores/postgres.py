@@ -255,21 +255,16 @@ class PostgresStore:
                 f"cannot connect to PostgreSQL at {_safe_dsn(self.dsn)}: {reason}"
             ) from None
 
-    def _get_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
-        # After close() the store still answers queries (a closed bus's status(), the
-        # command line): the pool is opened again.
-        with self._lock:
-            if self._pool is None:
-                self._open_pool()
-            assert self._pool is not None
-            return self._pool
-
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        """One transaction on a pooled connection; a broken connection is retried on a
-        fresh one (the transaction never committed), up to a few times, then ``StoreError``.
-        Only for work that may safely run again from the start."""
-        pool = self._get_pool()
+        """One transaction on a pooled connection. After close() the store still answers
+        queries (a closed bus's status(), the command line) on a connection of its own, opened
+        for the query, so that nothing of the store stays running."""
+        pool = self._pool
+        if pool is None:
+            with self._connect() as conn, conn.transaction():
+                yield conn
+            return
         with pool.connection() as conn, conn.transaction():
             yield conn
 
@@ -282,8 +277,10 @@ class PostgresStore:
                 return work(conn)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             last: Exception = exc
-        with contextlib.suppress(Exception):  # let the pool drop its broken connections
-            self._get_pool().check()
+        pool = self._pool
+        if pool is not None:
+            with contextlib.suppress(Exception):  # let the pool drop its broken connections
+                pool.check()
         for pause in _RECONNECT_PAUSES[: _WRITE_TRIES - 1]:
             self._stop.wait(pause)
             try:
@@ -304,6 +301,8 @@ class PostgresStore:
                 raise RuntimeError("this store is already used by an open bus")
             self._reporter = reporter
             self._listening.clear()
+            if self._pool is None:  # opened again after close()
+                self._open_pool()
         owner = new_owner()
 
         def register(conn: psycopg.Connection[Any]) -> None:
@@ -779,8 +778,13 @@ class PostgresStore:
 
     def needs_claim(self) -> bool:
         """Whether a claim might find something: a notice of new work arrived since the last
-        claim, or a lease may have run out since (a crashed process on another host)."""
-        return self._notified.is_set() or time.monotonic() >= self._next_full_claim
+        claim, a lease may have run out since (a crashed process on another host), or an
+        owner on this host is a process that is gone (asked of the database: one round
+        trip, at each poll)."""
+        if self._notified.is_set() or time.monotonic() >= self._next_full_claim:
+            return True
+        owners = self._read("SELECT owner FROM {s}.owners", ())
+        return any(owner_is_dead(owner) for (owner,) in owners)
 
     def claim(self, handlers: Collection[str]) -> Claim:
         """Take over every unfinished delivery that no live owner holds (unowned ones: new
