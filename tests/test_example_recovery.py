@@ -1,14 +1,18 @@
 """The order service is durable: a server killed with SIGKILL mid-burst is restarted, and every
-order's handlers end succeeded or as dead letters. Also: the events survive the store's JSON
-codec, orders saved without their event get it at the next start, and the ``burst`` and
-``check`` helpers fail with one clear line and an exit status instead of a traceback."""
+order's handlers end succeeded or as dead letters. Also: an order and its event are committed
+together or not at all (the event store is the orders database), an event committed by a
+process that died before running it is run at the next start, the events survive the store's
+JSON codec, and the ``burst`` and ``check`` helpers fail with one clear line and an exit status
+instead of a traceback."""
 
 from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 import structlog
 import tenacity
 
+from eventbus import Event, UnknownEventError
 from eventbus.codec import JsonCodec
 from eventbus.stores import SQLiteStore
 from examples.order_service.__main__ import main
@@ -31,7 +36,7 @@ from examples.order_service.handlers import (
     TRACK_ANALYTICS,
 )
 from examples.order_service.repository import SqliteOrderRepository
-from examples.order_service.wiring import Settings, build_app
+from examples.order_service.wiring import OrderApp, Settings, build_app
 from tests.support.children import ChildProcess, Children, order_service
 from tests.support.net import call, free_port, wait_until_listening
 
@@ -86,7 +91,7 @@ def test_a_server_killed_mid_burst_finishes_every_order_after_a_restart(
     """SIGKILL while the slow handlers of a burst run; the restarted server recovers the
     unfinished deliveries, and every order's handlers end succeeded or as a dead letter, which
     ``python -m eventbus dead-letters list`` shows."""
-    events_path = tmp_path / "events.sqlite3"  # the default: beside the orders database
+    events_path = tmp_path / "orders.sqlite3"  # the event store is the orders database
     first = start_server(latency=5.0)  # handlers take 0.1 to 1 s each
     assert first.wait_for("app.recovered")["recovered"] == 0
     orders = place_burst(first.url, BURST)
@@ -100,10 +105,9 @@ def test_a_server_killed_mid_burst_finishes_every_order_after_a_restart(
 
     second = start_server(latency=0.0)
     recovered = second.wait_for("app.recovered")
-    # Every event was stored before its 201, so nothing needs emitting again; the deliveries
-    # left open are queued again, except one killed during its last allowed attempt (e.g. the
+    # Every event was committed with its order, before its 201. The deliveries left open are
+    # queued again, except one killed during its last allowed attempt (e.g. the
     # single-attempt analytics call), which becomes a dead letter at once.
-    assert recovered["resent"] == 0
     assert 0 < recovered["recovered"] <= unfinished
 
     burst_file = tmp_path / "burst.json"
@@ -162,58 +166,143 @@ def test_order_events_survive_the_store_codec() -> None:
         assert codec.decode(*codec.encode(event)) == event
 
 
-def test_an_order_saved_without_its_event_gets_it_at_the_next_start(tmp_path: Path) -> None:
-    """An order the last process saved but did not emit (it died in between) is emitted at
-    startup, once: the idempotency key keeps a second start from emitting it again."""
-    settings = Settings(
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(
         db_path=tmp_path / "orders.sqlite3",
         outbox_dir=tmp_path / "outbox",
         latency=0.0,
         retry_wait=tenacity.wait_none(),
     )
-    repository = SqliteOrderRepository(settings.db_path)
+
+
+MONITOR = {"email": "grace@example.com", "items": [{"sku": "MN-303", "quantity": 1}]}
+
+
+def test_an_order_and_its_event_are_committed_together_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order's row and its event are written in one transaction: when something raises
+    after the emit, before the commit, neither the order (or its shipment) nor the event nor
+    any delivery exists, and no handler runs; without the failure both are committed."""
+    settings = _settings(tmp_path)
+    with build_app(settings) as app:
+        kept = app.orders.create_order(MONITOR)
+        emit = app.bus.emit
+        emitted: list[Event] = []
+
+        def emit_then_fail(*args: Any, **kwargs: Any) -> Event:
+            event = emit(*args, **kwargs)  # written through the transaction's connection
+            emitted.append(event)
+            raise RuntimeError("failed after the emit, before the commit")
+
+        monkeypatch.setattr(app.bus, "emit", emit_then_fail)
+        with pytest.raises(RuntimeError, match="before the commit"):
+            app.orders.create_order(MONITOR)
+        with pytest.raises(RuntimeError, match="before the commit"):
+            app.orders.ship_order(kept.order.id)
+        monkeypatch.undo()
+        assert app.bus.drain(timeout=10)  # claims whatever was committed, and runs it
+
+        lost_created, lost_shipped = emitted
+        assert isinstance(lost_shipped.payload, OrderShipped)
+        assert lost_shipped.payload.order_id == kept.order.id
+        lost_order = lost_created.payload.order_id
+        assert app.repository.get(lost_order) is None
+        assert app.repository.count() == 1
+        shipped_not = app.orders.get_order(kept.order.id)
+        assert (shipped_not.status, shipped_not.tracking_number) == ("placed", None)
+        for event in emitted:
+            with pytest.raises(UnknownEventError):
+                app.bus.status(event.id)
+        assert app.repository.audit_trail(lost_order) == []
+        assert not (settings.outbox_dir / f"{lost_order}-confirmation.eml").exists()
+        assert not (settings.outbox_dir / f"{kept.order.id}-shipped.eml").exists()
+
+        # The order that was committed has its event, and its handlers ran after the commit.
+        assert set(app.bus.status(kept.event.id)) == CREATED_HANDLERS
+        assert {d.state for d in app.bus.status(kept.event.id).values()} == {"succeeded"}
+        assert [a.event_id for a in app.repository.audit_trail(kept.order.id)] == [kept.event.id]
+    with sqlite3.connect(settings.db_path) as db:  # one file: the orders and the events
+        assert db.execute("SELECT id FROM events").fetchall() == [(kept.event.id,)]
+        assert db.execute("SELECT count(*) FROM deliveries").fetchone() == (len(CREATED_HANDLERS),)
+    db.close()
+
+
+def test_an_event_committed_before_a_crash_runs_at_the_next_start(tmp_path: Path) -> None:
+    """A process that died right after committing an order leaves the order, its event and the
+    event's deliveries in the database, owned by no bus; the next start's recover() runs them,
+    once: a second start finds nothing to do."""
+    settings = _settings(tmp_path)
     order = Order(
-        id="ord_saved_only",
+        id="ord_committed",
         customer_email="ada@example.com",
         items=(LineItem("KB-101", 1),),
         status="placed",
         created_at=datetime.now(UTC),
     )
-    repository.add(order)
+    event = Event(
+        name="order:created",
+        payload=OrderCreated(
+            order_id=order.id, customer_email=order.customer_email, items=[*order.items]
+        ),
+    )
+    # What create_order commits, written as the process that died did: no bus ever claimed it.
+    store = SQLiteStore(settings.db_path)
+    repository = SqliteOrderRepository(settings.db_path)
+    with repository.transaction() as connection:
+        repository.add(order)
+        store.add_within(connection, event, sorted(CREATED_HANDLERS))
     repository.close()
+    store.close()
 
-    with structlog.testing.capture_logs() as logs, build_app(settings) as app:
-        assert app.bus.drain(timeout=10)
-        trail = app.repository.audit_trail(order.id)
-    assert [entry.event_name for entry in trail] == ["order:created"]
-    (recovered,) = [line for line in logs if line["event"] == "app.recovered"]
-    assert (recovered["recovered"], recovered["resent"]) == (0, 1)
+    assert _recovered_at_start(settings, check=lambda app: None) == len(CREATED_HANDLERS)
+
+    def handled(app: OrderApp) -> None:
+        deliveries = app.bus.status(event.id)
+        assert {name: d.state for name, d in deliveries.items()} == dict.fromkeys(
+            CREATED_HANDLERS, "succeeded"
+        )
+        assert [a.event_id for a in app.repository.audit_trail(order.id)] == [event.id]
+
+    assert _recovered_at_start(settings, check=handled) == 0  # nothing run twice
     assert (settings.outbox_dir / f"{order.id}-confirmation.eml").is_file()
 
+
+def _recovered_at_start(settings: Settings, check: Callable[[OrderApp], None]) -> int:
+    """Start the app, let it finish what it recovered, run *check*, close it; return the
+    ``recovered`` count its ``app.recovered`` line logged."""
     with structlog.testing.capture_logs() as logs, build_app(settings) as app:
         assert app.bus.drain(timeout=10)
-        assert app.bus.status(trail[0].event_id)[RESERVE_INVENTORY].state == "succeeded"
+        check(app)
     (recovered,) = [line for line in logs if line["event"] == "app.recovered"]
-    assert (recovered["recovered"], recovered["resent"]) == (0, 0)
+    assert recovered["events"] == str(settings.db_path)
+    count: int = recovered["recovered"]
+    return count
 
 
-def test_settings_put_the_event_store_beside_the_orders(tmp_path: Path) -> None:
-    """By default the store is events.sqlite3 beside the orders database; durable=False
-    runs without one (deliveries in memory, retries abandoned at close as before)."""
-    assert Settings(db_path=tmp_path / "o.sqlite3").events_file() == tmp_path / "events.sqlite3"
-    assert Settings(db_path=":memory:").events_file() == ":memory:"
-    assert Settings(events_path=tmp_path / "e.db").events_file() == tmp_path / "e.db"
-    settings = Settings(
-        db_path=tmp_path / "orders.sqlite3", outbox_dir=tmp_path / "outbox", durable=False
-    )
-    assert settings.events_file() is None
-    with build_app(settings) as app:
-        assert app.events_path is None
-        app.orders.create_order(
-            {"email": "a@example.com", "items": [{"sku": "KB-101", "quantity": 1}]}
-        )
-        assert app.bus.drain(timeout=10)
-    assert not (tmp_path / "events.sqlite3").exists()
+def test_the_event_store_is_the_orders_database(tmp_path: Path) -> None:
+    """By default the store's tables live in the orders database; durable=False runs without
+    one (deliveries in memory, retries abandoned at close as before), and an in-memory
+    database cannot hold a store another connection shares."""
+    assert Settings(db_path=tmp_path / "o.sqlite3").store_path() == tmp_path / "o.sqlite3"
+    assert Settings(db_path=":memory:", durable=False).store_path() is None
+    with pytest.raises(ValueError, match="needs a database file"):
+        Settings(db_path=":memory:").store_path()
+    for durable in (True, False):
+        db = tmp_path / f"durable-{durable}.sqlite3"
+        settings = Settings(db_path=db, outbox_dir=tmp_path / "outbox", durable=durable)
+        with build_app(settings) as app:
+            assert app.events_path == (db if durable else None)
+            app.orders.create_order(
+                {"email": "a@example.com", "items": [{"sku": "KB-101", "quantity": 1}]}
+            )
+            assert app.bus.drain(timeout=10)
+        with sqlite3.connect(db) as conn:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        conn.close()
+        assert {"orders", "audit_log"} <= tables
+        assert ("events" in tables) is durable
+    assert list(tmp_path.glob("events*")) == []
 
 
 def _states(events_path: Path, orders: list[BurstOrder]) -> dict[tuple[str, str], str]:

@@ -1,7 +1,8 @@
 """The order service split into processes through a real Redis: one API process that only
 publishes, two worker processes that compete for the stream. Every order's handlers run exactly
-once in total across the workers. While Redis is down the API saves nothing and says so (503),
-and a worker started without Redis exits with one line.
+once in total across the workers. While Redis is down the API still takes orders: each event is
+committed with its order to the API's outbox and published once Redis is back, in order, and
+then handled by a worker. A worker started without Redis exits with one line.
 
 Needs ``redis-server`` (Debian: ``apt-get install redis-server``); skipped without it, unless
 the ``CI`` environment variable is set, where a missing server is a failure.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +21,9 @@ from typing import Any
 
 import pytest
 import redis
+import tenacity
 
+from eventbus import Event
 from examples.order_service.__main__ import main
 from examples.order_service.burst import order_body
 from examples.order_service.handlers import (
@@ -32,7 +36,7 @@ from examples.order_service.handlers import (
     UPDATE_ORDER_STATUS,
 )
 from examples.order_service.web import create_app
-from examples.order_service.wiring import Settings, build_app
+from examples.order_service.wiring import Settings, build_app, build_worker
 from tests.support.children import ChildProcess, Children, order_service
 from tests.support.net import call, free_port, wait_until_listening
 from tests.support.redis import RedisServer
@@ -199,14 +203,38 @@ def test_api_and_two_workers_handle_every_order_exactly_once(
     print(f"deliveries per worker: {dict(shares)}")
 
 
-def test_api_answers_503_while_redis_is_down_and_201_once_it_is_back(tmp_path: Path) -> None:
-    """While Redis is stopped the API answers 503 to a new order and saves nothing, and
-    /api/health says "degraded"; once Redis is back both answer as before, and the stream
-    holds exactly the events of the saved orders."""
+def _published(url: str, stream: str) -> list[str]:
+    """The event ids in *stream*, oldest first."""
+    reader = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return [fields["id"] for _, fields in reader.xrange(stream)]
+    finally:
+        reader.close()
+
+
+def _wait_published(url: str, stream: str, expected: list[str]) -> list[str]:
+    """The stream's event ids once it holds *expected* many (a bounded poll of Redis: the
+    relay publishes from a thread of the API's bus)."""
+    deadline = time.monotonic() + LINE_DEADLINE
+    pause = threading.Event()  # never set: an interruptible pause between looks
+    published = _published(url, stream)
+    while len(published) < len(expected) and time.monotonic() < deadline:
+        pause.wait(0.02)
+        published = _published(url, stream)
+    return published
+
+
+def test_orders_placed_while_redis_is_down_are_published_in_order_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """While Redis is stopped the API still answers 201 to a new order and 202 to a shipment
+    (both committed with their events to its outbox), and /api/health says "degraded" with
+    200; once Redis is back the relay publishes them, and the stream holds every event
+    exactly once, in the order they were committed."""
     settings = Settings(
         db_path=tmp_path / "orders.sqlite3", outbox_dir=tmp_path / "outbox", latency=0.0
     )
-    with RedisServer(persistent=True) as server:
+    with RedisServer(persistent=True) as server:  # what Redis acknowledged survives the stop
         settings = dataclasses.replace(settings, redis_url=server.url)
         with build_app(settings) as app:
             client = create_app(app).test_client()
@@ -216,29 +244,73 @@ def test_api_answers_503_while_redis_is_down_and_201_once_it_is_back(tmp_path: P
             }
             first = client.post("/api/orders", json=order_body(0))
             assert first.status_code == 201
+            committed = [first.get_json()["event_id"]]
+            assert _wait_published(server.url, settings.redis_stream, committed) == committed
 
             server.stop()
             down = client.post("/api/orders", json=order_body(1))
-            assert down.status_code == 503
-            assert "nothing was saved" in down.get_json()["error"]
-            assert app.repository.count() == 1
+            assert down.status_code == 201
+            shipped = client.post(f"/api/orders/{first.get_json()['order']['id']}/ship")
+            assert shipped.status_code == 202
+            committed += [down.get_json()["event_id"], shipped.get_json()["event_id"]]
+            assert app.repository.count() == 2
             health = client.get("/api/health")
-            assert health.status_code == 503
+            assert health.status_code == 200
             assert health.get_json()["status"] == "degraded"
             assert health.get_json()["transport"].startswith("unreachable: ")
 
             server.start()
-            assert client.get("/api/health").status_code == 200
+            assert client.get("/api/health").get_json()["status"] == "ok"
             again = client.post("/api/orders", json=order_body(2))
             assert again.status_code == 201
-            assert app.repository.count() == 2
+            committed.append(again.get_json()["event_id"])
+            published = _wait_published(server.url, settings.redis_stream, committed)
+            assert app.bus.drain(timeout=LINE_DEADLINE)
+            assert app.repository.count() == 3
+        assert published == committed
+        assert _published(server.url, settings.redis_stream) == committed  # none twice
 
-        reader = redis.Redis.from_url(server.url, decode_responses=True)
-        try:
-            published = [fields["id"] for _, fields in reader.xrange(settings.redis_stream)]
-        finally:
-            reader.close()
-    assert published == [first.get_json()["event_id"], again.get_json()["event_id"]]
+
+def test_an_order_placed_while_redis_is_down_reaches_a_worker_once_redis_is_back(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """With a worker consuming and Redis stopped, POST /api/orders still answers 201 and the
+    order is saved; nothing reaches the worker during the outage; once Redis is started
+    again (empty: no persistence), the API's relay publishes the event and the worker runs
+    its handlers (the confirmation email, the audit entry)."""
+    settings = Settings(
+        db_path=tmp_path / "orders.sqlite3",
+        outbox_dir=tmp_path / "outbox",
+        latency=0.0,
+        retry_wait=tenacity.wait_none(),
+        max_workers=2,
+        redis_url=own_redis.url,
+    )
+    arrived: queue.Queue[str] = queue.Queue()
+
+    def order_arrived(event: Event) -> None:
+        arrived.put(event.id)
+
+    with build_worker(settings) as worker, build_app(settings) as api:
+        worker.bus.subscribe("order:created", order_arrived)
+        client = create_app(api).test_client()
+
+        own_redis.stop()
+        response = client.post("/api/orders", json=order_body(0))
+        assert response.status_code == 201
+        order_id, event_id = response.get_json()["order"]["id"], response.get_json()["event_id"]
+        assert api.orders.get_order(order_id).status == "placed"
+        # The outage: for half a second nothing can be published, so nothing arrives.
+        with pytest.raises(queue.Empty):
+            arrived.get(timeout=0.5)
+
+        own_redis.start()
+        assert arrived.get(timeout=LINE_DEADLINE) == event_id
+        assert worker.bus.drain(timeout=LINE_DEADLINE)  # the event's other handlers too
+        assert api.bus.drain(timeout=LINE_DEADLINE)  # the relay published it
+        assert (settings.outbox_dir / f"{order_id}-confirmation.eml").is_file()
+        assert [a.event_id for a in api.repository.audit_trail(order_id)] == [event_id]
+    assert arrived.empty()  # handled once
 
 
 def test_worker_with_redis_down_prints_one_line_and_exits_1(

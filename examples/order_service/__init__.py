@@ -3,9 +3,11 @@
 Modules, from the inside out:
 
 * :mod:`.domain`: orders, typed domain events (``OrderCreated``, ``OrderShipped``), validation.
-* :mod:`.repository`: orders and the audit trail in SQLite (stdlib ``sqlite3``).
+* :mod:`.repository`: orders and the audit trail in SQLite (stdlib ``sqlite3``), in the file
+  that also holds the bus's event store.
 * :mod:`.fakes`: the outside world, faked (mailer, inventory, warehouse, analytics).
-* :mod:`.orders`: ``OrderService``, the use cases: validate, save, emit.
+* :mod:`.orders`: ``OrderService``, the use cases: validate, then save and emit in one
+  transaction.
 * :mod:`.handlers`: what happens after an order event, each handler on its own.
 * :mod:`.wiring`: settings and the container that builds all of the above around one bus.
 * :mod:`.web` (Flask app factory), :mod:`.server` (``serve``), :mod:`.demo` (``demo``),

@@ -3,11 +3,13 @@ repository root (``make example`` creates ``.venv``).
 
 * ``demo``: place orders, ship some, drain, print a per-handler summary and the dead letters.
 * ``serve``: the HTTP API (``--port``, default 8000) until Ctrl-C or SIGTERM; durable: its
-  event store is ``var/events.sqlite3`` and a restart picks up what a crash left.
+  event store is in the orders database, ``var/orders.sqlite3`` (each order is committed with
+  its event), and a restart picks up what a crash left.
 * ``burst``: place a burst of orders through a running server (``--orders``, ``--url``).
 * ``check``: where the burst's handlers stand, read from the event store (``--wait``).
 * ``serve --redis URL`` and ``worker --redis URL``: the API and the handlers as separate
-  processes sharing one Redis stream (and the orders database); see ``worker.py``.
+  processes sharing one Redis stream (and the orders database); the API commits each event
+  to its outbox with the order and relays it to Redis; see ``worker.py``.
 
 A command that cannot do its job prints one line, ``<prog> <command>: error: <what to do>``,
 on stderr and exits with :data:`EXIT_USAGE` (2: a bad option, a missing file) or
@@ -24,11 +26,16 @@ from pathlib import Path
 
 from eventbus import TransportError
 from examples.order_service.burst import BurstError, check, load_burst, place_burst, save_burst
-from examples.order_service.demo import DEMO_BACKOFF, demo_settings, remove_store, run_demo
+from examples.order_service.demo import (
+    DEMO_BACKOFF,
+    DEMO_DB,
+    demo_settings,
+    remove_database,
+    run_demo,
+)
 from examples.order_service.logging_setup import configure_logging
 from examples.order_service.server import serve
 from examples.order_service.wiring import (
-    EVENTS_FILE,
     VAR_DIR,
     Settings,
     build_app,
@@ -38,6 +45,8 @@ from examples.order_service.wiring import (
 from examples.order_service.worker import run_worker
 
 BURST_FILE = VAR_DIR / "burst.json"
+#: The orders database of ``serve``, ``worker`` and ``check``: orders and events in one file.
+ORDERS_DB = VAR_DIR / "orders.sqlite3"
 #: Exit statuses besides 0: a usage or configuration problem, and a failure to do the job.
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -67,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     common.add_argument(
-        "--db", type=Path, default=VAR_DIR / "orders.sqlite3", help="SQLite file (created)"
+        "--db",
+        type=Path,
+        default=None,
+        help="the SQLite file of the orders and their events (created; default: "
+        f"{display_path(ORDERS_DB)}, the demo's {display_path(DEMO_DB)}, emptied before each run)",
     )
     common.add_argument(
         "--outbox", type=Path, default=VAR_DIR / "outbox", help="folder the emails go to"
@@ -110,12 +123,6 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     server.add_argument(
-        "--events",
-        type=Path,
-        default=None,
-        help=f"the event store, an SQLite file (default: {EVENTS_FILE} beside --db)",
-    )
-    server.add_argument(
         "--no-store",
         action="store_true",
         help="no event store: deliveries live in memory and a crash loses them",
@@ -143,7 +150,10 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="where the handlers of the burst's orders stand, from the event store"
     )
     checker.add_argument(
-        "--events", type=Path, default=VAR_DIR / EVENTS_FILE, help="the event store"
+        "--events",
+        type=Path,
+        default=ORDERS_DB,
+        help="the event store: the orders database of `serve` (its --db)",
     )
     checker.add_argument("--burst", type=Path, default=BURST_FILE, help="the file burst saved")
     checker.add_argument(
@@ -177,19 +187,25 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if settled else EXIT_FAILURE
     if getattr(args, "redis", None) is not None:
         _check_redis_url(args.redis)
+        if args.command == "serve" and args.no_store:
+            raise CommandError(
+                "--no-store: with --redis the API keeps its outbox in the event store "
+                "(the orders database); leave --no-store out",
+                EXIT_USAGE,
+            )
     configure_logging(json=args.json, level=args.log_level, tracebacks=args.tracebacks)
     if args.command == "demo":
         settings = demo_settings(
             db_path=args.db, outbox_dir=args.outbox, latency=args.latency, backoff=args.backoff
         )
-        remove_store(settings)  # each run starts from an empty event store: same story
+        remove_database(settings)  # each run starts from an empty database: same story
         with build_app(settings) as app:
             result = run_demo(app, sys.stdout)
         return 0 if result.drained else 1
     if args.command == "worker":
         return _worker(
             Settings(
-                db_path=args.db,
+                db_path=args.db or ORDERS_DB,
                 outbox_dir=args.outbox,
                 latency=args.latency,
                 max_workers=args.workers,
@@ -200,10 +216,9 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
     settings = Settings(
-        db_path=args.db,
+        db_path=args.db or ORDERS_DB,
         outbox_dir=args.outbox,
         latency=args.latency,
-        events_path=args.events,
         durable=not args.no_store,
         redis_url=args.redis,
         redis_stream=args.stream,

@@ -3,16 +3,16 @@
 * ``burst`` places a burst of orders through a running server's HTTP API and saves each
   order's id and event id to a file (default ``var/burst.json``). Every fifth order asks for
   an unknown SKU (a dead letter), every fifth hits the hot stock row (retries).
-* ``check`` reads that file and the event store (the SQLite file itself, so it works while
-  the server is down) and prints where each order's handlers stand. With ``--wait SECONDS``
-  it looks again until every delivery has settled (succeeded or dead) or the time is up; it
-  exits 0 once everything has settled, 1 otherwise.
+* ``check`` reads that file and the event store (the orders database, read as a file, so it
+  works while the server is down) and prints where each order's handlers stand. With
+  ``--wait SECONDS`` it looks again until every delivery has settled (succeeded or dead) or
+  the time is up; it exits 0 once everything has settled, 1 otherwise.
 
 The story: ``serve --latency 10`` (slow fakes), ``burst``, ``kill -9`` the server while the
 handlers run, ``check`` (deliveries stuck ``running``/``pending``), start ``serve`` again
 (``app.recovered`` says how many it took over), ``check --wait 60``, then
 ``.venv/bin/python -m eventbus dead-letters list --store
-examples/order_service/var/events.sqlite3``.
+examples/order_service/var/orders.sqlite3``.
 
 Problems are exceptions with a one-line message for the command line: :class:`BurstError`
 when the server cannot be reached or refuses an order, ``FileNotFoundError`` or
@@ -164,7 +164,9 @@ def check(
             f"no event store at {display_path(events_path)}: `serve` creates it; "
             "pass --events FILE if yours is elsewhere"
         )
-    store = SQLiteStore(events_path)  # read only: never opened for a bus, so it claims nothing
+    # Never opened for a bus, so it claims nothing; create=False: a database without the
+    # store's tables (``serve --no-store``'s) is a ValueError, not a store created in it.
+    store = SQLiteStore(events_path, create=False)
     try:
         deadline = time.monotonic() + wait
         pause = threading.Event()  # never set: wait() is an interruptible sleep between looks

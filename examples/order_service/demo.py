@@ -16,11 +16,12 @@ letters, and the emails written to the outbox. Log lines go to stderr, the repor
 The backoff between attempts is a short ``tenacity.wait_fixed(0.1)`` so the demo finishes in
 a couple of seconds; the server uses an exponential backoff instead (see ``wiring.Settings``).
 
-The demo's bus is durable like the server's, with its own event store, ``demo-events.sqlite3``
-beside the orders database, which the command empties before each run (``remove_store``) so
-every run tells the same story; afterwards ``.venv/bin/python -m eventbus dead-letters list
---store`` on that file shows the demo's dead letters. It recovers nothing: that is the
-``serve``, ``burst`` and ``check`` story (README).
+The demo's bus is durable like the server's: its event store is in the demo's own database,
+``demo.sqlite3`` (orders, audit trail and events in one file, each order committed with its
+event), which the command empties before each run (``remove_database``) so every run tells the
+same story; afterwards ``.venv/bin/python -m eventbus dead-letters list --store`` on that file
+shows the demo's dead letters. It recovers nothing: that is the ``serve``, ``burst`` and
+``check`` story (README).
 """
 
 from __future__ import annotations
@@ -39,24 +40,30 @@ import tenacity
 
 from eventbus import DeadLetter, EventBus
 from examples.order_service.handlers import ALL_HANDLERS
-from examples.order_service.wiring import OrderApp, Settings, display_path, python_command
+from examples.order_service.wiring import (
+    VAR_DIR,
+    OrderApp,
+    Settings,
+    display_path,
+    python_command,
+)
 
 __all__ = [
     "DEMO_BACKOFF",
-    "DEMO_EVENTS_FILE",
+    "DEMO_DB",
     "DemoResult",
     "HandlerStats",
     "demo_settings",
     "format_table",
-    "remove_store",
+    "remove_database",
     "run_demo",
     "summarise",
 ]
 
 #: Seconds between attempts in the demo.
 DEMO_BACKOFF = 0.1
-#: The demo's event store, beside its orders database (the server's is ``events.sqlite3``).
-DEMO_EVENTS_FILE = "demo-events.sqlite3"
+#: The demo's own database (orders and events), apart from the server's ``orders.sqlite3``.
+DEMO_DB = VAR_DIR / "demo.sqlite3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,25 +124,26 @@ def demo_settings(
     latency: float = 1.0,
     backoff: float = DEMO_BACKOFF,
 ) -> Settings:
-    """The demo's settings: the server's, with a short fixed backoff and its own event store
-    (``demo-events.sqlite3`` beside the orders database), from which it recovers nothing."""
-    defaults = Settings()
-    db = db_path or defaults.db_path
+    """The demo's settings: the server's, with a short fixed backoff and a database of its own
+    (default :data:`DEMO_DB`; orders and events), from which it recovers nothing. An in-memory
+    database (``":memory:"``) runs without an event store."""
+    db = db_path or DEMO_DB
     return Settings(
         db_path=db,
-        outbox_dir=outbox_dir or defaults.outbox_dir,
-        events_path=":memory:" if str(db) == ":memory:" else Path(db).parent / DEMO_EVENTS_FILE,
+        outbox_dir=outbox_dir or Settings().outbox_dir,
+        durable=str(db) != ":memory:",
         recover=False,
         latency=latency,
         retry_wait=tenacity.wait_fixed(backoff),
     )
 
 
-def remove_store(settings: Settings) -> None:
-    """Delete the event store of *settings* (with SQLite's ``-wal`` and ``-shm`` files), so
-    that the next app starts from an empty one. Only for a store no process has open."""
-    path = settings.events_file()
-    if path is None or str(path) == ":memory:":
+def remove_database(settings: Settings) -> None:
+    """Delete the demo's database (orders and event store, with SQLite's ``-wal`` and ``-shm``
+    files), so that the next app starts from an empty one. Only for a file no process has
+    open."""
+    path = settings.db_path
+    if str(path) == ":memory:":
         return
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -168,7 +176,11 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
         _say(out, f"  {accepted.order.id}  {order.email:<21} {items:<22}  {order.story}")
 
     _say(out, "eventbus order-service demo")
-    events = "in memory (no store)" if app.events_path is None else display_path(app.events_path)
+    events = (
+        "in memory (no store)"
+        if app.events_path is None
+        else "in the same file, each one committed with its order"
+    )
     _say(out, f"  database  {display_path(app.settings.db_path)}")
     _say(out, f"  events    {events}")
     _say(out, f"  outbox    {display_path(app.settings.outbox_dir)}")

@@ -9,8 +9,11 @@ notifications are per order, status updates are conditional, audit rows are keye
 In redis mode (several worker processes) the fakes' memory is per process, so "per order" no
 longer holds across workers: ``register_handlers(once=transport.once)`` wraps the handlers with
 outside effects so each runs to success at most once per event id, whichever worker gets it.
-The request id then comes from the event's metadata (the emitter's context stayed in the API
-process); each handler binds it, so its log lines carry it as in a single process.
+
+The request id comes from the event's metadata: the events are committed in the orders'
+transactions (``emit(..., within=...)``) and the handlers run once the bus finds them in the
+store, or in a worker process, so the emitting request's context variables are not theirs.
+Each handler binds it, so its log lines carry it.
 
 ========================== =================== =======================================
 handler                    event               retry policy
@@ -82,8 +85,9 @@ Handler: TypeAlias = Callable[[Event], None]
 
 
 def _bind_request_id(event: Event) -> str | None:
-    """The request id of the HTTP request that emitted *event*: bound in the context (same
-    process), else taken from the event's metadata and bound (a worker process)."""
+    """The request id of the HTTP request that emitted *event*: bound in the context (a bus
+    without a store runs handlers in a copy of the emitter's), else taken from the event's
+    metadata and bound (an event committed to the store, or read from the stream)."""
     bound = structlog.contextvars.get_contextvars().get("request_id")
     if bound is not None:
         return str(bound)

@@ -4,30 +4,35 @@
 the saved order and the event (whose id it can use to follow the handlers through
 ``bus.status``) while emails, stock and the warehouse are still being dealt with.
 
-How saving and emitting stay together depends on where the events go:
+**The order and its event are committed together.** The bus's event store is the orders
+database itself (``eventbus.stores.SQLiteStore`` on the same file), so each use case writes
+its row and emits its event in one SQLite transaction, ``bus.emit(..., within=connection)``
+(a transactional outbox): both are committed, or, if anything in the block raises, neither.
+The handlers run only after the commit. A crash after it loses nothing: the event's
+deliveries are in the store, and ``bus.recover()`` at the next start runs them. A crash
+before it leaves neither the order nor the event.
 
-* **A bus with an event store** (``keyed=True``, the default): saving and emitting are two
-  steps, in two SQLite files (the orders, the bus's event store). If the process dies between
-  them the order exists but its event does not. :meth:`OrderService.resend_unsent` closes that
-  gap at startup: it emits again the events of orders the audit trail has not seen. Every emit
-  carries an idempotency key derived from the order (``order-<id>-created``,
-  ``order-<id>-shipped``), so an event the store already holds is not delivered a second time.
-* **A bus with a Redis transport** (``keyed=False``): there is no store to remember keys
-  (``emit()`` refuses ``key=``), so nothing could be resent safely. The write and the publish
-  are one unit instead: the order's row is written in a transaction that is committed only
-  once Redis has taken the event, and rolled back when ``emit()`` raises (``TransportError``:
-  Redis is unreachable). The caller then gets the error and nothing is saved. The stream
-  delivers at least once, so duplicates are handled where the effects happen: the workers'
-  handlers are idempotent per event id (see ``handlers.register_handlers(once=...)``).
-  ``resend_unsent`` is refused.
+This holds in both layouts:
+
+* **One process** (``serve``, ``demo``): the bus runs the handlers once the commit is seen.
+* **Redis** (``serve --redis``): the API's bus has the store *and* the transport. Its relay
+  publishes each committed event to the stream afterwards and keeps retrying while Redis is
+  down, so an outage delays events instead of failing orders. The stream delivers at least
+  once; the workers' handlers are idempotent per event id (``handlers.register_handlers(
+  once=...)``).
+
+``transactional=False`` is for a bus without a store (``serve --no-store``, the tests'
+in-memory buses): the row is committed first and the event emitted right after, so a crash
+in between loses the event (as a crash loses every delivery of such a bus).
 
 The service also refuses to save when the bus is already closed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -70,7 +75,13 @@ def _utcnow() -> datetime:
 
 
 class OrderService:
-    """Places and ships orders. Thread-safe (the repository and the bus are)."""
+    """Places and ships orders. Thread-safe (the repository and the bus are).
+
+    *transactional* (the default): the bus's store, or its outbox, is the repository's
+    database, and every event is emitted within the transaction that writes its order.
+    ``False`` for a bus without a store, which cannot write through the repository's
+    connection: the event is emitted after the commit.
+    """
 
     def __init__(
         self,
@@ -78,21 +89,20 @@ class OrderService:
         bus: EventBus,
         *,
         now: Callable[[], datetime] = _utcnow,
-        keyed: bool = True,
+        transactional: bool = True,
     ) -> None:
         self._repository = repository
         self._bus = bus
         self._now = now
-        #: Emit with idempotency keys (a bus with a store); ``False`` with a transport.
-        self._keyed = keyed
+        self._transactional = transactional
 
     def create_order(self, data: object, *, metadata: Mapping[str, str] | None = None) -> Accepted:
-        """Validate *data* (decoded JSON), save the order, emit :class:`OrderCreated` with
-        *metadata* (e.g. the request id, which then stays with the event, dead letters too).
+        """Validate *data* (decoded JSON), then save the order and emit :class:`OrderCreated`
+        (with *metadata*, e.g. the request id, which then stays with the event, dead letters
+        too) in one transaction.
 
-        Raises :class:`~examples.order_service.domain.ValidationError` (nothing is saved or
-        emitted), ``BusClosedError`` while shutting down, and, with a Redis transport,
-        ``TransportError`` when Redis is unreachable (the order is not saved).
+        Raises :class:`~examples.order_service.domain.ValidationError` and
+        ``BusClosedError`` while shutting down; in both cases nothing is saved or emitted.
         """
         request = parse_new_order(data)
         self._refuse_if_closed()
@@ -103,86 +113,57 @@ class OrderService:
             status="placed",
             created_at=self._now(),
         )
-        with self._saving():
+        with self._saving() as within:
             self._repository.add(order)
-            event = self._emit_created(order, metadata)
+            event = self._bus.emit(
+                OrderCreated(
+                    order_id=order.id, customer_email=order.customer_email, items=list(order.items)
+                ),
+                metadata=metadata,
+                within=within,
+            )
         log.info("order.created", order_id=order.id, event_id=event.id)
         return Accepted(order, event)
 
     def ship_order(self, order_id: str, *, metadata: Mapping[str, str] | None = None) -> Accepted:
-        """Book the shipment of a placed order and emit :class:`OrderShipped` (with *metadata*).
+        """Book the shipment of a placed order and emit :class:`OrderShipped` (with
+        *metadata*), in one transaction.
 
         Raises :class:`OrderNotFoundError`, :class:`OrderStateError` if it is not ``placed``
-        (already shipping or shipped), ``BusClosedError`` while shutting down, and, with a
-        Redis transport, ``TransportError`` when Redis is unreachable (the order stays
-        ``placed``).
+        (already shipping or shipped), and ``BusClosedError`` while shutting down; the order
+        is unchanged and nothing is emitted then.
         """
         self._refuse_if_closed()
         tracking_number = new_tracking_number()
-        with self._saving():
+        with self._saving() as within:
             if not self._repository.mark_shipping(order_id, tracking_number):
                 order = self._repository.get(order_id)
                 if order is None:
                     raise OrderNotFoundError(order_id)
                 raise OrderStateError(f"order {order_id} is already {order.status}")
             order = self.get_order(order_id)
-            event = self._emit_shipped(order, metadata)
+            event = self._bus.emit(
+                OrderShipped(
+                    order_id=order.id,
+                    customer_email=order.customer_email,
+                    tracking_number=tracking_number,
+                ),
+                metadata=metadata,
+                within=within,
+            )
         log.info("order.shipping", order_id=order.id, event_id=event.id)
         return Accepted(order, event)
 
-    def resend_unsent(self) -> int:
-        """Emit the events of orders whose event was never emitted (the process died between
-        saving and emitting); return how many were emitted now.
-
-        Candidates are the orders whose event the audit trail lacks. The idempotency key makes
-        the emit a no-op for every event the bus's store still holds (one whose audit entry is
-        merely pending, retrying or dead-lettered): ``emit`` then returns that earlier event,
-        so only events that were really lost fan out. Call it at startup, after
-        ``bus.recover()``. Raises ``RuntimeError`` without idempotency keys (``keyed=False``):
-        each resend would then be a new event, delivered a second time.
-        """
-        if not self._keyed:
-            raise RuntimeError("resend_unsent() needs idempotency keys (a bus with a store)")
-        started = datetime.now(UTC)  # the bus's clock for occurred_at, not self._now
-        created, shipping = self._repository.unaudited()
-        events = [self._emit_created(order, None) for order in created]
-        events += [self._emit_shipped(order, None) for order in shipping]
-        # An event the store already held was emitted by an earlier process, before we started.
-        resent = [event for event in events if event.occurred_at >= started]
-        for event in resent:
-            order_id = getattr(event.payload, "order_id", None)
-            log.warning("order.event_resent", order_id=order_id, event_id=event.id, name=event.name)
-        return len(resent)
-
-    def _emit_created(self, order: Order, metadata: Mapping[str, str] | None) -> Event:
-        return self._bus.emit(
-            OrderCreated(
-                order_id=order.id, customer_email=order.customer_email, items=list(order.items)
-            ),
-            metadata=metadata,
-            key=self._key(f"order-{order.id}-created"),
-        )
-
-    def _emit_shipped(self, order: Order, metadata: Mapping[str, str] | None) -> Event:
-        assert order.tracking_number is not None  # booked by mark_shipping
-        return self._bus.emit(
-            OrderShipped(
-                order_id=order.id,
-                customer_email=order.customer_email,
-                tracking_number=order.tracking_number,
-            ),
-            metadata=metadata,
-            key=self._key(f"order-{order.id}-shipped"),
-        )
-
-    def _key(self, key: str) -> str | None:
-        return key if self._keyed else None
-
-    def _saving(self) -> AbstractContextManager[None]:
-        """Around a write and the emit of its event. With keys (a store) the write commits at
-        once and ``resend_unsent`` covers a crash before the emit; without them (a
-        transport) both are one transaction, rolled back if the emit raises."""
-        return nullcontext() if self._keyed else self._repository.transaction()
+    @contextmanager
+    def _saving(self) -> Iterator[sqlite3.Connection | None]:
+        """Around a write and the emit of its event: one transaction, whose connection is
+        the emit's ``within=`` (committed if the block completes, rolled back if it raises).
+        Without a store: no transaction, and ``within=None`` (a plain emit)."""
+        if not self._transactional:
+            yield None
+            return
+        with self._repository.transaction() as connection:
+            yield connection
 
     def get_order(self, order_id: str) -> Order:
         """The order with this id; raises :class:`OrderNotFoundError`."""

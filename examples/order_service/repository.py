@@ -5,9 +5,11 @@ threads share it. State changes are single conditional ``UPDATE``\\ s, so two co
 requests to ship one order cannot both win, and handlers that run twice (a retry after a
 failure that happened *after* the write, a replay) change nothing the second time.
 
-:meth:`SqliteOrderRepository.transaction` groups writes with a step that may fail (in redis
-mode, publishing the order's event): they are committed if the block completes and rolled
-back if it raises.
+The same file holds the bus's event store (``eventbus.stores.SQLiteStore`` creates its tables
+beside these). :meth:`SqliteOrderRepository.transaction` yields the connection of one
+transaction, and ``bus.emit(..., within=connection)`` writes the event in it: the order's row
+and its event are committed together when the block completes, and neither exists if it
+raises.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class AuditEntry:
 class SqliteOrderRepository:
     """Orders and audit entries in one SQLite file, created (with its folder) on first use.
 
-    Thread-safe. Pass ``":memory:"`` for a throwaway database.
+    Thread-safe. Pass ``":memory:"`` for a throwaway database (without an event store: the
+    bus's store needs a file it can share).
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -77,17 +80,19 @@ class SqliteOrderRepository:
         self._db.executescript(_SCHEMA)
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Run the block in one transaction: the writes made in it (through this repository,
-        on this thread) are committed when it completes and rolled back if it raises.
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run the block in one transaction and yield its connection, for
+        ``bus.emit(..., within=connection)``: the writes made in the block (through this
+        repository, or through the connection, on this thread) are committed when it
+        completes and rolled back if it raises.
 
         Other threads wait for the block to end (the connection is shared), so keep it short:
-        in redis mode it holds one write and the publish of its event.
+        one write and the emit of its event.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield
+                yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -145,20 +150,6 @@ class SqliteOrderRepository:
         with self._lock:
             row = self._db.execute("SELECT COUNT(*) FROM orders").fetchone()
         return int(row[0])
-
-    def unaudited(self) -> tuple[list[Order], list[Order]]:
-        """Orders whose ``order:created`` event the audit trail lacks, and orders being shipped
-        (``shipping``) whose ``order:shipped`` event it lacks, oldest first."""
-        query = (
-            "SELECT * FROM orders o WHERE {where} AND NOT EXISTS (SELECT 1 FROM audit_log a"
-            " WHERE a.order_id = o.id AND a.event_name = ?) ORDER BY o.created_at, o.rowid"
-        )
-        with self._lock:
-            created = self._db.execute(query.format(where="1"), ("order:created",)).fetchall()
-            shipping = self._db.execute(
-                query.format(where="o.status = 'shipping'"), ("order:shipped",)
-            ).fetchall()
-        return [_order(row) for row in created], [_order(row) for row in shipping]
 
     # -- audit trail ---------------------------------------------------------------------
 

@@ -1,15 +1,18 @@
 """The ``serve`` command: the HTTP API on a threaded WSGI server, with a clean shutdown.
 
 SIGINT (Ctrl-C) or SIGTERM stops the server from taking requests, then closes the app: the bus
-stops intake, lets running handlers finish (up to ``Settings.close_timeout``), turns retries
-still waiting for their backoff into "abandoned" dead letters, and the last log lines say what
-was left. A second signal during shutdown is not caught (Ctrl-C twice aborts it).
+stops intake, lets running handlers finish (up to ``Settings.close_timeout``), leaves retries
+still waiting for their backoff in the event store for the next start (with ``--no-store`` they
+become "abandoned" dead letters), and the last log lines say what was left. A second signal
+during shutdown is not caught (Ctrl-C twice aborts it).
 
-With ``Settings.redis_url`` it is the API process only: it publishes each event to the Redis
-stream and runs no handlers (``worker.py`` does); the fake warehouse's controls are left out,
-since the warehouse the handlers talk to lives in the workers. It starts even when Redis does
-not answer (``server.redis_unreachable`` says so): until Redis is back, ``GET /api/health``
-and every request that would publish an event answer 503, and nothing is saved.
+With ``Settings.redis_url`` it is the API process only: it commits each event with its order
+to its outbox (the event store in the orders database), its bus's relay publishes them to the
+Redis stream, and it runs no handlers (``worker.py`` does); the fake warehouse's controls are
+left out, since the warehouse the handlers talk to lives in the workers. It starts, and takes
+orders, even when Redis does not answer (``server.redis_unreachable`` says so): their events
+wait in the outbox and are published once Redis is back; meanwhile ``GET /api/health`` says
+``"degraded"``. Events still unpublished at shutdown stay in the outbox for the next start.
 """
 
 from __future__ import annotations

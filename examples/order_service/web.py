@@ -10,16 +10,17 @@ route                                       status body
 ``GET  /api/events/<event_id>``             200    each handler's ``state``/``attempts``/``error``
 ``GET  /api/dead-letters``                  200    ``{dead_letters: [...]}``
 ``POST /api/dead-letters/<id>/replay``      202    ``{replayed, event_id, status_url}``
-``GET  /api/health``                        200    ``{status: "ok"}``; 503 when shutting down or
-                                                   (redis mode) Redis does not answer
+``GET  /api/health``                        200    ``{status: "ok"}``; 503 when shutting down;
+                                                   (redis mode) ``"degraded"`` without Redis
 ``POST /api/fakes/warehouse/(down|up)``     200    only with ``fake_controls=True``
 =========================================== ====== =============================================
 
 Errors are ``{"error": message}`` (plus ``"fields"`` for validation): 400 for a body that is
 not JSON, is nested deeper than :data:`MAX_JSON_DEPTH`, is not a JSON object or misses a field;
 413 for a body larger than :data:`MAX_BODY_BYTES` (in all these cases nothing is saved or
-emitted); 404 for unknown ids; 409 for a state conflict; 503 while shutting down and, in redis
-mode, while Redis is unreachable (nothing is saved then either: see ``orders.py``).
+emitted); 404 for unknown ids; 409 for a state conflict; 503 while shutting down. Redis being
+unreachable (redis mode) is no error here: each event is committed with its order to the
+outbox, and published once Redis answers (see ``orders.py``).
 
 Each request gets a request id (the ``X-Request-ID`` header if it is sane, else a new one),
 bound with ``structlog.contextvars``: it appears in this request's log lines *and* in the log
@@ -32,8 +33,9 @@ pretend to know them: ``GET /api/orders/<id>`` shows the order and its audit tra
 the workers' ``audit_log`` into the shared orders database) with a ``note``, and
 ``GET /api/events/<id>`` and ``GET /api/dead-letters`` answer 200 with ``handlers``/
 ``dead_letters`` empty and a ``note`` pointing at the workers' logs. ``GET /api/health`` pings
-Redis (``transport.ping()``) and answers 503 ``{"status": "degraded", "transport":
-"unreachable: ..."}`` when it does not answer.
+Redis (``transport.ping()``) and answers ``{"status": "degraded", "transport": "unreachable:
+..."}`` when it does not answer, still with 200: the API keeps taking orders (their events wait
+in the outbox), so a load balancer should keep sending it requests.
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
         try:
             transport.ping()  # raises TransportError when Redis does not answer in time
         except TransportError as exc:
-            return {"status": "degraded", "transport": f"unreachable: {exc}"}, 503
+            # Still 200: orders are accepted; their events wait in the outbox for Redis.
+            return {"status": "degraded", "transport": f"unreachable: {exc}"}
         return {"status": "ok", "transport": "reachable"}
 
     if fake_controls:
@@ -240,13 +243,6 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(BusClosedError)
     def shutting_down(_: BusClosedError) -> ResponseReturnValue:
         return {"error": "the service is shutting down; try again shortly"}, 503, _retry_later()
-
-    @app.errorhandler(TransportError)
-    def transport_down(error: TransportError) -> ResponseReturnValue:
-        # The write was rolled back with the failed publish (orders.py): nothing to undo.
-        log.error("transport.unreachable", path=request.path, error=str(error))
-        message = "the event stream (Redis) is unreachable, so nothing was saved; try again shortly"
-        return {"error": message}, 503, _retry_later()
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_: RequestEntityTooLarge) -> ResponseReturnValue:

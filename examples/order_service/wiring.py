@@ -3,17 +3,19 @@
 Everything is built here and handed down explicitly: no module-level bus, database or
 service, so a test builds a fresh, isolated app in a temporary folder with zero latency.
 
-The bus is durable by default: an ``eventbus.stores.SQLiteStore`` in ``events.sqlite3`` beside
-the orders database keeps every delivery's state. At startup :func:`build_app` registers the
-handlers, then ``bus.recover()`` takes over what a crashed (or stopped) process left unfinished,
-and ``OrderService.resend_unsent()`` emits events saved orders never got; ``app.recovered``
-logs both numbers.
+The bus is durable by default: an ``eventbus.stores.SQLiteStore`` keeps every delivery's state
+in the orders database itself (its tables beside the orders), so ``OrderService`` writes each
+order and its event in one transaction (``emit(..., within=connection)``). At startup
+:func:`build_app` registers the handlers, then ``bus.recover()`` takes over what a crashed (or
+stopped) process left unfinished, committed events whose handlers never started included;
+``app.recovered`` logs how many deliveries that was.
 
 With ``Settings.redis_url`` the service is split into processes that share one Redis stream
-(and the orders database): :func:`build_app` then builds the API, whose bus has a
-``RedisStreamsTransport`` and only publishes, and :func:`build_worker` builds a worker, which
-registers the handlers and consumes the stream with ``bus.start()``. See the README's
-"Several processes with Redis".
+(and the orders database): :func:`build_app` then builds the API, whose bus has the same store
+as its outbox and a ``RedisStreamsTransport``: each event is committed with its order, and the
+bus's relay publishes it to the stream afterwards (retrying while Redis is down).
+:func:`build_worker` builds a worker, which registers the handlers and consumes the stream with
+``bus.start()``. See the README's "Several processes with Redis".
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from examples.order_service.orders import OrderService
 from examples.order_service.repository import SqliteOrderRepository
 
 __all__ = [
-    "EVENTS_FILE",
     "VAR_DIR",
     "OrderApp",
     "Settings",
@@ -59,8 +60,6 @@ __all__ = [
 
 #: Where the database and the outbox go by default (git-ignored).
 VAR_DIR = Path(__file__).resolve().parent / "var"
-#: The event store's file name, beside the orders database unless ``Settings.events_path``.
-EVENTS_FILE = "events.sqlite3"
 
 # The fakes' typical latency in seconds, multiplied by ``Settings.latency``.
 MAILER_LATENCY = 0.15
@@ -100,15 +99,14 @@ def _contended_skus() -> dict[str, int]:
 class Settings:
     """How to build the service. The defaults are the server's."""
 
+    #: The SQLite file of the orders, their audit trail and the bus's event store.
     db_path: Path | str = VAR_DIR / "orders.sqlite3"
     outbox_dir: Path = VAR_DIR / "outbox"
-    #: The event store (SQLite). ``None``: ``events.sqlite3`` beside ``db_path``.
-    events_path: Path | str | None = None
-    #: ``False``: no event store; deliveries live in memory and die with the process (what
-    #: the tests that bring their own in-memory bus, and ``serve --no-store``, use).
+    #: ``False``: no event store; deliveries live in memory and die with the process, and
+    #: events are emitted after their order's commit (``serve --no-store``). Redis mode
+    #: needs the store: it is the API's outbox.
     durable: bool = True
-    #: At startup, take over the store's unfinished deliveries (``bus.recover()``) and emit the
-    #: events saved orders never got (``OrderService.resend_unsent()``).
+    #: At startup, take over the store's unfinished deliveries (``bus.recover()``).
     recover: bool = True
     #: Scales the fakes' latency: ``1.0`` is realistic, ``0`` is instant (tests).
     latency: float = 1.0
@@ -121,8 +119,9 @@ class Settings:
     contended_skus: Mapping[str, int] = field(default_factory=_contended_skus)
     #: How long shutdown waits for running handlers.
     close_timeout: float = 10.0
-    #: ``redis://...``: split into an API process (:func:`build_app`, publishes only) and
-    #: worker processes (:func:`build_worker`) sharing this Redis; no event store then.
+    #: ``redis://...``: split into an API process (:func:`build_app`: commits events to its
+    #: outbox, the store in ``db_path``, and relays them to this Redis) and worker processes
+    #: (:func:`build_worker`) consuming them.
     redis_url: str | None = None
     #: The stream the events go through, and the consumer group the workers share.
     redis_stream: str = "orders"
@@ -133,16 +132,18 @@ class Settings:
     #: gives up (``TransportError``): bounds how long a request waits on a Redis that hangs.
     redis_timeout: float = 2.0
 
-    def events_file(self) -> Path | str | None:
-        """Where the event store is: ``None`` without one, ``":memory:"`` beside an in-memory
-        orders database, else ``events_path`` or ``events.sqlite3`` beside ``db_path``."""
-        if not self.durable or self.redis_url is not None:
+    def store_path(self) -> Path | None:
+        """The event store's file: the orders database itself, or ``None`` without a store
+        (``durable=False``). Raises ``ValueError`` for a durable in-memory database: the
+        store shares the file through a connection of its own, which ``":memory:"`` is not."""
+        if not self.durable:
             return None
-        if self.events_path is not None:
-            return self.events_path
         if str(self.db_path) == ":memory:":
-            return ":memory:"
-        return Path(self.db_path).parent / EVENTS_FILE
+            raise ValueError(
+                "an event store needs a database file it can share with the orders; "
+                "pass durable=False to keep an in-memory database"
+            )
+        return Path(self.db_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +170,8 @@ class OrderApp:
     repository: SqliteOrderRepository
     services: Services
     orders: OrderService
-    #: The event store's file, ``None`` when the bus has no store.
-    events_path: Path | str | None = None
+    #: The event store's file (the orders database), ``None`` when the bus has no store.
+    events_path: Path | None = None
     #: The Redis transport in redis mode (API or worker), else ``None``.
     transport: RedisStreamsTransport | None = None
     #: A worker's count of stale entries it took over from stopped workers at startup.
@@ -245,42 +246,31 @@ def build_app(
 ) -> OrderApp:
     """Build the service from *settings* and recover what an earlier process left (see the
     module docstring). Tests may pass their own *bus* (e.g. from
-    ``eventbus.testing.inline_bus()``; it is used as it is, without a store or recovery) or
-    *mailer*; the app owns and closes them.
+    ``eventbus.testing.inline_bus()``; it is used as it is, without a store or recovery, and
+    events are emitted after their order's commit) or *mailer*; the app owns and closes them.
 
-    With ``settings.redis_url`` this is the API process: its bus publishes to the stream and
-    has no handlers (the workers of :func:`build_worker` run them), and nothing is recovered.
+    With ``settings.redis_url`` this is the API process: its bus commits each event to its
+    outbox (the store in the orders database) with the order, and relays it to the stream;
+    it has no handlers (the workers of :func:`build_worker` run them). Raises ``ValueError``
+    for a durable in-memory database, or redis mode without a store (``durable=False``).
     """
     settings = settings or Settings()
     if bus is None and settings.redis_url is not None:
-        transport = _transport(settings)
-        bus = EventBus(max_workers=1, name="orders", transport=transport)
-        repository = SqliteOrderRepository(settings.db_path)
-        return OrderApp(
-            settings=settings,
-            bus=bus,
-            repository=repository,
-            services=_services(settings, mailer),
-            # No idempotency keys: they need an event store; the workers' handlers are
-            # idempotent instead (at least once).
-            orders=OrderService(repository, bus, keyed=False),
-            transport=transport,
-        )
-    repository = SqliteOrderRepository(settings.db_path)
+        return _build_api(settings, mailer)
     events_path = None
     if bus is None:
-        events_path = settings.events_file()
-        store = None
-        if events_path is not None:
-            if str(events_path) != ":memory:":
-                Path(events_path).parent.mkdir(parents=True, exist_ok=True)
-            store = SQLiteStore(events_path)
+        events_path = settings.store_path()
         bus = EventBus(
             max_workers=settings.max_workers,
             retry=RetryPolicy(max_attempts=settings.max_attempts, wait=settings.retry_wait),
             name="orders",
-            store=store,
+            store=None if events_path is None else _store(events_path),
         )
+    try:
+        repository = SqliteOrderRepository(settings.db_path)
+    except BaseException:
+        bus.close()
+        raise
     services = _services(settings, mailer)
     register_handlers(bus, repository=repository, services=services, retry_wait=settings.retry_wait)
     app = OrderApp(
@@ -288,23 +278,63 @@ def build_app(
         bus=bus,
         repository=repository,
         services=services,
-        orders=OrderService(repository, bus),
+        # With a store in the orders database, each event is committed with its order.
+        orders=OrderService(repository, bus, transactional=events_path is not None),
         events_path=events_path,
     )
     if events_path is not None and settings.recover:
         try:
             recovered = bus.recover()  # handlers are registered: their deliveries can run
-            resent = app.orders.resend_unsent()
         except BaseException:
             app.close()
             raise
         structlog.get_logger("order_service").info(
-            "app.recovered",
-            recovered=recovered,
-            resent=resent,
-            events=display_path(events_path),
+            "app.recovered", recovered=recovered, events=display_path(events_path)
         )
     return app
+
+
+def _build_api(settings: Settings, mailer: Mailer | None) -> OrderApp:
+    """Redis mode's API process: a bus with the store as its outbox and the transport."""
+    events_path = settings.store_path()
+    if events_path is None:
+        raise ValueError("redis mode needs the event store: it is the API's outbox (durable=True)")
+    store = _store(events_path)
+    try:
+        transport = _transport(settings)
+    except BaseException:
+        store.close()
+        raise
+    try:
+        # Store and transport: emit() commits to the store (the outbox); the bus's relay
+        # publishes to Redis afterwards, in order, retrying while Redis is down. A relay
+        # started later (this process restarted) publishes what an earlier one left.
+        bus = EventBus(max_workers=1, name="orders", store=store, transport=transport)
+    except BaseException:
+        transport.close()
+        store.close()
+        raise
+    try:
+        repository = SqliteOrderRepository(settings.db_path)
+    except BaseException:
+        bus.close()
+        raise
+    return OrderApp(
+        settings=settings,
+        bus=bus,
+        repository=repository,
+        services=_services(settings, mailer),
+        orders=OrderService(repository, bus),
+        events_path=events_path,
+        transport=transport,
+    )
+
+
+def _store(path: Path) -> SQLiteStore:
+    """The event store, in the orders database (created first, so the store creates the file
+    readable by its owner only; the repository adds its tables beside the store's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SQLiteStore(path)
 
 
 def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderApp:
@@ -345,7 +375,8 @@ def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderAp
         bus=bus,
         repository=repository,
         services=services,
-        orders=OrderService(repository, bus, keyed=False),
+        # A worker places no orders; its bus has no store to write events with.
+        orders=OrderService(repository, bus, transactional=False),
         transport=transport,
     )
     try:
