@@ -29,6 +29,21 @@ fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} from the system's packages (needed by the tests)"
     export DEBIAN_FRONTEND=noninteractive
+    # Install without starting the packages' own services (a redis-server on 6379, a
+    # PostgreSQL cluster on 5432): the tests start and stop instances of their own.
+    # Both settings last for this install only.
+    cleanup=()
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod +x "$policy"
+        cleanup+=("$policy")
+    fi
+    cluster_conf=/etc/postgresql-common/createcluster.d/eventbus-no-main-cluster.conf
+    mkdir -p "$(dirname "$cluster_conf")"
+    echo "create_main_cluster = false" >"$cluster_conf"
+    cleanup+=("$cluster_conf")
+    trap 'rm -f "${cleanup[@]}"' EXIT
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     exit 0
