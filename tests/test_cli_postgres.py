@@ -277,7 +277,7 @@ def test_unreachable_server_is_one_line_without_the_password(
     dsn = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app"
     line = one_line_error(run("dead-letters", "list", "--store", dsn))
     assert line.startswith("eventbus: error: cannot connect to PostgreSQL at ")
-    assert line.endswith("within 1 s")
+    assert "Connection refused" in line  # the server's (libpq's) reason
     assert PASSWORD not in line
 
 

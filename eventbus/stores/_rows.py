@@ -11,11 +11,13 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
-from eventbus._event import DeliveryState, Event
+from eventbus._envelope import Envelope, from_envelope
+from eventbus._event import DeadLetter, DeliveryState, Event, new_id
 from eventbus.codec import JsonCodec
 
 __all__ = [
     "EPOCH",
+    "RowReader",
     "delivery_problem",
     "is_count",
     "print_error",
@@ -90,3 +92,49 @@ def delivery_problem(attempts: object, error: object, due_at: object) -> str | N
     if error is not None and not isinstance(error, str):
         return f"error is not text: {error!r:.40}"
     return None
+
+
+class RowReader:
+    """What a store that keeps events as text (SQLite, PostgreSQL) does with the rows it reads
+    back. A store sets ``codec``; an event row is (id, name, payload_type, payload, metadata,
+    occurred_at), a dead letter row (id, handler, attempts, error, reason, traceback,
+    failed_at, *event row)."""
+
+    codec: JsonCodec
+
+    def _event_from_row(self, row: Any) -> Event:
+        return from_envelope(self.codec, Envelope(*row))
+
+    def _event_or_undecoded(self, row: Any) -> Event:
+        """The event of *row*, or what can be read of it (see :func:`undecoded_event`)."""
+        try:
+            return self._event_from_row(row)
+        except Exception:  # noqa: BLE001 - whatever the codec raises, show what can be read
+            return undecoded_event(self.codec, row)
+
+    def _dead_letter_from_row(self, row: Any) -> DeadLetter:
+        letter_id, handler, attempts, error, reason, trace, failed_at, *event_row = row
+        return DeadLetter(
+            id=letter_id,
+            event=self._event_or_undecoded(event_row),
+            handler=handler,
+            attempts=attempts,
+            error=error,
+            reason=reason,
+            traceback=trace,
+            failed_at=readable_time(failed_at),
+        )
+
+    def _quarantine_letter(
+        self, event_row: Any, handler: str, attempts: object, why: str
+    ) -> DeadLetter:
+        """The dead letter of a claimed delivery that cannot be run, saying *why* (the store
+        writes it; the stored event is left as it is, for a person to repair)."""
+        return DeadLetter(
+            id=new_id(),
+            event=self._event_or_undecoded(event_row),
+            handler=handler,
+            attempts=attempts if is_count(attempts) else 0,
+            error=why,
+            reason="not_retryable",
+        )

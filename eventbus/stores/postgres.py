@@ -24,19 +24,17 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from eventbus._envelope import Envelope, from_envelope, to_envelope
+from eventbus._envelope import Envelope, to_envelope
 from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
 from eventbus.exceptions import StoreError
 from eventbus.stores._group_commit import GroupCommit, Write
 from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
 from eventbus.stores._rows import (
+    RowReader,
     delivery_problem,
-    is_count,
     print_error,
-    readable_time,
     shown,
-    undecoded_event,
 )
 from eventbus.typing import Reporter
 
@@ -116,7 +114,7 @@ _MAX_SCHEMA = 54
 _FROM = "from:"
 
 
-class PostgresStore:
+class PostgresStore(RowReader):
     """Deliveries, dead letters and idempotency keys in a PostgreSQL database.
 
     ``PostgresStore("postgresql://app@localhost/app")``. The tables live in their own schema
@@ -250,7 +248,7 @@ class PostgresStore:
                 connect_timeout=max(1, round(self._connect_timeout)),
             )
         except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             raise StoreError(
                 f"cannot connect to PostgreSQL at {_safe_dsn(self.dsn)}: {reason}"
             ) from None
@@ -1052,40 +1050,10 @@ class PostgresStore:
         attempts: object,
         why: str,
     ) -> DeadLetter:
-        """Inside a claim: a delivery that cannot be run becomes a dead letter saying *why*;
-        the stored event is left as it is, for a person to repair."""
-        letter = DeadLetter(
-            id=new_id(),
-            event=self._event_or_undecoded(event_row),
-            handler=handler,
-            attempts=attempts if is_count(attempts) else 0,
-            error=why,
-            reason="not_retryable",
-        )
+        """Inside a claim: a delivery that cannot be run becomes a dead letter saying *why*."""
+        letter = self._quarantine_letter(event_row, handler, attempts, why)
         self._insert_dead_letter(conn, letter)
         return letter
-
-    def _event_from_row(self, row: Any) -> Event:
-        return from_envelope(self.codec, Envelope(*row))
-
-    def _event_or_undecoded(self, row: Any) -> Event:
-        try:
-            return self._event_from_row(row)
-        except Exception:  # noqa: BLE001 - whatever the codec raises, show what can be read
-            return undecoded_event(self.codec, row)
-
-    def _dead_letter_from_row(self, row: Any) -> DeadLetter:
-        letter_id, handler, attempts, error, reason, trace, failed_at, *event_row = row
-        return DeadLetter(
-            id=letter_id,
-            event=self._event_or_undecoded(event_row),
-            handler=handler,
-            attempts=attempts,
-            error=error,
-            reason=reason,
-            traceback=trace,
-            failed_at=readable_time(failed_at),
-        )
 
     def _stored_event(self, event_id: str) -> Envelope | None:
         """The event's fields as stored, not decoded (the command line shows them)."""

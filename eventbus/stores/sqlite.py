@@ -16,18 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from eventbus._envelope import Envelope, from_envelope, to_envelope
-from eventbus._event import DeadLetter, Delivery, Event, new_id
+from eventbus._envelope import Envelope, to_envelope
+from eventbus._event import DeadLetter, Delivery, Event
 from eventbus.codec import JsonCodec
 from eventbus.stores._group_commit import GroupCommit, Write
 from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
 from eventbus.stores._rows import (
+    RowReader,
     delivery_problem,
-    is_count,
     print_error,
-    readable_time,
     shown,
-    undecoded_event,
 )
 from eventbus.typing import Reporter
 
@@ -100,7 +98,7 @@ _WATCH_FOR = 30.0
 _PRUNE_EVERY = 1000
 
 
-class SQLiteStore:
+class SQLiteStore(RowReader):
     """Deliveries, dead letters and idempotency keys in an SQLite database file.
 
     Options:
@@ -772,43 +770,11 @@ class SQLiteStore:
             db.executemany("DELETE FROM deliveries WHERE event_id = ?", [(i,) for i in doomed])
             db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in doomed])
 
-    def _event_from_row(self, row: Any) -> Event:
-        return from_envelope(self.codec, Envelope(*row))
-
-    def _event_or_undecoded(self, row: Any) -> Event:
-        """The event of *row*, or what can be read of it (see :func:`undecoded_event`)."""
-        try:
-            return self._event_from_row(row)
-        except Exception:  # noqa: BLE001 - whatever the codec raises, show what can be read
-            return undecoded_event(self.codec, row)
-
-    def _dead_letter_from_row(self, row: Any) -> DeadLetter:
-        letter_id, handler, attempts, error, reason, trace, failed_at, *event_row = row
-        return DeadLetter(
-            id=letter_id,
-            event=self._event_or_undecoded(event_row),
-            handler=handler,
-            attempts=attempts,
-            error=error,
-            reason=reason,
-            traceback=trace,
-            failed_at=readable_time(failed_at),
-        )
-
     def _quarantine(
         self, db: sqlite3.Connection, event_row: Any, handler: str, attempts: object, why: str
     ) -> DeadLetter:
-        """Inside a claim: turn a delivery that cannot be run into a dead letter saying *why*.
-        The stored event is left as it is, for the command line to show and a person to
-        repair."""
-        letter = DeadLetter(
-            id=new_id(),
-            event=self._event_or_undecoded(event_row),
-            handler=handler,
-            attempts=attempts if is_count(attempts) else 0,
-            error=why,
-            reason="not_retryable",
-        )
+        """Inside a claim: a delivery that cannot be run becomes a dead letter saying *why*."""
+        letter = self._quarantine_letter(event_row, handler, attempts, why)
         _insert_dead_letter(db, letter)
         return letter
 
