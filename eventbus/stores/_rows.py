@@ -9,11 +9,12 @@ import sys
 import traceback
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 from eventbus._envelope import Envelope, from_envelope
 from eventbus._event import DeadLetter, DeliveryState, Event, new_id
 from eventbus.codec import JsonCodec
+from eventbus.stores._model import StoredDelivery
 
 __all__ = [
     "EPOCH",
@@ -137,4 +138,33 @@ class RowReader:
             attempts=attempts if is_count(attempts) else 0,
             error=why,
             reason="not_retryable",
+        )
+
+    def _claimed(
+        self,
+        event_row: Any,
+        handler: str,
+        *,
+        state: DeliveryState,
+        attempts: object,
+        error: object,
+        due_at: object,
+    ) -> StoredDelivery | str:
+        """A claimed row as the delivery to run, or why it cannot be run (any decoding error
+        of the event, or a damaged column of the delivery): the store then quarantines it."""
+        try:
+            event = self._event_from_row(event_row)
+        except Exception as exc:  # noqa: BLE001 - any decoding error quarantines
+            return f"cannot decode the stored event: {type(exc).__name__}: {exc}"
+        problem = delivery_problem(attempts, error, due_at)
+        if problem is not None:
+            return f"cannot decode the stored delivery: {problem}"
+        # Checked by delivery_problem(): a count, text or None, a number or None.
+        return StoredDelivery(
+            event,
+            handler,
+            state,
+            cast(int, attempts),
+            cast("str | None", error),
+            cast("float | None", due_at),
         )

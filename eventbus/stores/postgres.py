@@ -29,10 +29,9 @@ from eventbus._event import DeadLetter, Delivery, Event, new_id
 from eventbus.codec import JsonCodec
 from eventbus.exceptions import StoreError
 from eventbus.stores._group_commit import GroupCommit, Write
-from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
+from eventbus.stores._model import Claim, new_owner, owner_is_dead
 from eventbus.stores._rows import (
     RowReader,
-    delivery_problem,
     print_error,
     shown,
 )
@@ -823,25 +822,16 @@ class PostgresStore(RowReader):
                 if stop is not None and seq >= stop:
                     waiting += 1  # an earlier delivery of its key is another process's
                     continue
-                try:
-                    event = self._event_from_row(event_row)
-                except Exception as exc:  # noqa: BLE001 - any decoding error quarantines
-                    why = f"cannot decode the stored event: {type(exc).__name__}: {exc}"
-                    claim.quarantined.append(
-                        self._quarantine(conn, event_row, handler, attempts, why)
-                    )
-                    continue
-                problem = delivery_problem(attempts, error, due_at)
-                if problem is not None:
-                    why = f"cannot decode the stored delivery: {problem}"
-                    claim.quarantined.append(
-                        self._quarantine(conn, event_row, handler, attempts, why)
-                    )
-                    continue
-                taken.append((event.id, handler))
-                claim.deliveries.append(
-                    StoredDelivery(event, handler, state, attempts, error, due_at)
+                found = self._claimed(
+                    event_row, handler, state=state, attempts=attempts, error=error, due_at=due_at
                 )
+                if isinstance(found, str):
+                    claim.quarantined.append(
+                        self._quarantine(conn, event_row, handler, attempts, found)
+                    )
+                    continue
+                taken.append((found.event.id, handler))
+                claim.deliveries.append(found)
             if waiting:
                 # Rows this claim locked and left: a session that skipped them meanwhile
                 # (SKIP LOCKED), or the holder of their key, must look again. Not this one:

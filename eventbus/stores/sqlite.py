@@ -20,10 +20,9 @@ from eventbus._envelope import Envelope, to_envelope
 from eventbus._event import DeadLetter, Delivery, Event
 from eventbus.codec import JsonCodec
 from eventbus.stores._group_commit import GroupCommit, Write
-from eventbus.stores._model import Claim, StoredDelivery, new_owner, owner_is_dead
+from eventbus.stores._model import Claim, new_owner, owner_is_dead
 from eventbus.stores._rows import (
     RowReader,
-    delivery_problem,
     print_error,
     shown,
 )
@@ -617,28 +616,24 @@ class SQLiteStore(RowReader):
                     if handler not in handlers:
                         claim.unknown[handler] = claim.unknown.get(handler, 0) + 1
                         continue
-                    try:
-                        event = self._event_from_row(event_row)
-                    except Exception as exc:  # noqa: BLE001 - any decoding error quarantines
-                        why = f"cannot decode the stored event: {type(exc).__name__}: {exc}"
+                    found = self._claimed(
+                        event_row,
+                        handler,
+                        state=state,
+                        attempts=attempts,
+                        error=error,
+                        due_at=due_at,
+                    )
+                    if isinstance(found, str):
                         claim.quarantined.append(
-                            self._quarantine(db, event_row, handler, attempts, why)
-                        )
-                        continue
-                    problem = delivery_problem(attempts, error, due_at)
-                    if problem is not None:
-                        why = f"cannot decode the stored delivery: {problem}"
-                        claim.quarantined.append(
-                            self._quarantine(db, event_row, handler, attempts, why)
+                            self._quarantine(db, event_row, handler, attempts, found)
                         )
                         continue
                     db.execute(
                         "UPDATE deliveries SET owner = ? WHERE event_id = ? AND handler = ?",
-                        (owner, event.id, handler),
+                        (owner, found.event.id, handler),
                     )
-                    claim.deliveries.append(
-                        StoredDelivery(event, handler, state, attempts, error, due_at)
-                    )
+                    claim.deliveries.append(found)
         return claim
 
     def _dead_owners(self, db: sqlite3.Connection) -> set[str]:
