@@ -109,42 +109,15 @@ def _stored_counts(path: Path) -> tuple[int, int]:
 # -- eventbus ----------------------------------------------------------------------------------
 
 
-def _eventbus_trial(directory: Path, tally: Tally, handlers: Sequence[Any], events: int):
+def _eventbus_trial(
+    directory: Path, tally: Tally, handlers: Sequence[Any], events: int
+) -> DurableTrial:
     from eventbus import EventBus
     from eventbus.stores import SQLiteStore
 
     path = directory / "events.db"
     bus = EventBus(store=SQLiteStore(path), max_workers=WORKERS, name="bench-durable")
-    try:
-        subscribe_all(bus, handlers)
-        tally.reset(events * HANDLERS)
-        samples = array("q", bytes(8 * events))
-        clock = time.perf_counter_ns
-        emit = bus.emit
-        payload = PAYLOAD
-        gc.collect()
-        start = time.perf_counter()
-        for i in range(events):
-            t0 = clock()
-            emit(EVENT_NAME, payload)
-            samples[i] = clock() - t0
-        finished = tally.done.wait(WAIT_TIMEOUT) and bus.drain(WAIT_TIMEOUT)
-        seconds = time.perf_counter() - start
-    finally:
-        closing = time.perf_counter()
-        bus.close()
-        close_seconds = time.perf_counter() - closing
-    stored_events, stored_succeeded = _stored_counts(path)
-    return DurableTrial(
-        seconds,
-        events,
-        tally.handled(),
-        finished,
-        stored_events,
-        stored_succeeded,
-        close_seconds,
-        samples,
-    )
+    return bus_trial(bus, tally, handlers, events, lambda: _stored_counts(path))
 
 
 # -- raw sqlite3 -------------------------------------------------------------------------------
@@ -240,47 +213,113 @@ def _raw_trial(
 ) -> DurableTrial:
     path = directory / "events.db"
     db = _raw_connect(path)
+    return raw_trial(
+        lambda: loop(db, handlers, events), db.close, tally, events, lambda: _stored_counts(path)
+    )
+
+
+# -- trials and rows (bench/postgres.py's PostgresStore scenario uses them too) ----------------
+
+
+def bus_trial(
+    bus: Any,
+    tally: Tally,
+    handlers: Sequence[Any],
+    events: int,
+    stored: Callable[[], tuple[int, int]],
+) -> DurableTrial:
+    """The eventbus trial on *bus* (made for it, closed here): *handlers* subscribed, *events*
+    events emitted back to back (each ``emit()`` timed alone), the clock stopped once every
+    handler call was counted and ``bus.drain()`` returned; ``close()`` timed apart, then
+    *stored* reads back (events, succeeded deliveries)."""
+    try:
+        subscribe_all(bus, handlers)
+        tally.reset(events * HANDLERS)
+        samples = array("q", bytes(8 * events))
+        clock = time.perf_counter_ns
+        emit = bus.emit
+        payload = PAYLOAD
+        gc.collect()
+        start = time.perf_counter()
+        for i in range(events):
+            t0 = clock()
+            emit(EVENT_NAME, payload)
+            samples[i] = clock() - t0
+        finished = tally.done.wait(WAIT_TIMEOUT) and bus.drain(WAIT_TIMEOUT)
+        seconds = time.perf_counter() - start
+    finally:
+        closing = time.perf_counter()
+        bus.close()
+        close_seconds = time.perf_counter() - closing
+    stored_events, stored_succeeded = stored()
+    return DurableTrial(
+        seconds,
+        events,
+        tally.handled(),
+        finished,
+        stored_events,
+        stored_succeeded,
+        close_seconds,
+        samples,
+    )
+
+
+def raw_trial(
+    loop: Callable[[], None],
+    close: Callable[[], None],
+    tally: Tally,
+    events: int,
+    stored: Callable[[], tuple[int, int]],
+) -> DurableTrial:
+    """A raw loop's trial: *loop* (which runs *events* events through the handlers) timed until
+    every handler call was counted; then, outside the clock, *close* (its connection) and
+    *stored*, which reads back (events, succeeded deliveries)."""
     try:
         tally.reset(events * HANDLERS)
         gc.collect()
         start = time.perf_counter()
-        loop(db, handlers, events)
+        loop()
         finished = tally.done.wait(WAIT_TIMEOUT)
         seconds = time.perf_counter() - start
     finally:
-        db.close()
-    stored_events, stored_succeeded = _stored_counts(path)
+        close()
+    stored_events, stored_succeeded = stored()
     return DurableTrial(seconds, events, tally.handled(), finished, stored_events, stored_succeeded)
 
 
-# -- the scenario ------------------------------------------------------------------------------
-
-
-def _in_fresh_directory(run: Callable[[Path], DurableTrial]) -> DurableTrial:
-    with tempfile.TemporaryDirectory(prefix="eventbus-bench-durable-") as directory:
-        return run(Path(directory))
-
-
-def durable(sizes: Sizes) -> Section:
-    """events/s with 4 handlers through SQLiteStore vs raw sqlite3 loops, same run."""
-    events = sizes.durable_events
-    warmup = max(1, sizes.durable_events // 10)
-    tally = Tally()
-    handlers = make_handlers(tally, HANDLERS)
-    runners: dict[str, Callable[[Path, int], DurableTrial]] = {
-        EVENTBUS: lambda d, n: _eventbus_trial(d, tally, handlers, n),
-        RAW: lambda d, n: _raw_trial(_raw_loop, d, tally, handlers, n),
-        RAW_ONE_TX: lambda d, n: _raw_trial(_raw_loop_one_transaction, d, tally, handlers, n),
-    }
-    for name, run in runners.items():  # warm-up: imports, page cache, code paths
-        trial = _in_fresh_directory(lambda d, run=run: run(d, warmup))
+def run_trials(
+    what: str,
+    runners: dict[str, Callable[[int], DurableTrial]],
+    events: int,
+    warmup: int,
+    repeats: int,
+) -> dict[str, list[DurableTrial]]:
+    """Each runner's trials: one warm-up trial of *warmup* events each (imports, caches, code
+    paths; a RuntimeError naming *what* unless it came out right), then *repeats* rounds of
+    *events* events, each runner once per round (round robin: drift spreads evenly over them)."""
+    for name, run in runners.items():
+        trial = run(warmup)
         if not trial.ok:
-            raise RuntimeError(f"durable warm-up of {name!r} came out wrong: {trial}")
+            raise RuntimeError(f"{what} warm-up of {name!r} came out wrong: {trial}")
     trials: dict[str, list[DurableTrial]] = {name: [] for name in runners}
-    for _ in range(sizes.repeats):  # round robin: drift spreads evenly over the three
+    for _ in range(repeats):
         for name, run in runners.items():
-            trials[name].append(_in_fresh_directory(lambda d, run=run: run(d, events)))
+            trials[name].append(run(events))
+    return trials
 
+
+def trial_rows(
+    trials: dict[str, list[DurableTrial]],
+    events: int,
+    *,
+    scenario: str,
+    latency: str,
+    eventbus: str,
+    reference: str,
+) -> list[Row]:
+    """A *scenario* row per runner (events/s, median of its trials, with its ratio to the
+    *reference* runner's; the *eventbus* runner's also says what ``close()`` cost), then the
+    *eventbus* runner's ``emit()`` latency rows (*latency* with ``{q}`` = p50, p99; in us)."""
     rows: list[Row] = []
     for name, runs in trials.items():
         values = [t.rate for t in runs]
@@ -292,14 +331,14 @@ def durable(sizes: Sizes) -> Section:
             "stored_succeeded_deliveries": sum(t.stored_succeeded for t in runs),
             "best": max(values),
         }
-        if name == EVENTBUS:
+        if name == eventbus:
             detail["close_seconds_median"] = median([t.close_seconds for t in runs])
             detail["events_per_s_including_close"] = median(
                 [t.events / (t.seconds + t.close_seconds) for t in runs]
             )
         rows.append(
             Row(
-                SCENARIO,
+                scenario,
                 name,
                 median(values),
                 "events/s",
@@ -309,27 +348,61 @@ def durable(sizes: Sizes) -> Section:
             )
         )
     by = {r.dispatcher: r for r in rows}
-    raw = by[RAW]
     for row in rows:
-        row.ratio = row.value / raw.value
-        row.ratio_to = RAW
+        row.ratio = row.value / by[reference].value
+        row.ratio_to = reference
 
-    bus_runs = trials[EVENTBUS]
-    latency_rows = []
+    bus_runs = trials[eventbus]
     for q, label in ((0.50, "p50"), (0.99, "p99")):
         per_trial = [percentile(sorted(t.emit_ns or ()), q) / 1000 for t in bus_runs]
-        latency_rows.append(
+        rows.append(
             Row(
-                LATENCY.format(q=label),
-                EVENTBUS,
+                latency.format(q=label),
+                eventbus,
                 median(per_trial),
                 "us",
                 samples=per_trial,
-                ok=by[EVENTBUS].ok,
+                ok=by[eventbus].ok,
                 detail={
                     "emits_per_trial": events,
                     "max_us": max(max(t.emit_ns or (0,)) for t in bus_runs) / 1000,
                 },
             )
         )
-    return Section(rows + latency_rows)
+    return rows
+
+
+# -- the scenario ------------------------------------------------------------------------------
+
+
+def _in_fresh_directory(
+    trial: Callable[[Path, int], DurableTrial],
+) -> Callable[[int], DurableTrial]:
+    """*trial* with a fresh temporary directory (a fresh database) each time it runs."""
+
+    def run(events: int) -> DurableTrial:
+        with tempfile.TemporaryDirectory(prefix="eventbus-bench-durable-") as directory:
+            return trial(Path(directory), events)
+
+    return run
+
+
+def durable(sizes: Sizes) -> Section:
+    """events/s with 4 handlers through SQLiteStore vs raw sqlite3 loops, same run."""
+    events = sizes.durable_events
+    warmup = max(1, events // 10)
+    tally = Tally()
+    handlers = make_handlers(tally, HANDLERS)
+    runners = {
+        EVENTBUS: _in_fresh_directory(lambda d, n: _eventbus_trial(d, tally, handlers, n)),
+        RAW: _in_fresh_directory(lambda d, n: _raw_trial(_raw_loop, d, tally, handlers, n)),
+        RAW_ONE_TX: _in_fresh_directory(
+            lambda d, n: _raw_trial(_raw_loop_one_transaction, d, tally, handlers, n)
+        ),
+    }
+    trials = run_trials("durable", runners, events, warmup, sizes.repeats)
+    return Section(
+        trial_rows(
+            trials, events, scenario=SCENARIO, latency=LATENCY, eventbus=EVENTBUS, reference=RAW
+        )
+    )

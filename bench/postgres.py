@@ -54,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +73,15 @@ from bench._harness import (
     percentile,
     subscribe_all,
 )
-from bench.durable import DurableTrial, _event_row
-
-HANDLERS = 4
+from bench.durable import (
+    HANDLERS,
+    DurableTrial,
+    _event_row,
+    bus_trial,
+    raw_trial,
+    run_trials,
+    trial_rows,
+)
 
 SCENARIO = f"PostgresStore, {HANDLERS} handlers"
 LATENCY = "PostgresStore emit() latency {q}, 4 handlers"
@@ -101,6 +106,7 @@ GOAL_MS = 20.0
 NO_SERVER = "PostgreSQL (initdb, postgres) not installed"
 NO_PSYCOPG = "psycopg 3 / psycopg-pool not installed"
 
+_CREATE_ORDERS = "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric NOT NULL)"
 _INSERT_ORDER = "INSERT INTO orders VALUES (%s, %s)"
 
 
@@ -200,36 +206,7 @@ def _eventbus_trial(
     bus = EventBus(
         store=PostgresStore(dsn, schema=schema), max_workers=WORKERS, name="bench-postgres"
     )
-    try:
-        subscribe_all(bus, handlers)
-        tally.reset(events * HANDLERS)
-        samples = array("q", bytes(8 * events))
-        clock = time.perf_counter_ns
-        emit = bus.emit
-        payload = PAYLOAD
-        gc.collect()
-        start = time.perf_counter()
-        for i in range(events):
-            t0 = clock()
-            emit(EVENT_NAME, payload)
-            samples[i] = clock() - t0
-        finished = tally.done.wait(WAIT_TIMEOUT) and bus.drain(WAIT_TIMEOUT)
-        seconds = time.perf_counter() - start
-    finally:
-        closing = time.perf_counter()
-        bus.close()
-        close_seconds = time.perf_counter() - closing
-    stored_events, stored_succeeded = _stored_counts(dsn, schema)
-    return DurableTrial(
-        seconds,
-        events,
-        tally.handled(),
-        finished,
-        stored_events,
-        stored_succeeded,
-        close_seconds,
-        samples,
-    )
+    return bus_trial(bus, tally, handlers, events, lambda: _stored_counts(dsn, schema))
 
 
 @dataclass(frozen=True)
@@ -284,67 +261,57 @@ def _raw_connect(dsn: str, schema: str) -> tuple[Any, _Statements]:
     )
 
 
-def _raw_loop(conn: Any, q: _Statements, handlers: Sequence[Any], events: int) -> None:
-    """Per event: one transaction for the event and its deliveries, then per handler a
-    committed 'running', the call, a committed 'succeeded' (the store's guarantees)."""
-    cur = conn.cursor()
-    execute, executemany, transaction = cur.execute, cur.executemany, conn.transaction
-    names = [f"bench.handler_{i}" for i in range(len(handlers))]
-    pairs = list(zip(names, handlers, strict=True))
-    ids = itertools.count()
-    for _ in range(events):
-        event_id = f"raw-{next(ids)}"
-        with transaction():
-            seq = execute(q.insert_event, _event_row(event_id)).fetchone()[0]
-            executemany(q.insert_delivery, [(event_id, name, seq, "bench-raw") for name in names])
-        for name, handler in pairs:
-            with transaction():
-                execute(q.running, (1, event_id, name))
-            handler(PAYLOAD)
-            with transaction():
-                execute(q.succeeded, (event_id, name))
-
-
-def _raw_loop_one_transaction(
-    conn: Any, q: _Statements, handlers: Sequence[Any], events: int
+def _raw_loop(
+    conn: Any, q: _Statements, handlers: Sequence[Any], events: int, *, commit_per_attempt: bool
 ) -> None:
-    """The same statements and calls in one transaction per event: an upper bound only."""
+    """Per event: the event and its deliveries inserted, then per handler a 'running' update,
+    the call, a 'succeeded' update. With *commit_per_attempt* (the store's guarantees) the
+    inserts and each update are a committed transaction of their own, 9 per event; without (an
+    upper bound only) the same statements and calls share one transaction per event."""
     cur = conn.cursor()
-    execute, executemany, transaction = cur.execute, cur.executemany, conn.transaction
+    execute, executemany = cur.execute, cur.executemany
+    # One of the two is a transaction, the other does nothing.
+    each, per_event = (
+        (conn.transaction, contextlib.nullcontext)
+        if commit_per_attempt
+        else (contextlib.nullcontext, conn.transaction)
+    )
     names = [f"bench.handler_{i}" for i in range(len(handlers))]
     pairs = list(zip(names, handlers, strict=True))
     ids = itertools.count()
     for _ in range(events):
         event_id = f"raw-{next(ids)}"
-        with transaction():
-            seq = execute(q.insert_event, _event_row(event_id)).fetchone()[0]
-            executemany(q.insert_delivery, [(event_id, name, seq, "bench-raw") for name in names])
+        with per_event():
+            with each():
+                seq = execute(q.insert_event, _event_row(event_id)).fetchone()[0]
+                executemany(
+                    q.insert_delivery, [(event_id, name, seq, "bench-raw") for name in names]
+                )
             for name, handler in pairs:
-                execute(q.running, (1, event_id, name))
+                with each():
+                    execute(q.running, (1, event_id, name))
                 handler(PAYLOAD)
-                execute(q.succeeded, (event_id, name))
+                with each():
+                    execute(q.succeeded, (event_id, name))
 
 
 def _raw_trial(
-    loop: Callable[[Any, _Statements, Sequence[Any], int], None],
     dsn: str,
     schema: str,
     tally: Tally,
     handlers: Sequence[Any],
     events: int,
+    *,
+    commit_per_attempt: bool,
 ) -> DurableTrial:
-    conn, statements = _raw_connect(dsn, schema)
-    try:
-        tally.reset(events * HANDLERS)
-        gc.collect()
-        start = time.perf_counter()
-        loop(conn, statements, handlers, events)
-        finished = tally.done.wait(WAIT_TIMEOUT)
-        seconds = time.perf_counter() - start
-    finally:
-        conn.close()
-    stored_events, stored_succeeded = _stored_counts(dsn, schema)
-    return DurableTrial(seconds, events, tally.handled(), finished, stored_events, stored_succeeded)
+    conn, q = _raw_connect(dsn, schema)
+    return raw_trial(
+        lambda: _raw_loop(conn, q, handlers, events, commit_per_attempt=commit_per_attempt),
+        conn.close,
+        tally,
+        events,
+        lambda: _stored_counts(dsn, schema),
+    )
 
 
 def store_events(sizes: Sizes) -> int:
@@ -366,70 +333,17 @@ def _measure_store(dsn: str, sizes: Sizes) -> Section:
     schemas = (f"bench_{i}" for i in itertools.count())
     runners: dict[str, Callable[[int], DurableTrial]] = {
         EVENTBUS: lambda n: _eventbus_trial(dsn, next(schemas), tally, handlers, n),
-        RAW: lambda n: _raw_trial(_raw_loop, dsn, next(schemas), tally, handlers, n),
+        RAW: lambda n: _raw_trial(dsn, next(schemas), tally, handlers, n, commit_per_attempt=True),
         RAW_ONE_TX: lambda n: _raw_trial(
-            _raw_loop_one_transaction, dsn, next(schemas), tally, handlers, n
+            dsn, next(schemas), tally, handlers, n, commit_per_attempt=False
         ),
     }
-    for name, run in runners.items():  # warm-up: imports, the server's caches, code paths
-        trial = run(warmup)
-        if not trial.ok:
-            raise RuntimeError(f"PostgreSQL warm-up of {name!r} came out wrong: {trial}")
-    trials: dict[str, list[DurableTrial]] = {name: [] for name in runners}
-    for _ in range(sizes.repeats):  # round robin: drift spreads evenly over the three
-        for name, run in runners.items():
-            trials[name].append(run(events))
-
-    rows: list[Row] = []
-    for name, runs in trials.items():
-        values = [t.rate for t in runs]
-        detail: dict[str, Any] = {
-            "events_per_trial": events,
-            "handled": sum(t.handled for t in runs),
-            "expected": sum(t.events * HANDLERS for t in runs),
-            "stored_events": sum(t.stored_events for t in runs),
-            "stored_succeeded_deliveries": sum(t.stored_succeeded for t in runs),
-            "best": max(values),
-        }
-        if name == EVENTBUS:
-            detail["close_seconds_median"] = median([t.close_seconds for t in runs])
-            detail["events_per_s_including_close"] = median(
-                [t.events / (t.seconds + t.close_seconds) for t in runs]
-            )
-        rows.append(
-            Row(
-                SCENARIO,
-                name,
-                median(values),
-                "events/s",
-                samples=values,
-                ok=all(t.ok for t in runs),
-                detail=detail,
-            )
+    trials = run_trials("PostgreSQL", runners, events, warmup, sizes.repeats)
+    return Section(
+        trial_rows(
+            trials, events, scenario=SCENARIO, latency=LATENCY, eventbus=EVENTBUS, reference=RAW
         )
-    by = {r.dispatcher: r for r in rows}
-    for row in rows:
-        row.ratio = row.value / by[RAW].value
-        row.ratio_to = RAW
-
-    bus_runs = trials[EVENTBUS]
-    for q, label in ((0.50, "p50"), (0.99, "p99")):
-        per_trial = [percentile(sorted(t.emit_ns or ()), q) / 1000 for t in bus_runs]
-        rows.append(
-            Row(
-                LATENCY.format(q=label),
-                EVENTBUS,
-                median(per_trial),
-                "us",
-                samples=per_trial,
-                ok=by[EVENTBUS].ok,
-                detail={
-                    "emits_per_trial": events,
-                    "max_us": max(max(t.emit_ns or (0,)) for t in bus_runs) / 1000,
-                },
-            )
-        )
-    return Section(rows)
+    )
 
 
 # -- emit(within=): round trips and latency ------------------------------------------------------
@@ -519,7 +433,7 @@ def _measure_within(dsn: str, sizes: Sizes) -> Section:
     orders = itertools.count()
     try:
         subscribe_all(bus, make_handlers(tally, HANDLERS))
-        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, total numeric NOT NULL)")
+        conn.execute(_CREATE_ORDERS)
         conn.commit()
 
         def transaction(body: Callable[[], None]) -> None:
@@ -663,10 +577,19 @@ class _CommitLatency:
 COMMIT_WAIT = 10.0
 
 
-def _commit_latency(bus: Any, commit_one: Callable[[int], float], commits: int) -> _CommitLatency:
-    """A few warm-up transactions, then *commits* sequential ones through *commit_one* (which
-    returns when it called commit); for each, the time from its return (the commit returned)
-    to the handler's first line."""
+def _commit_latency(
+    bus: Any,
+    conn: Any,
+    transaction: Callable[[], contextlib.AbstractContextManager[Any]],
+    orders: tuple[str, str],
+    commits: int,
+) -> _CommitLatency:
+    """On the application's connection *conn* to the bus's database (closed here, and so is
+    *bus*): an orders table made with ``orders[0]``, then a few warm-up transactions and
+    *commits* sequential ones, each a *transaction* inserting an order (``orders[1]``) and
+    emitting within it; for each, the time from its commit returning to the handler's first
+    line."""
+    create, insert = orders
     arrived = threading.Event()
     started: list[float] = []
 
@@ -674,23 +597,35 @@ def _commit_latency(bus: Any, commit_one: Callable[[int], float], commits: int) 
         started.append(time.perf_counter())
         arrived.set()
 
-    bus.subscribe(EVENT_NAME, handler, name="bench.first_line")
-    result = _CommitLatency()
-    warmup = 5
-    gc.collect()
-    for i in range(warmup + commits):
-        arrived.clear()
-        calling = commit_one(i)
-        committed = time.perf_counter()
-        if i >= warmup:
-            result.expected += 1
-        if not arrived.wait(COMMIT_WAIT):
-            break  # counted as not handled: the row is flagged
-        if i >= warmup:
-            result.handled += 1
-            result.seconds.append(started[-1] - committed)
-            result.from_call.append(started[-1] - calling)
-    return result
+    def commit_one(i: int) -> float:
+        with transaction():
+            conn.execute(insert, (i, 9.5))
+            bus.emit(EVENT_NAME, PAYLOAD, within=conn)
+            return time.perf_counter()  # read before leaving the block commits
+
+    try:
+        conn.execute(create)
+        conn.commit()
+        bus.subscribe(EVENT_NAME, handler, name="bench.first_line")
+        result = _CommitLatency()
+        warmup = 5
+        gc.collect()
+        for i in range(warmup + commits):
+            arrived.clear()
+            calling = commit_one(i)
+            committed = time.perf_counter()
+            if i >= warmup:
+                result.expected += 1
+            if not arrived.wait(COMMIT_WAIT):
+                break  # counted as not handled: the row is flagged
+            if i >= warmup:
+                result.handled += 1
+                result.seconds.append(started[-1] - committed)
+                result.from_call.append(started[-1] - calling)
+        return result
+    finally:
+        conn.close()
+        bus.close()
 
 
 def _sqlite_commit_latency(commits: int) -> _CommitLatency:
@@ -701,20 +636,11 @@ def _sqlite_commit_latency(commits: int) -> _CommitLatency:
         path = Path(directory) / "app.sqlite3"
         bus = EventBus(store=SQLiteStore(path), max_workers=WORKERS, name="bench-sqlite-within")
         db = sqlite3.connect(path)
-        try:
-            db.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL NOT NULL)")
-            db.commit()
-
-            def commit_one(i: int) -> float:
-                with db:
-                    db.execute("INSERT INTO orders VALUES (?, ?)", (i, 9.5))
-                    bus.emit(EVENT_NAME, PAYLOAD, within=db)
-                    return time.perf_counter()  # read before leaving the block commits
-
-            return _commit_latency(bus, commit_one, commits)
-        finally:
-            db.close()
-            bus.close()
+        orders = (
+            "CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL NOT NULL)",
+            "INSERT INTO orders VALUES (?, ?)",
+        )
+        return _commit_latency(bus, db, lambda: db, orders, commits)
 
 
 def _postgres_commit_latency(dsn: str, commits: int) -> _CommitLatency:
@@ -725,20 +651,7 @@ def _postgres_commit_latency(dsn: str, commits: int) -> _CommitLatency:
 
     bus = EventBus(store=PostgresStore(dsn), max_workers=WORKERS, name="bench-postgres-within")
     conn = psycopg.connect(dsn)
-    try:
-        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, total numeric NOT NULL)")
-        conn.commit()
-
-        def commit_one(i: int) -> float:
-            with conn.transaction():
-                conn.execute(_INSERT_ORDER, (i, 9.5))
-                bus.emit(EVENT_NAME, PAYLOAD, within=conn)
-                return time.perf_counter()  # read before leaving the block commits
-
-        return _commit_latency(bus, commit_one, commits)
-    finally:
-        conn.close()
-        bus.close()
+    return _commit_latency(bus, conn, conn.transaction, (_CREATE_ORDERS, _INSERT_ORDER), commits)
 
 
 def commit_to_handler(sizes: Sizes) -> Section:

@@ -34,7 +34,6 @@ import math
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from bench._harness import (
     configure_structlog,
     median,
 )
+from tests.support.server import read_log, stop_process, wait_until_ready
 
 HANDLERS = 4
 CONSUMERS = (1, 3)
@@ -141,35 +141,17 @@ class _Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        pause = threading.Event()
-        while time.monotonic() < deadline:
-            if _ping(self.port):
-                return
-            if self.process.poll() is not None:
-                break
-            pause.wait(0.01)  # an external process starting up
+        if wait_until_ready(self.process, lambda: _ping(self.port), STARTUP_DEADLINE, 0.01):
+            return
         self.stop()
-        raise RuntimeError(f"redis-server did not answer PING; its log:\n{self._log_text()}")
+        raise RuntimeError(f"redis-server did not answer PING; its log:\n{read_log(self.log)}")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def _log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process, 5)
 
 
 def _cpu_seconds(pid: int) -> float:

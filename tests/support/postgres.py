@@ -43,7 +43,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import NoReturn
 
 import psycopg
@@ -51,6 +50,7 @@ import pytest
 from psycopg import sql
 
 from tests.support.net import free_port
+from tests.support.server import ServerProcess
 
 __all__ = [
     "INSTALL_HINT",
@@ -252,7 +252,7 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """One PostgreSQL server on its own cluster and a fixed local port; a context manager.
 
     ``start()`` launches it and returns once it accepts connections; ``stop()`` shuts it down
@@ -284,10 +284,6 @@ class PostgresServer:
     def pid(self) -> int | None:
         """The postmaster's process id while the server runs, else None."""
         return self._pid if self.running else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     # -- databases ----------------------------------------------------------------------------
 
@@ -346,22 +342,14 @@ logging_collector = off
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while time.monotonic() < deadline:
-            if self._accepts_connections():
-                self._pid = self._postmaster_pid()
-                return
-            try:
-                self._process.wait(timeout=0.02)  # the external process is starting up
-            except subprocess.TimeoutExpired:
-                continue
-            break
-        returncode = self._process.poll()
-        self.kill()
-        raise RuntimeError(
-            f"PostgreSQL on port {self.port} did not accept connections within "
-            f"{STARTUP_DEADLINE}s (exit code {returncode}); its log:\n{self.log()}"
+        self._wait_started(
+            self._accepts_connections,
+            STARTUP_DEADLINE,
+            0.02,
+            failed=f"PostgreSQL on port {self.port} did not accept connections",
+            end=self.kill,
         )
+        self._pid = self._postmaster_pid()
 
     def _postmaster_pid(self) -> int:
         """The postmaster's pid: the child itself, unless runuser stands in between."""
@@ -417,13 +405,6 @@ logging_collector = off
         self._process = None
         self._pid = None
 
-    def log(self) -> str:
-        """The server's log, for failure messages."""
-        try:
-            return self._log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-
     def close(self) -> None:
         """Stop the server and remove its directory."""
         if self._closed:
@@ -433,19 +414,3 @@ logging_collector = off
         finally:
             self._closed = True
             shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -21,14 +21,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from tests.support.net import free_port
+from tests.support.server import ServerProcess, stop_process
 
 __all__ = ["INSTALL_HINT", "RedisServer", "find_redis_server", "redis_server_path"]
 
@@ -68,7 +66,7 @@ def _ping(port: int) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """One ``redis-server`` process on a fixed local port; a context manager.
 
     ``start()`` launches it and returns once it answers PING; ``stop()`` ends it (SIGTERM,
@@ -94,10 +92,6 @@ class RedisServer:
         """The server's URL, database 0."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def start(self) -> None:
         """Start the server and wait until it answers PING; raise if it does not."""
         if self.running:
@@ -122,19 +116,12 @@ class RedisServer:
         self._process = subprocess.Popen(
             command, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        pause = threading.Event()
-        while time.monotonic() < deadline:
-            if _ping(self.port):
-                return
-            if self._process.poll() is not None:
-                break
-            pause.wait(0.01)  # the external process is starting up
-        returncode = self._process.poll()
-        self.stop()
-        raise RuntimeError(
-            f"redis-server on port {self.port} did not answer PING within {STARTUP_DEADLINE}s "
-            f"(exit code {returncode}); its log:\n{self.log()}"
+        self._wait_started(
+            lambda: _ping(self.port),
+            STARTUP_DEADLINE,
+            0.01,
+            failed=f"redis-server on port {self.port} did not answer PING",
+            end=self.stop,
         )
 
     def pause(self) -> None:
@@ -160,37 +147,9 @@ class RedisServer:
         if process.poll() is None:
             # A paused server handles SIGTERM only once it runs again.
             process.send_signal(signal.SIGCONT)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_DEADLINE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_DEADLINE)
-
-    def log(self) -> str:
-        """The server's log file, for failure messages."""
-        try:
-            return self._log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
+        stop_process(process, STOP_DEADLINE)
 
     def close(self) -> None:
         """Stop the server and remove its directory."""
         self.stop()
         self._tmp.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
