@@ -18,7 +18,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 ## Every check: lint, format, strict types, tests with branch coverage.
 test: servers lint types unit
 
-## The servers the tests start (redis-server, PostgreSQL): installed when possible, else one clear line.
+## The servers the tests start (redis-server, PostgreSQL, RabbitMQ): installed when possible, else one clear line.
 servers:
 	@bash scripts/servers.sh
 

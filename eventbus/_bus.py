@@ -675,6 +675,9 @@ class EventBus:
                 "start() consumes a transport: EventBus(transport=RedisStreamsTransport(...))"
             )
         transport, log = self._transport, self._observer.log
+        bind = getattr(transport, "bind", None)
+        if bind is not None:  # a broker that routes by name (RabbitMQ): what we subscribe to
+            bind(self._registry.patterns())
         if _takes_reporter(transport.start, 1):
             return transport.start(self._pipeline.receive, BusReporter(log))
         # A transport written before Reporter: its hooks.

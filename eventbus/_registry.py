@@ -178,6 +178,15 @@ class Registry:
         with self._lock:
             return next((s for s in self._subscriptions if s.name == name), None)
 
+    def patterns(self) -> frozenset[str]:
+        """The names and patterns subscribed to; ``"**"`` when a class is (its subclasses'
+        events have names of their own), or when nothing is."""
+        with self._lock:
+            targets = {s.target for s in self._subscriptions}
+        if not targets or any(not isinstance(t, Pattern) for t in targets):
+            return frozenset({"**"})
+        return frozenset(t.text for t in targets if isinstance(t, Pattern))
+
     def names(self) -> frozenset[str]:
         """The names of every subscribed handler."""
         with self._lock:

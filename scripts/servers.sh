@@ -17,10 +17,18 @@ have_postgres() {
     return 1
 }
 
+# RabbitMQ counts as installed when rabbitmq-server is on the PATH or in Debian's script
+# directory (/usr/lib/rabbitmq/bin, whose script runs a node in the foreground; the one in
+# /usr/sbin only wraps it); tests/support/rabbitmq.py looks in the same places.
+have_rabbitmq() {
+    command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]
+}
+
 missing=()
 brew_missing=()
 command -v redis-server >/dev/null 2>&1 || { missing+=(redis-server); brew_missing+=(redis); }
 have_postgres || { missing+=(postgresql); brew_missing+=(postgresql@15); }
+have_rabbitmq || { missing+=(rabbitmq-server); brew_missing+=(rabbitmq); }
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
@@ -30,7 +38,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} from the system's packages (needed by the tests)"
     export DEBIAN_FRONTEND=noninteractive
     # Install without starting the packages' own services (a redis-server on 6379, a
-    # PostgreSQL cluster on 5432): the tests start and stop instances of their own.
+    # PostgreSQL cluster on 5432, a RabbitMQ node on 5672): the tests start and stop
+    # instances of their own.
     # Both settings last for this install only.
     cleanup=()
     policy=/usr/sbin/policy-rc.d

@@ -1,6 +1,6 @@
 """Shared fixtures: every bus a test makes is closed when the test ends, and no thread it
-started is left running; the real redis-servers, PostgreSQL servers and child processes of the
-integration and multi-process tests (see tests/support/)."""
+started is left running; the real redis-servers, PostgreSQL and RabbitMQ servers and child
+processes of the integration and multi-process tests (see tests/support/)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from eventbus import EventBus, RetryPolicy
 from eventbus.testing import FakeClock, inline_bus
 from tests.support.children import Children
 from tests.support.postgres import PostgresServer
+from tests.support.rabbitmq import RabbitMQServer
 from tests.support.redis import RedisServer
 
 #: How long a thread a test started may take to end after the test (and its fixtures) did.
@@ -142,4 +143,29 @@ def own_postgres() -> Iterator[PostgresServer]:
     """A fresh PostgreSQL server of the test's own (skipped without one, failed under CI),
     which the test may stop, kill and restart; stopped and removed at the end."""
     with PostgresServer() as server:
+        yield server
+
+
+# -- real RabbitMQ servers --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[RabbitMQServer]:
+    """One RabbitMQ server for the whole session (skipped without one, failed under CI): tests
+    sharing it use exchange and queue names of their own."""
+    with RabbitMQServer() as server:
+        yield server
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
+    """The session server's AMQP URL (``guest``, the default virtual host)."""
+    return rabbitmq_server.url
+
+
+@pytest.fixture
+def own_rabbitmq() -> Iterator[RabbitMQServer]:
+    """A fresh RabbitMQ server of the test's own (skipped without one, failed under CI), which
+    the test may stop, kill and restart; stopped and removed at the end."""
+    with RabbitMQServer() as server:
         yield server
