@@ -21,6 +21,7 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         memory,
         policies,
         postgres,
+        rabbitmq,
         redis_streams,
         retry_storm,
         subscriptions,
@@ -44,6 +45,7 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         ("emit(within=) round trips", postgres.within_round_trips),
         ("commit -> handler start (within=)", postgres.commit_to_handler),
         ("multi-process (Redis)", redis_streams.multi_process),
+        ("RabbitMQ transport", rabbitmq.rabbitmq_transport),
         ("memory", memory.memory),
         ("handler weight (info)", dispatch.latch_sensitivity),
     ]

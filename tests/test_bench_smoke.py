@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from tests.support.postgres import find_postgres_bin
+from tests.support.rabbitmq import find_rabbitmq_server
 from tests.support.redis import find_redis_server
 
-# `python -m bench --quick` runs every scenario: real redis-server and PostgreSQL servers and
-# consumer processes.
+# `python -m bench --quick` runs every scenario: real redis-server, PostgreSQL and RabbitMQ
+# servers and consumer processes.
 pytestmark = [pytest.mark.integration, pytest.mark.multiprocess]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ SCENARIOS = (
     "commit -> handler start latency (within=) p50",
     "multi-process (Redis), 4 handlers",
     "multi-process (Redis), 4 handlers waiting 2 ms (I/O-like)",
+    "RabbitMQ transport, 1 handler",
     "memory, 20,000 events x 4 handlers",
     "info: thread dispatch, 4 handlers taking a lock",
 )
@@ -58,7 +60,10 @@ THREAD_DISPATCHERS = {
 }
 #: Whether the multi-process (Redis) scenario can run here (else its rows say "skipped").
 REDIS = find_redis_server() is not None and importlib.util.find_spec("redis") is not None
-REDIS_SCENARIOS = SCENARIOS[-4:-2]
+REDIS_SCENARIOS = (
+    "multi-process (Redis), 4 handlers",
+    "multi-process (Redis), 4 handlers waiting 2 ms (I/O-like)",
+)
 #: Whether the PostgreSQL scenarios can run here (else each has one "skipped" row).
 POSTGRES = find_postgres_bin() is not None and all(
     importlib.util.find_spec(name) is not None for name in ("psycopg", "psycopg_pool")
@@ -68,6 +73,18 @@ POSTGRES_SCENARIOS = (
     "emit(within=) round trips",
     "commit -> handler start latency (within=) p50",
 )
+#: Whether the RabbitMQ transport scenario can run here (else its one row says "skipped").
+RABBITMQ = find_rabbitmq_server() is not None and importlib.util.find_spec("pika") is not None
+RABBITMQ_SCENARIO = "RabbitMQ transport, 1 handler"
+
+
+def _available(scenario: str) -> bool:
+    """Whether the server *scenario* needs can run here."""
+    if scenario in POSTGRES_SCENARIOS:
+        return POSTGRES
+    if scenario == RABBITMQ_SCENARIO:
+        return RABBITMQ
+    return REDIS
 
 
 def _bench(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
@@ -111,7 +128,7 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
     doc, _, _ = quick
     for row in doc["results"]:
         if row["dispatcher"].startswith("skipped:"):
-            assert not (POSTGRES if row["scenario"] in POSTGRES_SCENARIOS else REDIS), row
+            assert not _available(row["scenario"]), row
             continue
         assert math.isfinite(row["value"]), row
         assert row["value"] > 0, row
@@ -141,6 +158,7 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
         assert detail["stored_events"] * 4 == detail["stored_succeeded_deliveries"]
         assert detail["stored_succeeded_deliveries"] == detail["expected"]
     _check_postgres_rows(doc["results"])
+    _check_rabbitmq_rows(doc["results"])
     redis_rows = [r for r in doc["results"] if r["scenario"] in REDIS_SCENARIOS]
     if not REDIS:
         assert len(redis_rows) == 2
@@ -153,6 +171,29 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
         assert all(len(trial) == processes for trial in detail["handled_per_consumer"]), row
         assert sum(map(sum, detail["handled_per_consumer"])) == detail["expected"], row
         assert detail["expected"] == 4 * detail["events_per_trial"], row  # 1 round when quick
+
+
+def _check_rabbitmq_rows(results: list[dict[str, Any]]) -> None:
+    """The RabbitMQ rows: one "skipped" row without RabbitMQ, else eventbus and the raw pika
+    loop with 1 and 3 consumer processes, every event handled exactly once, split over the
+    processes each trial used."""
+    rows = [r for r in results if r["scenario"] == RABBITMQ_SCENARIO]
+    if not RABBITMQ:
+        assert len(rows) == 1, rows
+        assert rows[0]["dispatcher"].startswith("skipped: "), rows
+        return
+    assert len(rows) == 4, rows
+    assert sum(r["dispatcher"].startswith("eventbus RabbitMQTransport") for r in rows) == 2
+    for row in rows:
+        detail = row["detail"]
+        processes = 3 if "3 consumer processes" in row["dispatcher"] else 1
+        assert all(len(trial) == processes for trial in detail["handled_per_consumer"]), row
+        assert sum(map(sum, detail["handled_per_consumer"])) == detail["expected"], row
+        assert detail["expected"] == detail["events_per_trial"], row  # 1 round when quick
+        assert row["ratio_to"] == (
+            f"raw pika confirm-publish / basic_consume+ack loop, {processes} consumer process"
+            + ("es" if processes > 1 else "")
+        ), row
 
 
 def _check_postgres_rows(results: list[dict[str, Any]]) -> None:
@@ -272,3 +313,23 @@ def test_postgres_scenarios_without_postgresql_are_skipped_loudly(
     assert {r.dispatcher for r in sqlite} == {bench.postgres.SQLITE_WITHIN}
     assert all(r.ok and r.value > 0 for r in sqlite)
     assert capsys.readouterr().err.count("PostgreSQL scenarios SKIPPED") == 1
+
+
+def test_rabbitmq_scenario_without_rabbitmq_is_skipped_loudly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without rabbitmq-server the RabbitMQ scenario is one "skipped" row and stderr says so."""
+    import tests.support.rabbitmq
+    from bench._harness import QUICK
+    from bench.rabbitmq import rabbitmq_transport
+
+    monkeypatch.setattr(tests.support.rabbitmq, "find_rabbitmq_server", lambda: None)
+    (row,) = rabbitmq_transport(QUICK).rows
+    assert (row.scenario, row.dispatcher, row.ok) == (
+        RABBITMQ_SCENARIO,
+        "skipped: rabbitmq-server not installed",
+        True,
+    )
+    assert "RabbitMQ transport scenario SKIPPED: rabbitmq-server not installed" in (
+        capsys.readouterr().err
+    )

@@ -249,13 +249,24 @@ class RabbitMQTransport:
         if self._deliver is not None:
             raise RuntimeError("this transport is already consuming")
         self._deliver, self._reporter = deliver, reporter
-        try:
-            self._connect_consumer()
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            self._deliver = None
-            raise TransportError(
-                f"could not reach RabbitMQ at {self._where}: {type(exc).__name__}: {exc}"
-            ) from exc
+        deadline = time.monotonic() + self.timeout
+        for pause in _RECONNECT:
+            try:
+                self._connect_consumer()
+                break
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                # Several consumers declaring a new quorum queue at once: the broker may accept
+                # the declaration before the queue runs, and refuse the consume that follows
+                # (541 INTERNAL_ERROR). It runs a moment later: try again.
+                if exc.reply_code != 541 or time.monotonic() + pause > deadline:
+                    self._deliver = None
+                    raise TransportError(f"RabbitMQ at {self._where} refused: {exc}") from exc
+                self._stop.wait(pause)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self._deliver = None
+                raise TransportError(
+                    f"could not reach RabbitMQ at {self._where}: {type(exc).__name__}: {exc}"
+                ) from exc
         self._stop.clear()
         self._consumer = threading.Thread(
             target=self._consume_forever, name=f"eventbus-amqp-{self.queue}", daemon=True
@@ -431,6 +442,12 @@ class RabbitMQTransport:
         """Stop consuming (messages received but not acknowledged go back to the queue for
         another consumer) and close the connections. Idempotent."""
         self._stop.set()
+        connection = self._connection
+        if connection is not None:  # end the consumer thread's wait for data at once
+            try:
+                connection.add_callback_threadsafe(lambda: None)
+            except Exception:  # noqa: BLE001 - closed already: the thread is ending
+                pass
         consumer, self._consumer = self._consumer, None
         if consumer is not None and consumer is not threading.current_thread():
             consumer.join(self.timeout + 5)
