@@ -8,6 +8,7 @@ reach it through ``add_callback_threadsafe``, pika's one thread-safe call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import queue
@@ -444,10 +445,8 @@ class RabbitMQTransport:
         self._stop.set()
         connection = self._connection
         if connection is not None:  # end the consumer thread's wait for data at once
-            try:
+            with contextlib.suppress(Exception):  # closed already: the thread is ending
                 connection.add_callback_threadsafe(lambda: None)
-            except Exception:  # noqa: BLE001 - closed already: the thread is ending
-                pass
         consumer, self._consumer = self._consumer, None
         if consumer is not None and consumer is not threading.current_thread():
             consumer.join(self.timeout + 5)
