@@ -582,7 +582,7 @@ class EventBus:
             deadline = _deadline(timeout)
             self._recovery.look_now(timeout)
             timeout = remaining(deadline)
-        if self._relay is not None and self._outbox is not None:
+        if self._relay is not None and self._outbox is not None and not self._admission.closed:
             deadline = _deadline(timeout)
             self._relay.look_now()  # events committed with within= before this call, too
             if not self._relay.wait_idle(timeout):

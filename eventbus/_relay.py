@@ -90,7 +90,11 @@ class Relay:
 
     def look_now(self) -> None:
         """Claim what is committed now, on the caller's thread (``drain()`` does, so that it
-        also waits for events committed with ``within=`` before it was called)."""
+        also waits for events committed with ``within=`` before it was called). Nothing
+        once stopped (the store is closed then)."""
+        with self._lock:
+            if self._stopping:
+                return
         self._claim()
         with self._lock:
             self._lock.notify_all()

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from eventbus._envelope import Envelope, from_envelope, to_envelope
 from eventbus._event import Event
@@ -40,6 +41,10 @@ _NOT_BEFORE = "x-eventbus-not-before"
 _REASON = "x-eventbus-reason"
 #: Backoff of the consumer's reconnects (seconds); the last one repeats.
 _RECONNECT = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+#: What a broker out of reach, or a connection that broke, raises in pika (a connector error,
+#: such as a broker that accepts TCP and never answers, is not an AMQPError).
+_BROKEN = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
+
 #: Characters of a field or reason handed to the reporter (which the bus logs).
 _LOGGED_LIMIT = 200
 
@@ -74,10 +79,11 @@ class RabbitMQTransport:
 
     * ``emit()`` returns once the broker confirmed the message (publisher confirms, persistent
       delivery). A refused or unconfirmed publish, or a broker out of reach, raises
-      :class:`~eventbus.TransportError` within ``timeout`` seconds: nothing is dropped
-      silently. When the connection broke after the message was sent the broker may have it
-      anyway, so a caller that publishes again may publish twice (consumers deduplicate by
-      event id, as for any redelivery).
+      :class:`~eventbus.TransportError` within ``2 * timeout`` seconds (the publish, then one
+      try on a new connection), a hung broker included: nothing is dropped silently. When
+      the connection broke after the message was sent the broker may have it anyway, so a
+      caller that publishes again may publish twice (consumers deduplicate by event id, as
+      for any redelivery).
     * A message is acknowledged once all of its local deliveries settled (succeeded or dead
       letter). A consumer that dies leaves its unacknowledged messages to the broker, which
       redelivers them to another consumer of the group. ``prefetch`` (default 100) bounds the
@@ -169,7 +175,8 @@ class RabbitMQTransport:
         """Publish *event* and return its id once the broker confirmed it. Raises
         ``TypeError`` for a payload the codec cannot encode (nothing sent), ``ValueError`` for
         a name too long for a routing key, and :class:`~eventbus.TransportError` when the
-        broker refused it, did not confirm it within ``timeout``, or cannot be reached."""
+        broker refused it, did not confirm it within ``timeout``, or cannot be reached (in all,
+        within ``2 * timeout``)."""
         body = json.dumps(to_envelope(self.codec, event)._asdict()).encode()
         key = routing_key(event.name)
         if len(key.encode()) > 255:
@@ -188,11 +195,11 @@ class RabbitMQTransport:
             for attempt in (1, 2):
                 try:
                     channel = self._publishing_channel()
-                    channel.basic_publish(self.exchange, key, body, properties)
+                    self._publish_within_timeout(channel, key, body, properties)
                     return event.id
                 except pika.exceptions.NackError:
                     raise TransportError(f"RabbitMQ at {self._where} refused {event.id}") from None
-                except (pika.exceptions.AMQPError, OSError) as exc:
+                except _BROKEN as exc:
                     self._drop_publisher()
                     if attempt == 2:
                         raise TransportError(
@@ -200,6 +207,33 @@ class RabbitMQTransport:
                             f"{type(exc).__name__}: {exc}"
                         ) from exc
         raise AssertionError("unreachable")
+
+    def _publish_within_timeout(
+        self, channel: BlockingChannel, key: str, body: bytes, properties: Any
+    ) -> None:
+        """basic_publish, which waits for the broker's confirm with no deadline of its own (a
+        hung broker is noticed only by missed heartbeats, minutes later): a timer on the
+        connection's I/O loop, which pika runs while it waits, ends the connection after
+        ``timeout`` as pika's heartbeat checker would, and the wait ends with a connection
+        error. pika has no public call for this; should a later pika lack the internals used,
+        the heartbeat bound remains."""
+        impl: Any = getattr(self._publisher, "_impl", None)
+        ioloop: Any = getattr(impl, "ioloop", None)
+
+        def give_up() -> None:
+            # What pika's own heartbeat checker does with a broker that stopped answering.
+            impl._terminate_stream(
+                pika.exceptions.AMQPHeartbeatTimeout(f"no confirm within {self.timeout:g} s")
+            )
+
+        usable = ioloop is not None and hasattr(impl, "_terminate_stream")
+        timer = ioloop.call_later(self.timeout, give_up) if usable else None
+        try:
+            channel.basic_publish(self.exchange, key, body, properties)
+        finally:
+            if timer is not None:
+                with contextlib.suppress(Exception):  # the loop may be gone with the stream
+                    ioloop.remove_timeout(timer)
 
     def _publishing_channel(self) -> BlockingChannel:
         """Under the publish lock: the publisher's channel, connected and set up if needed."""
@@ -263,7 +297,7 @@ class RabbitMQTransport:
                     self._deliver = None
                     raise TransportError(f"RabbitMQ at {self._where} refused: {exc}") from exc
                 self._stop.wait(pause)
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except _BROKEN as exc:
                 self._deliver = None
                 raise TransportError(
                     f"could not reach RabbitMQ at {self._where}: {type(exc).__name__}: {exc}"
@@ -323,7 +357,7 @@ class RabbitMQTransport:
                     failures = 0
                     continue
                 connection.process_data_events(time_limit=0.5)
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever broke: report, reconnect
                 if self._stop.is_set():
                     break
                 self._report(exc)
@@ -463,8 +497,10 @@ class RabbitMQTransport:
         """Raise :class:`~eventbus.TransportError` unless the broker answers now."""
         try:
             connection = pika.BlockingConnection(self._parameters)
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            raise TransportError(f"RabbitMQ at {self._where} does not answer: {exc}") from exc
+        except _BROKEN as exc:
+            raise TransportError(
+                f"RabbitMQ at {self._where} does not answer: {_describe(exc)}"
+            ) from exc
         _close_quietly(connection)
 
     def _report(self, error: BaseException) -> None:
@@ -491,7 +527,8 @@ def _field(fields: dict[str, Any], key: str) -> Any:
 
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    # Some pika errors have no message of their own; their repr names what they carry.
+    return f"{type(error).__name__}: {error or repr(error)}"
 
 
 def _text(value: object) -> str:
