@@ -10,15 +10,19 @@ repository root (``make example`` creates ``.venv``).
 * ``serve --redis URL`` and ``worker --redis URL``: the API and the handlers as separate
   processes sharing one Redis stream (and the orders database); the API commits each event
   to its outbox with the order and relays it to Redis; see ``worker.py``.
+* ``serve --amqp URL`` and ``worker --amqp URL``: the same through RabbitMQ (a topic
+  exchange, ``--exchange``, and one queue shared by the workers' ``--group``). One transport
+  at a time: ``--redis`` and ``--amqp`` together are refused.
 
 A command that cannot do its job prints one line, ``<prog> <command>: error: <what to do>``,
 on stderr and exits with :data:`EXIT_USAGE` (2: a bad option, a missing file) or
-:data:`EXIT_FAILURE` (1: the server or Redis cannot be reached).
+:data:`EXIT_FAILURE` (1: the server, Redis or RabbitMQ cannot be reached).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -40,6 +44,7 @@ from examples.order_service.wiring import (
     Settings,
     build_app,
     display_path,
+    display_url,
     python_command,
 )
 from examples.order_service.worker import run_worker
@@ -51,6 +56,7 @@ ORDERS_DB = VAR_DIR / "orders.sqlite3"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_AMQP_SCHEMES = ("amqp", "amqps")
 
 
 class CommandError(Exception):
@@ -104,22 +110,45 @@ def _parser() -> argparse.ArgumentParser:
         default=DEMO_BACKOFF,
         help=f"seconds between attempts (default {DEMO_BACKOFF})",
     )
-    redis = argparse.ArgumentParser(add_help=False)
-    redis.add_argument(
+    split = argparse.ArgumentParser(add_help=False)
+    split.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="the Redis the events go through (redis://host:port/db)",
+    )
+    split.add_argument(
+        "--amqp",
+        metavar="URL",
+        default=None,
+        help="the RabbitMQ the events go through, instead of Redis "
+        "(amqp://user:password@host:5672/)",
+    )
+    split.add_argument(
         "--stream", default="orders", help="the Redis stream (with --redis; default orders)"
     )
-    redis.add_argument(
+    split.add_argument(
+        "--exchange",
+        default="orders",
+        help="the RabbitMQ topic exchange (with --amqp; default orders)",
+    )
+    split.add_argument(
         "--group",
         default="order-service",
-        help="the workers' consumer group (default order-service)",
+        help="the workers' consumer group: with --amqp, their queue is <exchange>.<group> "
+        "(default order-service)",
     )
-    redis.add_argument(
+    split.add_argument(
         "--claim-idle",
         type=float,
         default=30.0,
-        help="seconds before a stopped worker's entries are taken over (default 30)",
+        help="seconds before a stopped worker's entries are taken over (with --redis; default 30)",
     )
-    server = commands.add_parser("serve", parents=[common, redis], help="serve the HTTP API")
+    server = commands.add_parser(
+        "serve",
+        parents=[common, split],
+        help="serve the HTTP API (with --redis or --amqp: publish only; workers run the handlers)",
+    )
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     server.add_argument(
@@ -127,16 +156,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no event store: deliveries live in memory and a crash loses them",
     )
-    server.add_argument(
-        "--redis",
-        metavar="URL",
-        default=None,
-        help="publish to this Redis (redis://host:port/db); the handlers run in workers",
-    )
     worker = commands.add_parser(
-        "worker", parents=[common, redis], help="run the handlers, consuming a Redis stream"
+        "worker",
+        parents=[common, split],
+        help="run the handlers, consuming a Redis stream (--redis) or a RabbitMQ queue (--amqp)",
     )
-    worker.add_argument("--redis", metavar="URL", required=True, help="redis://host:port/db")
     worker.add_argument(
         "--workers", type=int, default=8, help="handler threads in this process (default 8)"
     )
@@ -185,14 +209,8 @@ def _run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
         return 0 if settled else EXIT_FAILURE
-    if getattr(args, "redis", None) is not None:
-        _check_redis_url(args.redis)
-        if args.command == "serve" and args.no_store:
-            raise CommandError(
-                "--no-store: with --redis the API keeps its outbox in the event store "
-                "(the orders database); leave --no-store out",
-                EXIT_USAGE,
-            )
+    if args.command in ("serve", "worker"):
+        _check_transport(args)
     configure_logging(json=args.json, level=args.log_level, tracebacks=args.tracebacks)
     if args.command == "demo":
         settings = demo_settings(
@@ -213,6 +231,9 @@ def _run(args: argparse.Namespace) -> int:
                 redis_stream=args.stream,
                 redis_group=args.group,
                 claim_idle=args.claim_idle,
+                amqp_url=args.amqp,
+                amqp_exchange=args.exchange,
+                amqp_group=args.group,
             )
         )
     settings = Settings(
@@ -224,6 +245,9 @@ def _run(args: argparse.Namespace) -> int:
         redis_stream=args.stream,
         redis_group=args.group,
         claim_idle=args.claim_idle,
+        amqp_url=args.amqp,
+        amqp_exchange=args.exchange,
+        amqp_group=args.group,
     )
     return serve(settings, host=args.host, port=args.port)
 
@@ -245,8 +269,48 @@ def _worker(settings: Settings) -> int:
     try:
         return run_worker(settings)
     except TransportError as exc:
-        message = str(exc).rstrip(".")
-        raise CommandError(f"{message} (is redis-server running?)", EXIT_FAILURE) from None
+        message = str(exc).rstrip(". :")  # pika's connection errors may add nothing after ":"
+        server = "redis-server" if settings.redis_url is not None else "rabbitmq-server"
+        raise CommandError(f"{message} (is {server} running?)", EXIT_FAILURE) from None
+
+
+def _check_transport(args: argparse.Namespace) -> None:
+    """``serve`` and ``worker``: at most one transport (a worker needs one), each with a URL
+    of its kind; the API's outbox is the event store, so no ``--no-store`` with one."""
+    if args.redis is not None and args.amqp is not None:
+        raise CommandError(
+            "--redis and --amqp: the events go through one transport; pick one", EXIT_USAGE
+        )
+    if args.redis is not None:
+        _check_redis_url(args.redis)
+    if args.amqp is not None:
+        _check_amqp_url(args.amqp)
+    option = "--redis" if args.redis is not None else "--amqp" if args.amqp is not None else None
+    if args.command == "worker" and option is None:
+        raise CommandError(
+            "a worker consumes a transport: pass --redis URL or --amqp URL", EXIT_USAGE
+        )
+    if args.command == "serve" and option is not None and args.no_store:
+        raise CommandError(
+            f"--no-store: with {option} the API keeps its outbox in the event store "
+            "(the orders database); leave --no-store out",
+            EXIT_USAGE,
+        )
+
+
+def _check_amqp_url(url: str) -> None:
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in _AMQP_SCHEMES:
+        raise CommandError(
+            f"--amqp {display_url(url)!r}: not an AMQP URL (expected amqp:// or amqps://, "
+            "e.g. amqp://guest:guest@localhost:5672/)",
+            EXIT_USAGE,
+        )
+    if importlib.util.find_spec("pika") is None:
+        raise CommandError(
+            "--amqp needs pika, the RabbitMQ client: pip install 'eventbus[rabbitmq]'",
+            EXIT_USAGE,
+        )
 
 
 def _check_redis_url(url: str) -> None:

@@ -10,6 +10,14 @@ In redis mode (several worker processes) the fakes' memory is per process, so "p
 longer holds across workers: ``register_handlers(once=transport.once)`` wraps the handlers with
 outside effects so each runs to success at most once per event id, whichever worker gets it.
 
+In AMQP mode (RabbitMQ) there is no ``once``: a message redelivered to another worker (the
+first died before acknowledging it) runs all of its handlers again. What that repeats: the
+audit row (keyed by event id) and the status update (conditional) are written once, in the
+shared orders database; the email file is rewritten, not duplicated (a real mailer would pass
+its key to the provider as an idempotency key); the reservation and the warehouse
+notification are per order in each worker's fakes, so a second worker repeats them (a real
+inventory or warehouse API would be keyed by order id); analytics may count an order twice.
+
 The request id comes from the event's metadata: the events are committed in the orders'
 transactions (``emit(..., within=...)``) and the handlers run once the bus finds them in the
 store, or in a worker process, so the emitting request's context variables are not theirs.
@@ -115,7 +123,8 @@ def register_handlers(
     """Subscribe the order handlers to *bus*. Handlers without their own policy use the bus's
     default ``retry``; *retry_wait* is the backoff of those that set one.
 
-    *once* (redis mode: ``transport.once``) wraps the handlers with outside effects (emails,
+    *once* (redis mode: ``transport.once``; ``None`` in AMQP mode, where RabbitMQ offers no
+    such helper) wraps the handlers with outside effects (emails,
     inventory, warehouse, analytics). It raises ``DuplicateInFlightError`` while another
     worker runs the same event, so the policies that retry only some errors retry that too.
     """

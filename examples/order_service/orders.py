@@ -20,6 +20,7 @@ This holds in both layouts:
   down, so an outage delays events instead of failing orders. The stream delivers at least
   once; the workers' handlers are idempotent per event id (``handlers.register_handlers(
   once=...)``).
+* **RabbitMQ** (``serve --amqp``): the same, with the relay publishing to a topic exchange.
 
 ``transactional=False`` is for a bus without a store (``serve --no-store``, the tests'
 in-memory buses): the row is committed first and the event emitted right after, so a crash

@@ -13,6 +13,8 @@ left out, since the warehouse the handlers talk to lives in the workers. It star
 orders, even when Redis does not answer (``server.redis_unreachable`` says so): their events
 wait in the outbox and are published once Redis is back; meanwhile ``GET /api/health`` says
 ``"degraded"``. Events still unpublished at shutdown stay in the outbox for the next start.
+With ``Settings.amqp_url`` the same holds with RabbitMQ in Redis's place
+(``server.amqp_unreachable``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from werkzeug.serving import make_server
 
 from eventbus import TransportError
 from examples.order_service.web import create_app
-from examples.order_service.wiring import Settings, build_app, display_path
+from examples.order_service.wiring import Settings, build_app, display_path, display_url
 
 __all__ = ["serve"]
 
@@ -60,7 +62,7 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> i
     """
     app = build_app(settings)
     try:
-        web = create_app(app, fake_controls=settings.redis_url is None)
+        web = create_app(app, fake_controls=settings.transport_url is None)
         server = make_server(host, port, web, threaded=True)
     except BaseException:
         app.close()
@@ -72,13 +74,16 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> i
         pid=os.getpid(),
         database=display_path(settings.db_path),
         outbox=display_path(settings.outbox_dir),
-        **({} if settings.redis_url is None else {"redis": settings.redis_url, "handlers": 0}),
+        **_transport_fields(settings),
     )
     if app.transport is not None:
         try:
             app.transport.ping()
         except TransportError as exc:
-            log.warning("server.redis_unreachable", error=str(exc), health="/api/health")
+            unreachable = (
+                "server.redis_unreachable" if settings.redis_url else "server.amqp_unreachable"
+            )
+            log.warning(unreachable, error=str(exc), health="/api/health")
     stopped_by = "none"
     try:
         server.serve_forever()
@@ -98,3 +103,12 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> i
         still_running=report.still_running,
     )
     return 0
+
+
+def _transport_fields(settings: Settings) -> dict[str, object]:
+    """What the ``server.started`` line says about the transport (nothing in one process)."""
+    if settings.redis_url is not None:
+        return {"redis": display_url(settings.redis_url), "handlers": 0}
+    if settings.amqp_url is not None:
+        return {"amqp": display_url(settings.amqp_url), "handlers": 0}
+    return {}

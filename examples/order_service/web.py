@@ -11,31 +11,33 @@ route                                       status body
 ``GET  /api/dead-letters``                  200    ``{dead_letters: [...]}``
 ``POST /api/dead-letters/<id>/replay``      202    ``{replayed, event_id, status_url}``
 ``GET  /api/health``                        200    ``{status: "ok"}``; 503 when shutting down;
-                                                   (redis mode) ``"degraded"`` without Redis
+                                                   (redis/AMQP mode) ``"degraded"`` without
+                                                   the broker
 ``POST /api/fakes/warehouse/(down|up)``     200    only with ``fake_controls=True``
 =========================================== ====== =============================================
 
 Errors are ``{"error": message}`` (plus ``"fields"`` for validation): 400 for a body that is
 not JSON, is nested deeper than :data:`MAX_JSON_DEPTH`, is not a JSON object or misses a field;
 413 for a body larger than :data:`MAX_BODY_BYTES` (in all these cases nothing is saved or
-emitted); 404 for unknown ids; 409 for a state conflict; 503 while shutting down. Redis being
-unreachable (redis mode) is no error here: each event is committed with its order to the
-outbox, and published once Redis answers (see ``orders.py``).
+emitted); 404 for unknown ids; 409 for a state conflict; 503 while shutting down. Redis (or
+RabbitMQ) being unreachable is no error here: each event is committed with its order to the
+outbox, and published once the broker answers (see ``orders.py``).
 
 Each request gets a request id (the ``X-Request-ID`` header if it is sane, else a new one),
 bound with ``structlog.contextvars``: it appears in this request's log lines *and* in the log
 lines of every handler of the events it emits, since eventbus runs handlers in a copy of the
 emitter's context. It is echoed in the ``X-Request-ID`` response header.
 
-Redis mode (``serve --redis URL``): this process only publishes; the handlers run in worker
-processes, which keep their deliveries' status and dead letters in memory. The API does not
-pretend to know them: ``GET /api/orders/<id>`` shows the order and its audit trail (written by
-the workers' ``audit_log`` into the shared orders database) with a ``note``, and
-``GET /api/events/<id>`` and ``GET /api/dead-letters`` answer 200 with ``handlers``/
-``dead_letters`` empty and a ``note`` pointing at the workers' logs. ``GET /api/health`` pings
-Redis (``transport.ping()``) and answers ``{"status": "degraded", "transport": "unreachable:
-..."}`` when it does not answer, still with 200: the API keeps taking orders (their events wait
-in the outbox), so a load balancer should keep sending it requests.
+Redis mode (``serve --redis URL``), or AMQP mode (``serve --amqp URL``): this process only
+publishes; the handlers run in worker processes, which keep their deliveries' status and dead
+letters in memory. The API does not pretend to know them: ``GET /api/orders/<id>`` shows the
+order and its audit trail (written by the workers' ``audit_log`` into the shared orders
+database) with a ``note``, and ``GET /api/events/<id>`` and ``GET /api/dead-letters`` answer
+200 with ``handlers``/``dead_letters`` empty and a ``note`` pointing at the workers' logs.
+``GET /api/health`` pings the broker (``transport.ping()``) and answers ``{"status":
+"degraded", "transport": "unreachable: ..."}`` when it does not answer, still with 200: the
+API keeps taking orders (their events wait in the outbox), so a load balancer should keep
+sending it requests.
 """
 
 from __future__ import annotations
@@ -82,10 +84,10 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 #: A JSON string (escapes included), or one of the brackets whose nesting is counted.
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _SETTLED = frozenset({"succeeded", "dead"})
-#: What the API says in redis mode about the handlers, which run in the worker processes.
+#: What the API says in redis or AMQP mode about the handlers, which run in the workers.
 WORKERS_NOTE = (
-    "handlers run in the worker processes (redis mode): their status and dead letters are in "
-    "the workers' logs; the audit trail shows each event the workers have handled"
+    "handlers run in the worker processes (redis or AMQP mode): their status and dead letters "
+    "are in the workers' logs; the audit trail shows each event the workers have handled"
 )
 
 
@@ -100,7 +102,7 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["order_service"] = orders_app
     transport = orders_app.transport
-    # Redis mode: the handlers run in the workers; the answers about them say so (note).
+    # Redis or AMQP mode: the handlers run in the workers; the answers about them say so.
     bus, orders, note = orders_app.bus, orders_app.orders, _workers_note(orders_app)
 
     # -- request id and access log -------------------------------------------------------
@@ -184,9 +186,9 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
         if transport is None:
             return {"status": "ok"}
         try:
-            transport.ping()  # raises TransportError when Redis does not answer in time
+            transport.ping()  # raises TransportError when the broker does not answer in time
         except TransportError as exc:
-            # Still 200: orders are accepted; their events wait in the outbox for Redis.
+            # Still 200: orders are accepted; their events wait in the outbox for the broker.
             return {"status": "degraded", "transport": f"unreachable: {exc}"}
         return {"status": "ok", "transport": "reachable"}
 

@@ -16,16 +16,23 @@ as its outbox and a ``RedisStreamsTransport``: each event is committed with its 
 bus's relay publishes it to the stream afterwards (retrying while Redis is down).
 :func:`build_worker` builds a worker, which registers the handlers and consumes the stream with
 ``bus.start()``. See the README's "Several processes with Redis".
+
+With ``Settings.amqp_url`` instead, the same split runs through RabbitMQ
+(``RabbitMQTransport``): the API's relay publishes to a topic exchange, and the workers share
+one queue (their group). RabbitMQ has no ``once`` helper, so the workers' handlers are not
+wrapped: they rely on their own idempotency (see the README's "Several processes with
+RabbitMQ"). pika, the RabbitMQ client, is imported only in that mode.
 """
 
 from __future__ import annotations
 
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import structlog
 import tenacity
@@ -47,6 +54,9 @@ from examples.order_service.handlers import WaitStrategy, register_handlers
 from examples.order_service.orders import OrderService
 from examples.order_service.repository import SqliteOrderRepository
 
+if TYPE_CHECKING:
+    from eventbus.transports import RabbitMQTransport
+
 __all__ = [
     "VAR_DIR",
     "OrderApp",
@@ -55,6 +65,7 @@ __all__ = [
     "build_app",
     "build_worker",
     "display_path",
+    "display_url",
     "python_command",
 ]
 
@@ -77,6 +88,18 @@ def display_path(path: Path | str) -> str:
         return str(Path(path).relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def display_url(url: str) -> str:
+    """*url* as the commands print and log it: without its password
+    (``amqp://guest:***@localhost:5672/``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def python_command() -> str:
@@ -103,8 +126,8 @@ class Settings:
     db_path: Path | str = VAR_DIR / "orders.sqlite3"
     outbox_dir: Path = VAR_DIR / "outbox"
     #: ``False``: no event store; deliveries live in memory and die with the process, and
-    #: events are emitted after their order's commit (``serve --no-store``). Redis mode
-    #: needs the store: it is the API's outbox.
+    #: events are emitted after their order's commit (``serve --no-store``). Redis and
+    #: AMQP mode need the store: it is the API's outbox.
     durable: bool = True
     #: At startup, take over the store's unfinished deliveries (``bus.recover()``).
     recover: bool = True
@@ -131,6 +154,25 @@ class Settings:
     #: Seconds a Redis command waits to connect and again for the reply, before the transport
     #: gives up (``TransportError``): bounds how long a request waits on a Redis that hangs.
     redis_timeout: float = 2.0
+    #: ``amqp://...``: the same split through RabbitMQ instead of Redis (not both).
+    amqp_url: str | None = None
+    #: The topic exchange the events go through, and the workers' group: one queue,
+    #: ``<exchange>.<group>``, shared by the workers as competing consumers.
+    amqp_exchange: str = "orders"
+    amqp_group: str = "order-service"
+    #: Seconds the RabbitMQ transport waits to connect, or for a publish to be confirmed,
+    #: before it gives up (``TransportError``).
+    amqp_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None and self.amqp_url is not None:
+            raise ValueError("redis_url and amqp_url: pick one transport")
+
+    @property
+    def transport_url(self) -> str | None:
+        """The URL of the transport the service is split through (Redis or RabbitMQ), or
+        ``None`` for one process."""
+        return self.redis_url if self.redis_url is not None else self.amqp_url
 
     def store_path(self) -> Path | None:
         """The event store's file: the orders database itself, or ``None`` without a store
@@ -172,8 +214,8 @@ class OrderApp:
     orders: OrderService
     #: The event store's file (the orders database), ``None`` when the bus has no store.
     events_path: Path | None = None
-    #: The Redis transport in redis mode (API or worker), else ``None``.
-    transport: RedisStreamsTransport | None = None
+    #: The transport in redis or AMQP mode (API or worker), else ``None``.
+    transport: RedisStreamsTransport | RabbitMQTransport | None = None
     #: A worker's count of stale entries it took over from stopped workers at startup.
     taken_over: int = 0
     _report: ShutdownReport | None = field(default=None, init=False, repr=False)
@@ -249,13 +291,14 @@ def build_app(
     ``eventbus.testing.inline_bus()``; it is used as it is, without a store or recovery, and
     events are emitted after their order's commit) or *mailer*; the app owns and closes them.
 
-    With ``settings.redis_url`` this is the API process: its bus commits each event to its
-    outbox (the store in the orders database) with the order, and relays it to the stream;
-    it has no handlers (the workers of :func:`build_worker` run them). Raises ``ValueError``
-    for a durable in-memory database, or redis mode without a store (``durable=False``).
+    With ``settings.redis_url`` (or ``amqp_url``) this is the API process: its bus commits
+    each event to its outbox (the store in the orders database) with the order, and relays
+    it to the stream (or the exchange); it has no handlers (the workers of
+    :func:`build_worker` run them). Raises ``ValueError`` for a durable in-memory database,
+    or redis or AMQP mode without a store (``durable=False``).
     """
     settings = settings or Settings()
-    if bus is None and settings.redis_url is not None:
+    if bus is None and settings.transport_url is not None:
         return _build_api(settings, mailer)
     events_path = None
     if bus is None:
@@ -295,10 +338,13 @@ def build_app(
 
 
 def _build_api(settings: Settings, mailer: Mailer | None) -> OrderApp:
-    """Redis mode's API process: a bus with the store as its outbox and the transport."""
+    """Redis or AMQP mode's API process: a bus with the store as its outbox and the
+    transport."""
     events_path = settings.store_path()
     if events_path is None:
-        raise ValueError("redis mode needs the event store: it is the API's outbox (durable=True)")
+        raise ValueError(
+            "redis and AMQP mode need the event store: it is the API's outbox (durable=True)"
+        )
     store = _store(events_path)
     try:
         transport = _transport(settings)
@@ -307,7 +353,7 @@ def _build_api(settings: Settings, mailer: Mailer | None) -> OrderApp:
         raise
     try:
         # Store and transport: emit() commits to the store (the outbox); the bus's relay
-        # publishes to Redis afterwards, in order, retrying while Redis is down. A relay
+        # publishes to Redis (or RabbitMQ) afterwards, in order, retrying while it is down. A relay
         # started later (this process restarted) publishes what an earlier one left.
         bus = EventBus(max_workers=1, name="orders", store=store, transport=transport)
     except BaseException:
@@ -338,20 +384,25 @@ def _store(path: Path) -> SQLiteStore:
 
 
 def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderApp:
-    """A worker process's app (``settings.redis_url`` is required): the handlers on a bus
-    that consumes the Redis stream as one of the group's competing consumers.
+    """A worker process's app (``settings.redis_url`` or ``amqp_url`` is required): the
+    handlers on a bus that consumes the Redis stream (or the group's RabbitMQ queue) as one
+    of the group's competing consumers.
 
-    The handlers with outside effects are wrapped with ``transport.once``, so an event that
-    is delivered again (a worker died before acknowledging it) does not repeat them. It calls
-    ``bus.start()`` after registering the handlers, so it returns with the stream's reader
-    running; ``app.taken_over`` says how many stale entries it took over at startup. Raises
-    ``TransportError`` when Redis does not answer.
+    With Redis, the handlers with outside effects are wrapped with ``transport.once``, so an
+    event that is delivered again (a worker died before acknowledging it) does not repeat
+    them. RabbitMQ has no such helper: the handlers run again on a redelivery and rely on
+    their own idempotency (see :mod:`examples.order_service.handlers`). It calls
+    ``bus.start()`` after registering the handlers, so it returns with the transport's
+    consumer running (with RabbitMQ, the group's queue bound for what the handlers subscribe
+    to); ``app.taken_over`` says how many stale entries it took over at startup (always 0
+    with RabbitMQ, which redelivers a dead consumer's messages by itself). Raises
+    ``TransportError`` when the transport does not answer.
     """
-    if settings.redis_url is None:
-        raise ValueError("a worker needs Settings.redis_url")
+    if settings.transport_url is None:
+        raise ValueError("a worker needs Settings.redis_url or Settings.amqp_url")
     transport = _transport(settings)
     try:
-        transport.ping()  # fail before building anything when Redis is not there
+        transport.ping()  # fail before building anything when the broker is not there
     except BaseException:
         transport.close()
         raise
@@ -368,7 +419,7 @@ def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderAp
         repository=repository,
         services=services,
         retry_wait=settings.retry_wait,
-        once=transport.once,
+        once=transport.once if isinstance(transport, RedisStreamsTransport) else None,
     )
     app = OrderApp(
         settings=settings,
@@ -387,14 +438,27 @@ def build_worker(settings: Settings, *, mailer: Mailer | None = None) -> OrderAp
     return app
 
 
-def _transport(settings: Settings) -> RedisStreamsTransport:
-    assert settings.redis_url is not None
+def _transport(settings: Settings) -> RedisStreamsTransport | RabbitMQTransport:
     # The event classes are registered with the transport's codec by hand: the bus registers
     # the classes it subscribes only with a store's codec, and a worker whose codec does not
     # know OrderCreated moves every entry to the dead stream ("cannot decode").
     codec = JsonCodec()
     for event_class in (OrderCreated, OrderShipped):
         codec.register(event_class)
+    if settings.amqp_url is not None:
+        # Imported here: pika (the ``rabbitmq`` extra) is needed only in AMQP mode.
+        from eventbus.transports import RabbitMQTransport
+
+        # Undecodable and poison messages go to the queue <exchange>.<group>.dead; the bus
+        # logs each one it is told of (stream.dead_lettered), through the transport's reporter.
+        return RabbitMQTransport(
+            settings.amqp_url,
+            exchange=settings.amqp_exchange,
+            group=settings.amqp_group,
+            codec=codec,
+            timeout=settings.amqp_timeout,
+        )
+    assert settings.redis_url is not None
     transport = RedisStreamsTransport(
         settings.redis_url,
         stream=settings.redis_stream,
