@@ -120,8 +120,8 @@ class RabbitMQTransport:
         if not isinstance(url, str):
             raise TypeError(f"url must be a str (amqp://...), got {type(url).__name__}")
         for what, value in (("exchange", exchange), ("group", group)):
-            if not isinstance(value, str) or not value or len(value) > 200:
-                raise ValueError(f"{what} must be a non-empty str of at most 200, got {value!r}")
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{what} must be a non-empty str, got {value!r}")
         for what, number in (("prefetch", prefetch), ("max_deliveries", max_deliveries)):
             if isinstance(number, bool) or not isinstance(number, int) or number < 1:
                 raise ValueError(f"{what} must be an int of at least 1, got {number!r}")
@@ -147,6 +147,12 @@ class RabbitMQTransport:
         self.dead_exchange = f"{exchange}.{group}.dlx"
         self.dead_queue = f"{exchange}.{group}.dead"
         self.unrouted = f"{exchange}.unrouted"
+        for derived in (self.dead_queue, self.dead_exchange, self.unrouted):
+            if len(derived.encode()) > 255:  # AMQP's limit for exchange and queue names
+                raise ValueError(
+                    f"exchange and group make the name {derived[:40]!r}... longer than "
+                    "AMQP's 255 bytes: choose shorter ones"
+                )
         self.prefetch = prefetch
         self.max_deliveries = max_deliveries
         self.timeout = float(timeout)
@@ -212,28 +218,14 @@ class RabbitMQTransport:
         self, channel: BlockingChannel, key: str, body: bytes, properties: Any
     ) -> None:
         """basic_publish, which waits for the broker's confirm with no deadline of its own (a
-        hung broker is noticed only by missed heartbeats, minutes later): a timer on the
-        connection's I/O loop, which pika runs while it waits, ends the connection after
-        ``timeout`` as pika's heartbeat checker would, and the wait ends with a connection
-        error. pika has no public call for this; should a later pika lack the internals used,
-        the heartbeat bound remains."""
-        impl: Any = getattr(self._publisher, "_impl", None)
-        ioloop: Any = getattr(impl, "ioloop", None)
-
-        def give_up() -> None:
-            # What pika's own heartbeat checker does with a broker that stopped answering.
-            impl._terminate_stream(
-                pika.exceptions.AMQPHeartbeatTimeout(f"no confirm within {self.timeout:g} s")
-            )
-
-        usable = ioloop is not None and hasattr(impl, "_terminate_stream")
-        timer = ioloop.call_later(self.timeout, give_up) if usable else None
+        hung broker is noticed only by missed heartbeats, minutes later): see
+        :func:`_give_up_after`."""
+        assert self._publisher is not None
+        cancel = _give_up_after(self._publisher, self.timeout, "no confirm")
         try:
             channel.basic_publish(self.exchange, key, body, properties)
         finally:
-            if timer is not None:
-                with contextlib.suppress(Exception):  # the loop may be gone with the stream
-                    ioloop.remove_timeout(timer)
+            cancel()
 
     def _publishing_channel(self) -> BlockingChannel:
         """Under the publish lock: the publisher's channel, connected and set up if needed."""
@@ -245,7 +237,7 @@ class RabbitMQTransport:
                 channel.confirm_delivery()
                 self._declare_exchange(channel)
             except BaseException:
-                _close_quietly(connection)
+                _close_quietly(connection, self.timeout)
                 raise
             self._publisher, self._publish_channel = connection, channel
         return self._publish_channel
@@ -253,7 +245,7 @@ class RabbitMQTransport:
     def _drop_publisher(self) -> None:
         connection, self._publisher, self._publish_channel = self._publisher, None, None
         if connection is not None:
-            _close_quietly(connection)
+            _close_quietly(connection, self.timeout)
 
     def _declare_exchange(self, channel: BlockingChannel) -> None:
         """The topic exchange, and the alternate exchange and queue that keep what no group
@@ -343,7 +335,7 @@ class RabbitMQTransport:
                 lambda ch, method, props, body: self._received(generation, ch, method, props, body),
             )
         except BaseException:
-            _close_quietly(connection)
+            _close_quietly(connection, self.timeout)
             raise
         self._connection, self._channel = connection, channel
 
@@ -370,7 +362,7 @@ class RabbitMQTransport:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             # What it held unacknowledged goes back to the queue, for another consumer.
-            _close_quietly(connection)
+            _close_quietly(connection, self.timeout)
 
     def _received(
         self, generation: int, channel: BlockingChannel, method: Any, props: Any, body: bytes
@@ -501,7 +493,7 @@ class RabbitMQTransport:
             raise TransportError(
                 f"RabbitMQ at {self._where} does not answer: {_describe(exc)}"
             ) from exc
-        _close_quietly(connection)
+        _close_quietly(connection, self.timeout)
 
     def _report(self, error: BaseException) -> None:
         reporter = self._reporter
@@ -514,12 +506,40 @@ class RabbitMQTransport:
         )
 
 
-def _close_quietly(connection: pika.BlockingConnection) -> None:
-    try:
+def _give_up_after(
+    connection: pika.BlockingConnection, seconds: float, why: str
+) -> Callable[[], None]:
+    """End *connection* after *seconds* unless the returned cancel is called first.
+
+    pika's blocking calls (a publish waiting for its confirm, a close waiting for the broker's
+    Close-Ok) have no deadline of their own: a broker that stopped answering is noticed only
+    by missed heartbeats. A timer on the connection's I/O loop, which pika runs while it
+    waits, ends the connection as pika's own heartbeat checker does, and the wait ends with a
+    connection error. pika has no public call for this; should a later pika lack the
+    internals used, the heartbeat bound remains. Call on the connection's own thread."""
+    impl: Any = getattr(connection, "_impl", None)
+    ioloop: Any = getattr(impl, "ioloop", None)
+    if ioloop is None or not hasattr(impl, "_terminate_stream"):
+        return lambda: None
+
+    def give_up() -> None:
+        impl._terminate_stream(pika.exceptions.AMQPHeartbeatTimeout(f"{why} within {seconds:g} s"))
+
+    timer = ioloop.call_later(seconds, give_up)
+
+    def cancel() -> None:
+        with contextlib.suppress(Exception):  # the loop may be gone with the stream
+            ioloop.remove_timeout(timer)
+
+    return cancel
+
+
+def _close_quietly(connection: pika.BlockingConnection, timeout: float) -> None:
+    """Close *connection*, waiting at most *timeout* for a broker that does not answer."""
+    with contextlib.suppress(Exception):  # closing a broken connection: nothing to do
         if connection.is_open:
+            _give_up_after(connection, timeout, "no answer to close")
             connection.close()
-    except Exception:  # noqa: BLE001 - closing a broken connection: nothing to do
-        pass
 
 
 def _field(fields: dict[str, Any], key: str) -> Any:
@@ -536,10 +556,14 @@ def _text(value: object) -> str:
 
 
 def _without_password(url: str) -> str:
+    """*url* with any password replaced by ``***`` (the host kept as written)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        password = parts.password
+    except ValueError:
+        return "<an unparsable URL>"
+    if password is None:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    host = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
