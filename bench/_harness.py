@@ -1,14 +1,17 @@
-"""What every scenario shares: logging set-up, the handlers, the dispatchers, timing and stats."""
+"""What every scenario shares: logging set-up, the handlers, the dispatchers, timing and stats,
+and the skipped rows of scenarios whose server cannot be started here."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import itertools
 import logging
 import math
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -406,6 +409,41 @@ def rows_from_trials(
     if reference is not None:
         add_ratios(rows, next(r for r in rows if r.dispatcher == reference))
     return rows
+
+
+# -- servers the scenarios start ---------------------------------------------------------------
+
+
+def server_unavailable(
+    packages: Sequence[str], no_packages: str, support: str, find: str, no_server: str
+) -> str | None:
+    """Why a scenario cannot start its server here, or None: one of the Python *packages* is
+    missing (*no_packages*), ``tests/support/<support>.py`` cannot be imported, or its
+    function *find* finds no server (*no_server*)."""
+    try:
+        for package in packages:
+            importlib.import_module(package)
+    except ImportError:
+        return no_packages
+    try:
+        module = importlib.import_module(f"tests.support.{support}")
+    except ImportError as exc:  # pytest missing, or not run from the repository
+        return f"tests/support/{support}.py cannot be imported ({exc})"
+    if getattr(module, find)() is None:
+        return no_server
+    return None
+
+
+def warn_skipped(what: str, reason: str, install: str) -> None:
+    """Say on stderr, in a banner, that *what* is skipped for *reason*; *install* (lines) says
+    what to install to measure it."""
+    banner = "!" * 78
+    lines = "".join(f"!! {line}\n" for line in install.splitlines())
+    print(f"\n{banner}\n!! {what} SKIPPED: {reason}.\n{lines}{banner}", file=sys.stderr, flush=True)
+
+
+def skipped_row(scenario: str, reason: str) -> Row:
+    return Row(scenario, f"skipped: {reason}", math.nan, "", ok=True)
 
 
 @dataclass(frozen=True)

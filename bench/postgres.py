@@ -50,7 +50,6 @@ import itertools
 import math
 import os
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -71,7 +70,10 @@ from bench._harness import (
     make_handlers,
     median,
     percentile,
+    server_unavailable,
+    skipped_row,
     subscribe_all,
+    warn_skipped,
 )
 from bench.durable import (
     HANDLERS,
@@ -118,31 +120,20 @@ _warned: set[str] = set()
 def _skipped_row(scenario: str, reason: str) -> Row:
     if reason not in _warned:  # one banner per reason, not one per scenario
         _warned.add(reason)
-        banner = "!" * 78
-        print(
-            f"\n{banner}\n!! PostgreSQL scenarios SKIPPED: {reason}.\n"
-            "!! Install PostgreSQL (apt-get install postgresql / brew install postgresql@15) and\n"
-            f"!! psycopg (pip install 'psycopg[binary]' psycopg-pool) to measure them.\n{banner}",
-            file=sys.stderr,
-            flush=True,
+        warn_skipped(
+            "PostgreSQL scenarios",
+            reason,
+            "Install PostgreSQL (apt-get install postgresql / brew install postgresql@15) and\n"
+            "psycopg (pip install 'psycopg[binary]' psycopg-pool) to measure them.",
         )
-    return Row(scenario, f"skipped: {reason}", math.nan, "", ok=True)
+    return skipped_row(scenario, reason)
 
 
 def _unavailable() -> str | None:
     """Why no PostgreSQL server can be started here, or None."""
-    try:
-        import psycopg  # noqa: F401
-        import psycopg_pool  # noqa: F401
-    except ImportError:
-        return NO_PSYCOPG
-    try:
-        from tests.support.postgres import find_postgres_bin
-    except ImportError as exc:  # pytest missing, or not run from the repository
-        return f"tests/support/postgres.py cannot be imported ({exc})"
-    if find_postgres_bin() is None:
-        return NO_SERVER
-    return None
+    return server_unavailable(
+        ["psycopg", "psycopg_pool"], NO_PSYCOPG, "postgres", "find_postgres_bin", NO_SERVER
+    )
 
 
 @contextlib.contextmanager

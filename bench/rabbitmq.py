@@ -34,16 +34,12 @@ with as many consumer processes.
 
 from __future__ import annotations
 
-import argparse
-import gc
+import functools
 import itertools
 import json
-import math
 import mmap
-import os
 import queue
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,16 +51,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench._consumers import (
+    Config,
+    Consumer,
+    ConsumerTrial,
+    configs,
+    consumer_args,
+    consumer_processes,
+    in_thread,
+    measure,
+    processes,
+    publish_and_wait,
+    run_all,
+    serve,
+    stop_all,
+)
 from bench._harness import (
     EVENT_NAME,
-    PAYLOAD,
-    WAIT_TIMEOUT,
     WORKERS,
-    Row,
     Section,
     Sizes,
-    configure_structlog,
-    median,
+    server_unavailable,
+    skipped_row,
+    warn_skipped,
 )
 
 HANDLERS = 1
@@ -75,17 +84,12 @@ PREFETCH = 100
 EXCHANGES = {"eventbus": "bench-eventbus", "raw": "bench-raw"}
 #: The transport's ``max_deliveries`` default: the queue's delivery limit is one less.
 MAX_DELIVERIES = 5
-#: Pause between two reads of the consumers' counts while waiting for them.
-POLL = 0.002
-#: How long a consumer process may take to start.
-STARTUP_DEADLINE = 30.0
 #: One count per consumer process: a signed 64-bit integer each, in the shared file.
 SLOT = struct.Struct("q")
 
 SCENARIO = f"RabbitMQ transport, {HANDLERS} handler"
 NO_SERVER = "rabbitmq-server not installed"
 NO_PIKA = "pika not installed"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def events_per_trial(sizes: Sizes) -> int:
@@ -95,99 +99,26 @@ def events_per_trial(sizes: Sizes) -> int:
     return sizes.durable_events // 5
 
 
-def _processes(n: int) -> str:
-    return f"{n} consumer process{'es' if n > 1 else ''}"
-
-
 def eventbus_label(n: int) -> str:
     each = " each" if n > 1 else ""
     return (
-        f"eventbus RabbitMQTransport, {_processes(n)} "
+        f"eventbus RabbitMQTransport, {processes(n)} "
         f"(max_workers={WORKERS}{each}, prefetch={PREFETCH})"
     )
 
 
 def raw_label(n: int) -> str:
-    return f"raw pika confirm-publish / basic_consume+ack loop, {_processes(n)}"
+    return f"raw pika confirm-publish / basic_consume+ack loop, {processes(n)}"
+
+
+#: The function labelling each mode's rows.
+LABELS = {"eventbus": eventbus_label, "raw": raw_label}
 
 
 def _routing_key() -> str:
     from eventbus.transports.rabbitmq import routing_key
 
     return routing_key(EVENT_NAME)
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a live process (Linux ``/proc``; NaN elsewhere)."""
-    if pid is None:
-        return math.nan
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-# -- consumer processes (parent side) ------------------------------------------------------------
-
-
-class _Consumer:
-    """One ``python -m bench.rabbitmq consume`` child, driven by lines on its stdin."""
-
-    def __init__(self, url: str, name: str, directory: Path, counts: Path, slot: int) -> None:
-        self.name = name
-        self.stderr_path = directory / f"{name}.stderr"
-        command = [sys.executable, "-m", "bench.rabbitmq", "consume", "--url", url]
-        with open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(
-                [*command, "--name", name, "--counts", str(counts), "--slot", str(slot)],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                bufsize=1,
-            )
-        self.lines: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.reader = threading.Thread(target=self._read, name=f"bench-{name}", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.strip())
-        self.lines.put("")  # EOF: the process is gone
-
-    def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-
-    def expect(self, word: str, timeout: float = WAIT_TIMEOUT) -> str:
-        """The rest of the next line, which must start with *word*."""
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            line = f"(nothing within {timeout} s)"
-        head, _, rest = line.partition(" ")
-        if head != word:
-            raise RuntimeError(
-                f"consumer {self.name} said {line!r}, expected {word!r}; its stderr:\n"
-                + self.stderr_path.read_text(errors="replace")[-4000:]
-            )
-        return rest
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            try:
-                self.send("exit")
-                self.process.wait(timeout=15)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait(timeout=5)
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        self.reader.join(5)
 
 
 # -- publishing (parent side) --------------------------------------------------------------------
@@ -250,33 +181,10 @@ class _RawProducer:
 
 
 @dataclass
-class RabbitTrial:
-    seconds: float
-    publish_seconds: float
-    events: int
-    finished: bool
-    handled: list[int]
-    polls: int
-    #: Messages still in the trial's queue once its consumers had stopped (unacknowledged
-    #: ones go back to it): 0 when every message was acknowledged before the consumers closed.
-    left_in_queue: int
-    #: CPU seconds during the timed part: this process, the consumers, the RabbitMQ node.
-    cpu: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return self.events / self.seconds
-
-    @property
-    def ok(self) -> bool:
-        return self.finished and sum(self.handled) == self.events * HANDLERS
-
-
-@dataclass
 class _Context:
     url: str
     admin: Any  # a pika channel for deleting each trial's queues
-    consumers: list[_Consumer]
+    consumers: list[Consumer]
     counts: mmap.mmap
     server_pid: int | None
     publishers: dict[str, Callable[[Any], object]]
@@ -287,7 +195,8 @@ def _handled(counts: mmap.mmap, n: int) -> int:
     return sum(SLOT.unpack_from(counts, i * SLOT.size)[0] for i in range(n))
 
 
-def _trial(ctx: _Context, mode: str, n: int, events: int) -> RabbitTrial:
+def _trial(ctx: _Context, config: Config, events: int) -> ConsumerTrial:
+    mode, n = config.mode, config.processes
     exchange = EXCHANGES[mode]
     group = f"{mode}-{n}-{next(ctx.groups)}"
     consumers = ctx.consumers[:n]
@@ -295,78 +204,45 @@ def _trial(ctx: _Context, mode: str, n: int, events: int) -> RabbitTrial:
     # concurrent declaration of a new quorum queue before the queue's process runs, and a
     # basic.consume then fails with INTERNAL_ERROR ({error,noproc}).
     for batch in (consumers[:1], consumers[1:]):
-        for c in batch:
-            c.send(f"run {mode} {exchange} {group}")
-        for c in batch:
-            c.expect("ready")
-    publish = ctx.publishers[mode]
+        run_all(batch, f"run {mode} {exchange} {group}")
     counts = ctx.counts
     expected = events * HANDLERS
-    payload = PAYLOAD
-    pause = threading.Event()
-    polls = 0
-    pids = {"rabbitmq_server": [ctx.server_pid], "consumers": [c.process.pid for c in consumers]}
-
-    def cpu() -> dict[str, float]:
-        used = {k: sum(_cpu_seconds(pid) for pid in v) for k, v in pids.items()}
-        return {"producer": time.process_time(), **used}
-
-    gc.collect()
     try:
-        cpu_before = cpu()
-        start = time.perf_counter()
-        for _ in range(events):
-            publish(payload)
-        published = time.perf_counter()
-        deadline = published + WAIT_TIMEOUT
-        while not (finished := _handled(counts, n) >= expected):
-            if time.perf_counter() > deadline:
-                break
-            polls += 1
-            pause.wait(POLL)  # bounded polling of external processes
-        end = time.perf_counter()
-        cpu_after = cpu()
-        used = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
+        timing = publish_and_wait(
+            ctx.publishers[mode],
+            events,
+            lambda: _handled(counts, n) >= expected,
+            consumers,
+            ("rabbitmq_server", ctx.server_pid),
+        )
     finally:
-        for c in consumers:
-            c.send("stop")
-        handled = [int(c.expect("handled")) for c in consumers]
+        handled = stop_all(consumers)
         queue_name = f"{exchange}.{group}"
         left = ctx.admin.queue_declare(queue_name, passive=True).method.message_count
         ctx.admin.queue_delete(queue_name)
         ctx.admin.queue_delete(f"{queue_name}.dead")
         ctx.admin.exchange_delete(f"{queue_name}.dlx")
-    return RabbitTrial(end - start, published - start, events, finished, handled, polls, left, used)
+    # left_in_queue: messages still in the trial's queue once its consumers had stopped
+    # (unacknowledged ones go back to it): 0 when every one was acknowledged before they closed.
+    return ConsumerTrial(timing, events, expected, handled, {"left_in_queue": left})
 
 
 # -- the scenario --------------------------------------------------------------------------------
 
 
 def _skipped(reason: str) -> Section:
-    banner = "!" * 78
-    print(
-        f"\n{banner}\n!! RabbitMQ transport scenario SKIPPED: {reason}.\n"
-        "!! Install rabbitmq-server (apt-get install rabbitmq-server / brew install rabbitmq)\n"
-        f"!! and pika (pip install 'eventbus[rabbitmq]') to measure it.\n{banner}",
-        file=sys.stderr,
-        flush=True,
+    warn_skipped(
+        "RabbitMQ transport scenario",
+        reason,
+        "Install rabbitmq-server (apt-get install rabbitmq-server / brew install rabbitmq)\n"
+        "and pika (pip install 'eventbus[rabbitmq]') to measure it.",
     )
-    return Section([Row(SCENARIO, f"skipped: {reason}", math.nan, "", ok=True)])
+    return Section([skipped_row(SCENARIO, reason)])
 
 
 def _unavailable() -> str | None:
     """Why no RabbitMQ node can be started here, or None."""
-    try:
-        import pika  # noqa: F401
-    except ImportError:
-        return NO_PIKA
-    try:
-        from tests.support.rabbitmq import find_rabbitmq_server
-    except ImportError as exc:  # pytest missing, or not run from the repository
-        return f"tests/support/rabbitmq.py cannot be imported ({exc})"
-    if find_rabbitmq_server() is None:
-        return NO_SERVER
-    return None
+    return server_unavailable(["pika"], NO_PIKA, "rabbitmq", "find_rabbitmq_server", NO_SERVER)
 
 
 def rabbitmq_transport(sizes: Sizes) -> Section:
@@ -394,7 +270,6 @@ def _with_server(server: Any, directory: Path, sizes: Sizes) -> Section:
 
     counts_path = directory / "counts"
     counts_path.write_bytes(bytes(SLOT.size * max(CONSUMERS)))
-    consumers: list[_Consumer] = []
     counts: mmap.mmap | None = None
     admin = pika.BlockingConnection(_connection_parameters(server.url))
     raw = _RawProducer(server.url)
@@ -403,29 +278,29 @@ def _with_server(server: Any, directory: Path, sizes: Sizes) -> Section:
     try:
         with open(counts_path, "r+b") as f:
             counts = mmap.mmap(f.fileno(), 0)
-        consumers = [
-            _Consumer(server.url, f"consumer-{i}", directory, counts_path, i)
-            for i in range(max(CONSUMERS))
-        ]
-        for c in consumers:
-            c.expect("started", STARTUP_DEADLINE)
-        emit = producer.emit
-
-        def publish(payload: Any) -> object:
-            return emit(EVENT_NAME, payload)
-
-        ctx = _Context(
+        with consumer_processes(
+            "bench.rabbitmq",
             server.url,
-            admin.channel(),
-            consumers,
-            counts,
-            server.pid,
-            {"eventbus": publish, "raw": raw.publish},
-        )
-        return _measure(ctx, sizes)
+            directory,
+            max(CONSUMERS),
+            lambda i: ["--counts", str(counts_path), "--slot", str(i)],
+            exit_timeout=15,
+        ) as consumers:
+            emit = producer.emit
+
+            def publish(payload: Any) -> object:
+                return emit(EVENT_NAME, payload)
+
+            ctx = _Context(
+                server.url,
+                admin.channel(),
+                consumers,
+                counts,
+                server.pid,
+                {"eventbus": publish, "raw": raw.publish},
+            )
+            return _measure(ctx, sizes)
     finally:
-        for c in consumers:
-            c.close()
         producer.close()
         raw.close()
         admin.close()
@@ -435,56 +310,14 @@ def _with_server(server: Any, directory: Path, sizes: Sizes) -> Section:
 
 def _measure(ctx: _Context, sizes: Sizes) -> Section:
     events = events_per_trial(sizes)
-    # label, mode, consumer processes
-    configs: list[tuple[str, str, int]] = [
-        (eventbus_label(n) if mode == "eventbus" else raw_label(n), mode, n)
-        for mode in ("eventbus", "raw")
-        for n in CONSUMERS
-    ]
-    for label, mode, n in configs:  # warm-up: imports, connections, code paths
-        trial = _trial(ctx, mode, n, max(n, events // 10))
-        if not trial.ok:
-            raise RuntimeError(f"RabbitMQ warm-up of {label!r} came out wrong: {trial}")
-    trials: dict[str, list[RabbitTrial]] = {c[0]: [] for c in configs}
-    for _ in range(sizes.repeats):  # round robin: drift spreads evenly over the rows
-        for label, mode, n in configs:
-            trials[label].append(_trial(ctx, mode, n, events))
-
-    rows: list[Row] = []
-    for label, runs in trials.items():
-        values = [t.rate for t in runs]
-        rows.append(
-            Row(
-                SCENARIO,
-                label,
-                median(values),
-                "events/s",
-                samples=values,
-                ok=all(t.ok for t in runs),
-                detail={
-                    "events_per_trial": runs[0].events,
-                    "handled": sum(sum(t.handled) for t in runs),
-                    "expected": sum(t.events * HANDLERS for t in runs),
-                    "handled_per_consumer": [t.handled for t in runs],
-                    "best": max(values),
-                    "publish_events_per_s_median": median(
-                        [t.events / t.publish_seconds for t in runs]
-                    ),
-                    "polls_median": median([t.polls for t in runs]),
-                    "left_in_queue": [t.left_in_queue for t in runs],
-                    "cpu_us_per_event_median": {
-                        k: median([t.cpu[k] / t.events * 1e6 for t in runs]) for k in runs[0].cpu
-                    },
-                },
-            )
-        )
-    by = {r.dispatcher: r for r in rows}
-    processes = {c[0]: c[2] for c in configs}
-    for row in rows:  # each to the raw loop with as many consumers
-        reference = by[raw_label(processes[row.dispatcher])]
-        row.ratio = row.value / reference.value
-        row.ratio_to = reference.dispatcher
-    return Section(rows)
+    return measure(
+        configs(SCENARIO, LABELS, CONSUMERS, lambda _mode: events),
+        functools.partial(_trial, ctx),
+        sizes.repeats,
+        "RabbitMQ",
+        # each to the raw loop with as many consumers
+        lambda config: (SCENARIO, raw_label(config.processes)),
+    )
 
 
 # -- consumer processes (child side) -------------------------------------------------------------
@@ -572,69 +405,39 @@ def consume(url: str, name: str, counts_path: str, slot: int) -> int:
     from eventbus import EventBus
     from eventbus.transports import RabbitMQTransport
 
-    configure_structlog()
-
-    def out(line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
     with open(counts_path, "r+b") as f:
         counts = mmap.mmap(f.fileno(), 0)
     counter = _Counter(counts, slot)
-    stop_trial: Callable[[], None] = lambda: None  # noqa: E731
-    out("started")
-    for line in sys.stdin:
-        words = line.split()
-        if not words or words[0] == "exit":
-            break
-        if words[0] == "run":
-            mode, exchange, group = words[1:4]
-            counter.reset()
-            if mode == "eventbus":
-                transport = RabbitMQTransport(
-                    url, exchange=exchange, group=group, prefetch=PREFETCH
-                )
-                bus = EventBus(transport=transport, max_workers=WORKERS, name=name)
-                bus.subscribe(EVENT_NAME, counter.handler, name="bench.handler")
-                bus.start()
-                stop_trial = bus.close
-            else:
-                stop = threading.Event()
-                ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-                thread = threading.Thread(
-                    target=_raw_consume,
-                    args=(url, exchange, group, counter.handler, ready, stop),
-                    name=f"bench-raw-{group}",
-                    daemon=True,
-                )
-                thread.start()
-                error = ready.get()
-                if error is not None:
-                    raise error
 
-                def stop_trial(stop: threading.Event = stop, thread: threading.Thread = thread):
-                    stop.set()
-                    thread.join()
+    def run(words: list[str]) -> Callable[[], None]:
+        mode, exchange, group = words[:3]
+        counter.reset()
+        if mode == "eventbus":
+            transport = RabbitMQTransport(url, exchange=exchange, group=group, prefetch=PREFETCH)
+            bus = EventBus(transport=transport, max_workers=WORKERS, name=name)
+            bus.subscribe(EVENT_NAME, counter.handler, name="bench.handler")
+            bus.start()
+            return bus.close
+        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        stop = in_thread(
+            _raw_consume, url, exchange, group, counter.handler, ready, name=f"bench-raw-{group}"
+        )
+        error = ready.get()
+        if error is not None:
+            raise error
+        return stop
 
-            out("ready")
-        elif words[0] == "stop":
-            stop_trial()
-            stop_trial = lambda: None  # noqa: E731
-            out(f"handled {counter.calls}")
-    stop_trial()
+    serve(run, lambda: counter.calls)
     counts.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.rabbitmq", description=__doc__)
-    modes = parser.add_subparsers(dest="mode", required=True)
-    consumer = modes.add_parser("consume", help="a consumer process (driven by its parent)")
-    consumer.add_argument("--url", required=True)
-    consumer.add_argument("--name", default=f"bench-consumer-{os.getpid()}")
-    consumer.add_argument("--counts", required=True, help="the shared file of handler counts")
-    consumer.add_argument("--slot", type=int, required=True, help="this consumer's slot in it")
-    args = parser.parse_args(argv)
+    def more(consumer: Any) -> None:
+        consumer.add_argument("--counts", required=True, help="the shared file of handler counts")
+        consumer.add_argument("--slot", type=int, required=True, help="this consumer's slot in it")
+
+    args = consumer_args("python -m bench.rabbitmq", __doc__, argv, more)
     return consume(args.url, args.name, args.counts, args.slot)
 
 

@@ -31,16 +31,13 @@ attempts with a deadline), never for work of the code under test.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import pwd
 import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import NoReturn
@@ -50,7 +47,15 @@ import pytest
 from psycopg import sql
 
 from tests.support.net import free_port
-from tests.support.server import ServerProcess
+from tests.support.server import (
+    NoServerAccount,
+    ServerProcess,
+    children,
+    chown_tree,
+    kill,
+    server_account,
+    wait_gone,
+)
 
 __all__ = [
     "INSTALL_HINT",
@@ -120,39 +125,20 @@ def postgres_bin_dir() -> Path:
 def _server_account() -> tuple[list[str], int, int]:
     """The command prefix that runs a command as the server's user, and that user's ids: the
     current user, or the unprivileged ``postgres`` user when running as root."""
-    if os.geteuid() != 0:
-        return [], os.geteuid(), os.getegid()
     try:
-        account = pwd.getpwnam(SYSTEM_USER)
-    except KeyError:
-        _unavailable(
-            f"the tests run as root, and PostgreSQL must run as the unprivileged user "
-            f"{SYSTEM_USER!r}, which does not exist: {INSTALL_HINT}"
-        )
-    uid, gid = account.pw_uid, account.pw_gid
-    if shutil.which("setpriv"):
-        # setpriv execs the command: the server is then the tests' own child process.
-        prefix = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--"]
-    elif shutil.which("runuser"):
-        prefix = ["runuser", "-u", SYSTEM_USER, "--"]
-    else:
-        _unavailable("the tests run as root, and neither setpriv nor runuser (util-linux) exists")
-    return prefix, uid, gid
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Hand *root* and everything under it to *uid*:*gid* (a no-op unless they differ)."""
-    if os.geteuid() == uid:
-        return
-    os.chown(root, uid, gid)
-    for parent, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(parent, name), uid, gid, follow_symlinks=False)
+        return server_account(SYSTEM_USER)
+    except NoServerAccount as exc:
+        if exc.user_missing:
+            _unavailable(
+                f"the tests run as root, and PostgreSQL must run as the unprivileged user "
+                f"{SYSTEM_USER!r}, which does not exist: {INSTALL_HINT}"
+            )
+        _unavailable(f"the tests run as root, and {exc}")
 
 
 def _make_owned_tempdir(prefix: str, uid: int, gid: int) -> Path:
     directory = Path(tempfile.mkdtemp(prefix=prefix))
-    _chown_tree(directory, uid, gid)
+    chown_tree(directory, uid, gid)
     return directory
 
 
@@ -201,55 +187,6 @@ def _pristine_cluster(bin_dir: Path, prefix: list[str], uid: int, gid: int) -> P
             )
         _pristine[bin_dir] = data
         return data
-
-
-# -- processes --------------------------------------------------------------------------------
-
-
-def _gone(pid: int) -> bool:
-    """Whether process *pid* has exited (a zombie nobody reaps counts as exited)."""
-    status = Path(f"/proc/{pid}/status")
-    if status.parent.parent.is_dir():
-        try:
-            text = status.read_text()
-        except OSError:
-            return True
-        return re.search(r"^State:\s+Z", text, re.MULTILINE) is not None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is *pid* (the server's backends and auxiliary processes)."""
-    proc = Path("/proc")
-    if proc.is_dir():
-        found = []
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
-            fields = stat.rpartition(")")[2].split()
-            if len(fields) > 1 and fields[1] == str(pid):
-                found.append(int(entry.name))
-        return found
-    result = subprocess.run(
-        ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=5.0, check=False
-    )
-    return [int(line) for line in result.stdout.split()]
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 class PostgresServer(ServerProcess):
@@ -315,7 +252,7 @@ logging_collector = off
 """
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write(settings)
-        _chown_tree(self.data_dir, self._uid, self._gid)
+        chown_tree(self.data_dir, self._uid, self._gid)
 
     def _accepts_connections(self) -> bool:
         try:
@@ -385,18 +322,13 @@ logging_collector = off
             return
         postmaster = self._pid or process.pid
         if process.poll() is None:
-            processes = [postmaster, *_children(postmaster)]
+            processes = [postmaster, *children(postmaster)]
             for pid in processes:
-                _kill(pid)
+                kill(pid)
             if postmaster != process.pid:
-                _kill(process.pid)
+                kill(process.pid)
             process.wait(timeout=STOP_DEADLINE)
-            deadline = time.monotonic() + STOP_DEADLINE
-            pause = threading.Event()
-            while not all(_gone(pid) for pid in processes):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"PostgreSQL processes {processes} outlived SIGKILL")
-                pause.wait(0.01)  # the kernel is tearing the killed processes down
+            wait_gone(processes, STOP_DEADLINE, f"PostgreSQL on port {self.port} after SIGKILL")
         self._reap()
 
     def _reap(self) -> None:
@@ -407,10 +339,4 @@ logging_collector = off
 
     def close(self) -> None:
         """Stop the server and remove its directory."""
-        if self._closed:
-            return
-        try:
-            self.stop()
-        finally:
-            self._closed = True
-            shutil.rmtree(self.directory, ignore_errors=True)
+        self._close_once(self.directory)

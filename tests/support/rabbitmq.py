@@ -36,20 +36,16 @@ attempts with a deadline), never for work of the code under test.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import functools
 import os
-import pwd
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import NoReturn
 
 import pika
@@ -57,6 +53,17 @@ import pika.exceptions
 import pytest
 
 from tests.support.net import free_port
+from tests.support.server import (
+    NoServerAccount,
+    ServerProcess,
+    chown_tree,
+    descendants,
+    kill,
+    read_log,
+    server_account,
+    wait_gone,
+    wait_until_ready,
+)
 
 __all__ = [
     "INSTALL_HINT",
@@ -134,29 +141,10 @@ def _server_account() -> tuple[list[str], int, int]:
     """The command prefix that runs a command as the node's user, and that user's ids: the
     current user, or the unprivileged ``rabbitmq`` user when running as root (root itself when
     that user or a way to switch to it is missing)."""
-    if os.geteuid() != 0:
-        return [], os.geteuid(), os.getegid()
     try:
-        account = pwd.getpwnam(SYSTEM_USER)
-    except KeyError:
+        return server_account(SYSTEM_USER)
+    except NoServerAccount:
         return [], 0, 0
-    uid, gid = account.pw_uid, account.pw_gid
-    if shutil.which("setpriv"):
-        # setpriv execs the command: the server's script is then the tests' own child.
-        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--"], uid, gid
-    if shutil.which("runuser"):
-        return ["runuser", "-u", SYSTEM_USER, "--"], uid, gid
-    return [], 0, 0
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Hand *root* and everything under it to *uid*:*gid* (a no-op unless they differ)."""
-    if os.geteuid() == uid:
-        return
-    os.chown(root, uid, gid)
-    for parent, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(parent, name), uid, gid, follow_symlinks=False)
 
 
 def _distinct_free_ports(count: int) -> list[int]:
@@ -168,86 +156,7 @@ def _distinct_free_ports(count: int) -> list[int]:
     return ports
 
 
-#: The servers made and not yet closed: closed at exit, should their owner not have done it.
-_open_servers: set[RabbitMQServer] = set()
-
-
-@atexit.register
-def _close_open_servers() -> None:
-    for server in list(_open_servers):
-        server.close()
-
-
 # -- processes --------------------------------------------------------------------------------
-
-
-def _gone(pid: int) -> bool:
-    """Whether process *pid* has exited (a zombie nobody reaps counts as exited)."""
-    status = Path(f"/proc/{pid}/status")
-    if status.parent.parent.is_dir():
-        try:
-            text = status.read_text()
-        except OSError:
-            return True
-        return re.search(r"^State:\s+Z", text, re.MULTILINE) is not None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is *pid*."""
-    proc = Path("/proc")
-    if proc.is_dir():
-        found = []
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
-            fields = stat.rpartition(")")[2].split()
-            if len(fields) > 1 and fields[1] == str(pid):
-                found.append(int(entry.name))
-        return found
-    result = subprocess.run(
-        ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=5.0, check=False
-    )
-    return [int(line) for line in result.stdout.split()]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below *pid*, parents before their children."""
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        for child in _children(pending.pop(0)):
-            if child not in found:
-                found.append(child)
-                pending.append(child)
-    return found
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _wait_gone(pids: list[int], what: str) -> None:
-    """Wait until every process of *pids* has exited; raise after STOP_DEADLINE."""
-    deadline = time.monotonic() + STOP_DEADLINE
-    pause = threading.Event()
-    while not all(_gone(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            alive = [pid for pid in pids if not _gone(pid)]
-            raise RuntimeError(f"{what}: processes {alive} still running")
-        pause.wait(0.01)  # the kernel is tearing the processes down
 
 
 def _listening(port: int) -> bool:
@@ -265,7 +174,7 @@ def _end(process: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None
     wait 2 s, or die first and leave epmd to init); reap the child and wait until they are
     all gone; SIGKILL them all after STOP_DEADLINE."""
     if process.poll() is None:
-        below = _descendants(process.pid)
+        below = descendants(process.pid)
         for pid in below[::-1] or [process.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -273,12 +182,12 @@ def _end(process: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None
             process.wait(timeout=STOP_DEADLINE)
         except subprocess.TimeoutExpired:
             for pid in [*below, process.pid]:
-                _kill(pid)
+                kill(pid)
         process.wait(timeout=STOP_DEADLINE)
-        _wait_gone(below, f"the processes of {process.args!r}")
+        wait_gone(below, STOP_DEADLINE, f"the processes of {process.args!r}")
 
 
-class RabbitMQServer:
+class RabbitMQServer(ServerProcess):
     """One RabbitMQ node on its own ports and data directory; a context manager.
 
     ``start()`` launches it (and its epmd) and returns once it accepts AMQP connections;
@@ -298,17 +207,17 @@ class RabbitMQServer:
         self.dist_port, self.epmd_port = ports[:2]
         self.nodename = f"rabbit-{self.port}@localhost"
         self.directory = Path(tempfile.mkdtemp(prefix="eventbus-rabbitmq-"))
-        self._output = self.directory / "rabbitmq-server.out"
+        self._log = self.directory / "rabbitmq-server.out"  # the script's output
         self._epmd_output = self.directory / "epmd.out"
         self._pid_file = self.directory / "rabbit.pid"
         self._write_settings()
-        _chown_tree(self.directory, self._uid, self._gid)
+        chown_tree(self.directory, self._uid, self._gid)
         self._env = self._environment()
         self._process: subprocess.Popen[bytes] | None = None
         self._epmd_process: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._closed = False
-        _open_servers.add(self)
+        self._close_at_exit()
 
     # -- addresses ----------------------------------------------------------------------------
 
@@ -328,12 +237,8 @@ class RabbitMQServer:
         process = self._epmd_process
         if process is None or process.poll() is not None:
             return None
-        below = _descendants(process.pid)  # runuser stands in between
+        below = descendants(process.pid)  # runuser stands in between
         return below[-1] if below else process.pid
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def processes(self) -> list[int]:
         """The process ids of everything the server runs now: the script's process and all
@@ -341,7 +246,7 @@ class RabbitMQServer:
         found = []
         for process in (self._process, self._epmd_process):
             if process is not None and process.poll() is None:
-                found += [process.pid, *_descendants(process.pid)]
+                found += [process.pid, *descendants(process.pid)]
         return found
 
     # -- setup --------------------------------------------------------------------------------
@@ -403,19 +308,14 @@ class RabbitMQServer:
             return
         command = [self._epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"]
         self._epmd_process = process = self._spawn(command, self._epmd_output)
-        while time.monotonic() < deadline:
-            if _listening(self.epmd_port):
-                return
-            try:
-                process.wait(timeout=0.01)  # the external process is starting up
-            except subprocess.TimeoutExpired:
-                continue
-            break
+        listening = functools.partial(_listening, self.epmd_port)
+        if wait_until_ready(process, listening, deadline - time.monotonic(), 0.01):
+            return
         returncode = process.poll()
         self._stop_epmd(signal.SIGKILL)
         raise RuntimeError(
             f"epmd on port {self.epmd_port} did not listen (exit code {returncode}):\n"
-            f"{self._read(self._epmd_output)}"
+            f"{read_log(self._epmd_output)}"
         )
 
     def _accepts_connections(self) -> bool:
@@ -439,31 +339,26 @@ class RabbitMQServer:
             raise RuntimeError("the server was closed")
         if self.running:
             return
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        self._start_epmd(deadline)
-        self._process = process = self._spawn([str(self.script)], self._output)
-        while time.monotonic() < deadline:
-            if self._accepts_connections():
-                self._pid = self._node_pid()
-                return
-            try:
-                process.wait(timeout=0.02)  # the external process is starting up
-            except subprocess.TimeoutExpired:
-                continue
-            break
-        returncode = process.poll()
-        self.kill()
-        raise RuntimeError(
-            f"RabbitMQ node {self.nodename} did not accept AMQP connections on port "
-            f"{self.port} within {STARTUP_DEADLINE}s (exit code {returncode}); its log:\n"
-            f"{self.log()}"
+        started = time.monotonic()
+        self._start_epmd(started + STARTUP_DEADLINE)
+        self._process = self._spawn([str(self.script)], self._log)
+        self._wait_started(
+            self._accepts_connections,
+            STARTUP_DEADLINE,
+            0.02,
+            failed=(
+                f"RabbitMQ node {self.nodename} did not accept AMQP connections on port {self.port}"
+            ),
+            end=self.kill,
+            since=started,
         )
+        self._pid = self._node_pid()
 
     def _node_pid(self) -> int | None:
         """The node's pid: from its pid file, checked to be below the script; else the first
         ``beam.smp`` found below it."""
         assert self._process is not None
-        below = _descendants(self._process.pid)
+        below = descendants(self._process.pid)
         with contextlib.suppress(OSError, ValueError):
             pid = int(self._pid_file.read_text().strip())
             if pid in below:
@@ -484,7 +379,7 @@ class RabbitMQServer:
             return
         if process.poll() is None:
             node = self._pid or self._node_pid()
-            below = _descendants(process.pid)
+            below = descendants(process.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(node or process.pid, signal.SIGTERM)
             try:
@@ -493,11 +388,11 @@ class RabbitMQServer:
                 self.kill()
                 return
             try:
-                _wait_gone(below, f"RabbitMQ node {self.nodename} after its shutdown")
+                wait_gone(below, STOP_DEADLINE, f"RabbitMQ node {self.nodename} after its shutdown")
             except RuntimeError:  # a helper outlived the node: orphaned, out of kill()'s reach
                 for pid in below:
-                    _kill(pid)
-                _wait_gone(below, f"RabbitMQ node {self.nodename} after SIGKILL")
+                    kill(pid)
+                wait_gone(below, STOP_DEADLINE, f"RabbitMQ node {self.nodename} after SIGKILL")
         self._reap()
 
     def kill(self) -> None:
@@ -510,20 +405,20 @@ class RabbitMQServer:
             self._stop_epmd(signal.SIGKILL)
             return
         if process.poll() is None:
-            below = _descendants(process.pid)
+            below = descendants(process.pid)
             node = self._pid if self._pid in below else None
             # The node and what it started first: the script's shell, still alive, reaps the
             # node (an orphaned one would wait for init to reap it).
-            victims = [node, *_descendants(node)] if node is not None else below
+            victims = [node, *descendants(node)] if node is not None else below
             for pid in victims:
-                _kill(pid)
+                kill(pid)
             try:
                 process.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 for pid in [process.pid, *below]:
-                    _kill(pid)
+                    kill(pid)
                 process.wait(timeout=STOP_DEADLINE)
-            _wait_gone(below, f"RabbitMQ node {self.nodename} after SIGKILL")
+            wait_gone(below, STOP_DEADLINE, f"RabbitMQ node {self.nodename} after SIGKILL")
         self._reap(signal.SIGKILL)
 
     def _reap(self, epmd_signal: int = signal.SIGTERM) -> None:
@@ -538,44 +433,14 @@ class RabbitMQServer:
         if process is not None:
             _end(process, signum)
 
-    @staticmethod
-    def _read(path: Path) -> str:
-        try:
-            return path.read_text(errors="replace")
-        except OSError:
-            return "(none)"
-
     def log(self) -> str:
         """The node's output and log file, for failure messages."""
         log_file = self.directory / "log" / f"{self.nodename}.log"
         return (
-            f"-- {self._output.name}:\n{self._read(self._output)}\n"
-            f"-- {log_file.name}:\n{self._read(log_file)}"
+            f"-- {self._log.name}:\n{read_log(self._log)}\n"
+            f"-- {log_file.name}:\n{read_log(log_file)}"
         )
 
     def close(self) -> None:
         """Stop the node and its epmd, and remove its directory."""
-        if self._closed:
-            return
-        try:
-            self.stop()
-        finally:
-            self._closed = True
-            _open_servers.discard(self)
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RabbitMQServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._close_once(self.directory)
