@@ -53,6 +53,7 @@ from eventbus._registry import (
 )
 from eventbus._relay import RELAY, Relay
 from eventbus._retry_queue import RetryQueue
+from eventbus._tracing import Tracing
 from eventbus.exceptions import (
     BusClosedError,
     DrainInHandlerError,
@@ -221,6 +222,7 @@ class EventBus:
         )
         self._recovery: StoreRecovery | None = None
         self._relay: Relay | None = None
+        self._tracing: Tracing | None = None  # eventbus.otel.instrument() sets it
         self._open_stores(outcomes, own_executor=own_executor, own_clock=own_clock)
         _open_buses.add(self)
 
@@ -241,6 +243,16 @@ class EventBus:
             self._open_store(outbox, reporter, own_executor=own_executor, own_clock=own_clock)
             self._relay = Relay(outbox, transport, self._observer, name=self._name)
             reporter.on_work = self._relay.wake
+
+    def _set_tracing(self, tracing: Tracing | None) -> None:
+        """Spans around emits and attempts from now on (``eventbus.otel.instrument``)."""
+        self._tracing = tracing
+        self._pipeline.set_tracing(tracing)
+
+    def _counts(self) -> tuple[int, int]:
+        """Deliveries queued or running, and waiting for their backoff (a snapshot)."""
+        admission = self._admission
+        return admission.active, admission.waiting
 
     def _retry_due(self, job: RetryJob) -> None:
         self._pipeline.retry_due(job)
@@ -463,6 +475,23 @@ class EventBus:
         closed one, one to another database, one outside a transaction, or a bus without a
         store. In every error case nothing was queued or stored.
         """
+        tracing = self._tracing
+        if tracing is not None:  # instrumented (eventbus.otel): the emit in a span of its own
+            with tracing.produce(event) as span:
+                emitted = self._emit(event, payload, span.inject(metadata), key, delay, within)
+                span.sent(emitted)
+                return emitted
+        return self._emit(event, payload, metadata=metadata, key=key, delay=delay, within=within)
+
+    def _emit(  # noqa: PLR0917 - positional: one call on the path of every emit
+        self,
+        event: object,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        key: str | None,
+        delay: float | timedelta | None,
+        within: object,
+    ) -> Event:
         emitted, cls = self._prepare(event, payload, metadata, key)
         seconds = 0.0 if delay is None else check_delay(delay)
         if within is not None:
@@ -856,6 +885,22 @@ class EventBus:
         deliveries ran, async ones included (those waiting for a retry excepted). Cancelling
         it while it waits for room emits nothing.
         """
+        tracing = self._tracing
+        if tracing is not None:  # instrumented (eventbus.otel): the emit in a span of its own
+            with tracing.produce(event) as span:
+                emitted = await self._aemit(event, payload, span.inject(metadata), key, delay)
+                span.sent(emitted)
+                return emitted
+        return await self._aemit(event, payload, metadata, key, delay)
+
+    async def _aemit(
+        self,
+        event: object,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        key: str | None,
+        delay: float | timedelta | None,
+    ) -> Event:
         emitted, cls = self._prepare(event, payload, metadata, key)
         seconds = 0.0 if delay is None else check_delay(delay)
         durable = self._store is not None or self._transport is not None

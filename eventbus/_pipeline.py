@@ -33,6 +33,7 @@ from eventbus._records import (
     RUNNING,
     SCHEDULED,
     STATE_MASK,
+    STATES,
     SUCCEEDED,
     Dispatch,
     RetryJob,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from eventbus._records import Records
     from eventbus._registry import Registry, Subscription
     from eventbus._retry_queue import RetryQueue
+    from eventbus._tracing import Tracing
     from eventbus.exceptions import HandlerTimeoutError
     from eventbus.retry import RetryPolicy
     from eventbus.typing import Clock, Executor, RateLimiter
@@ -106,11 +108,15 @@ class Pipeline:
         self.loops = EventLoops(
             name=name,
             limit=max_async,
-            run=self.arun,
+            run=self._arun_job,
             cancelled=self.cancelled,
             on_error=lambda exc: observer.log.internal_error("event loop", exc),
         )
         self._inline = isinstance(executor, InlineExecutor)
+        #: Spans around attempts (eventbus.otel), or None. The job handed to the executor is
+        #: chosen by it, so that an untraced bus pays nothing for tracing.
+        self.tracing: Tracing | None = None
+        self._job: Callable[[Dispatch, int], None] = self.run
         self.watchdog = Watchdog(clock, observer, executor, self._timed_out)
         self.gates: list[Gate] = []  # every gate ever made: close() empties them all
         self._lock = threading.Lock()  # stopped, and the hand-over to the retry queue
@@ -186,7 +192,7 @@ class Pipeline:
             event,
             self.registry.resolve(event.name, cls),
             contextvars.copy_context(),
-            self.run,
+            self._job,
             admitted_at=self.clock.monotonic(),
             verbose=self.observer.verbose(),
             key=key,
@@ -366,7 +372,7 @@ class Pipeline:
             event,
             subscription,
             context,
-            self.run,
+            self._job,
             attempts=attempts,
             error=error,
             first_attempt_at=self.clock.monotonic(),
@@ -410,6 +416,41 @@ class Pipeline:
             self._finish(dispatch, index, value, started, error)
         finally:
             guard.active = outer
+
+    def set_tracing(self, tracing: Tracing | None) -> None:
+        """Trace attempts from now on (events admitted before keep their job)."""
+        self.tracing = tracing
+        self._job = self.run if tracing is None else self._run_traced
+
+    def _run_traced(self, dispatch: Dispatch, index: int) -> None:
+        """:meth:`run` inside the attempt's span (see :mod:`eventbus.otel`)."""
+        tracing = self.tracing
+        if tracing is None:  # switched off since the event was admitted
+            self.run(dispatch, index)
+            return
+        progress = dispatch.progress
+        number = progress[index] // ATTEMPT + 1
+        waited = self.clock.monotonic() - dispatch.admitted_at if number == 1 else None
+        with tracing.attempt(dispatch.event, dispatch.subs[index].name, number, waited) as span:
+            try:
+                self.run(dispatch, index)
+            finally:  # also when a timed-out worker retires (RetireWorker)
+                span.ended(STATES[progress[index] & STATE_MASK])
+
+    async def _arun_job(self, dispatch: Dispatch, index: int) -> None:
+        """What the event loops run: :meth:`arun`, inside the attempt's span if traced."""
+        tracing = self.tracing
+        if tracing is None:
+            await self.arun(dispatch, index)
+            return
+        progress = dispatch.progress
+        number = progress[index] // ATTEMPT + 1
+        waited = self.clock.monotonic() - dispatch.admitted_at if number == 1 else None
+        with tracing.attempt(dispatch.event, dispatch.subs[index].name, number, waited) as span:
+            try:
+                await self.arun(dispatch, index)
+            finally:  # also when close() cancels it
+                span.ended(STATES[progress[index] & STATE_MASK])
 
     def _run_watched(self, dispatch: Dispatch, index: int, value: int, started: float) -> None:
         """run() for a handler with a timeout or a stall warning (see :mod:`_watchdog`)."""

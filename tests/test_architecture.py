@@ -118,6 +118,10 @@ def test_import_reader_sees_type_checking_blocks() -> None:
         ("blinker", "signals.py"),
         ("tenacity", "retry.py"),
         ("redis", "transports/redis_streams.py"),
+        ("opentelemetry", "otel.py"),
+        ("psycopg", "stores/postgres.py"),
+        ("psycopg_pool", "stores/postgres.py"),
+        ("pika", "transports/rabbitmq.py"),
     ],
 )
 def test_dependency_has_a_single_importer(dependency: str, owner: str) -> None:

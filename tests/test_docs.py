@@ -26,6 +26,7 @@ PUBLIC_MODULES = (
     "eventbus.signals",
     "eventbus.testing",
     "eventbus.typing",
+    "eventbus.otel",
 )
 
 

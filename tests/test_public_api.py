@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "eventbus.testing",
     "eventbus.stores",
     "eventbus.codec",
+    "eventbus.otel",
 ]
 
 #: The documented names that code outside this repository relies on.

@@ -1,0 +1,327 @@
+"""Traces that outlive the emitting bus: through an SQLite store across a close (or a crash)
+and recover(), and through a Redis stream into another process.
+
+The trace context travels as W3C ``traceparent`` in the event's metadata, so the attempt span
+made by the bus that finally runs the delivery is a child of the producer span made by the bus
+that emitted it, in the same trace.
+
+Run as a script (``python -m tests.test_otel_processes consume ...``) this module is the
+child process of the Redis test: a consumer on an instrumented bus with a tracer provider of
+its own (in-memory exporter). It speaks the line protocol of tests/support/children.py:
+``consumer <name>``, ``recovered <n>``, ``ready``, then ``handled <event id>`` after each
+successful call; on ``stop`` it closes its bus, prints each finished span as ``span <json>``
+(name, kind, trace id, span id, parent span id, attributes) and ``done``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tenacity
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from eventbus import Event, EventBus, RetryPolicy
+from eventbus.otel import instrument
+from eventbus.stores import SQLiteStore
+from eventbus.testing import FakeClock, InlineExecutor
+from tests.support.children import Children, consume_until_stop, log_to_stderr, out
+from tests.support.executors import QueueingExecutor
+
+RETRY_IN_10S = RetryPolicy(max_attempts=3, wait=tenacity.wait_fixed(10))
+
+
+def tracer_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+@pytest.fixture
+def tracing() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    provider, exporter = tracer_provider()
+    yield provider, exporter
+    provider.shutdown()
+
+
+def of_kind(exporter: InMemorySpanExporter, kind: SpanKind) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.kind is kind]
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+class Restarts:
+    """Buses on one SQLite file, each with its own SQLiteStore, instrumented with one tracer
+    provider (a process and its restart); all closed at teardown."""
+
+    def __init__(self, path: Path, provider: TracerProvider) -> None:
+        self.path = path
+        self.provider = provider
+        self._buses: list[EventBus] = []
+        self._stores: list[SQLiteStore] = []
+
+    def bus(self, **options: Any) -> EventBus:
+        options.setdefault("executor", InlineExecutor())
+        options.setdefault("clock", FakeClock())
+        options.setdefault("retry", RETRY_IN_10S)
+        bus = EventBus(store=SQLiteStore(self.path), **options)
+        self._buses.append(bus)
+        instrument(bus, tracer_provider=self.provider)
+        return bus
+
+    def store(self) -> SQLiteStore:
+        """A store on the file, outside any bus (opened)."""
+        store = SQLiteStore(self.path)
+        store.open()
+        self._stores.append(store)
+        return store
+
+    def close(self) -> None:
+        for bus in self._buses:
+            bus.close(timeout=0)
+        for store in self._stores:
+            store.close()
+
+
+@pytest.fixture
+def restarts(tmp_path: Path, tracing) -> Iterator[Restarts]:
+    made = Restarts(tmp_path / "events.db", tracing[0])
+    yield made
+    made.close()
+
+
+def calls(into: list[str]) -> Any:
+    def handler(event: Event) -> None:
+        into.append(event.id)
+
+    return handler
+
+
+# -- through an SQLite store -------------------------------------------------------------------
+
+
+def test_delivery_left_pending_by_a_closed_bus_runs_in_the_emits_trace(restarts, tracing):
+    """A delivery left by close() runs after recover() as a child of the producer span."""
+    _, exporter = tracing
+    tracer = restarts.provider.get_tracer("tests")
+    first = restarts.bus(executor=QueueingExecutor())  # holds the job: the handler never runs
+    first.subscribe("order:created", calls([]), name="fulfil")
+    with tracer.start_as_current_span("POST /orders") as request:
+        event = first.emit("order:created", {"id": 1})
+    first.close(timeout=0)
+    assert of_kind(exporter, SpanKind.CONSUMER) == []
+
+    ran: list[str] = []
+    again = restarts.bus()
+    again.subscribe("order:created", calls(ran), name="fulfil")
+    assert again.recover() == 1
+    assert ran == [event.id]
+    [producer] = of_kind(exporter, SpanKind.PRODUCER)
+    [attempt] = of_kind(exporter, SpanKind.CONSUMER)
+    assert producer.context.trace_id == request.get_span_context().trace_id
+    assert attempt.context.trace_id == producer.context.trace_id
+    assert parent_id(attempt) == producer.context.span_id
+    assert attempt.attributes is not None
+    assert (attempt.attributes["eventbus.attempt"], attempt.attributes["eventbus.outcome"]) == (
+        1,
+        "succeeded",
+    )
+
+
+def test_delivery_interrupted_by_a_crash_is_retried_in_the_emits_trace(restarts, tracing):
+    """A delivery a crash interrupted is retried after recover() under the producer span."""
+    _, exporter = tracing
+    tracer = restarts.provider.get_tracer("tests")
+    first = restarts.bus(executor=QueueingExecutor())
+    first.subscribe("order:created", calls([]), name="fulfil")
+    with tracer.start_as_current_span("POST /orders"):
+        event = first.emit("order:created", {"id": 1})
+    first.close(timeout=0)
+    restarts.store().started(event.id, "fulfil", 1)  # attempt 1 began, then the process died
+
+    ran: list[str] = []
+    again = restarts.bus()
+    again.subscribe("order:created", calls(ran), name="fulfil")
+    assert again.recover() == 1
+    assert ran == [event.id]
+    [producer] = of_kind(exporter, SpanKind.PRODUCER)
+    [attempt] = of_kind(exporter, SpanKind.CONSUMER)
+    assert (attempt.context.trace_id, parent_id(attempt)) == (
+        producer.context.trace_id,
+        producer.context.span_id,
+    )
+    assert attempt.attributes is not None
+    assert attempt.attributes["eventbus.attempt"] == 2
+
+
+def test_retry_left_in_the_store_runs_in_the_emits_trace(restarts, tracing):
+    """A retry left in the store by close() runs after recover() under the producer span."""
+    _, exporter = tracing
+    tracer = restarts.provider.get_tracer("tests")
+    first = restarts.bus()
+
+    def fails(event: Event) -> None:
+        raise ConnectionError("warehouse down")
+
+    first.subscribe("order:created", fails, name="fulfil")
+    with tracer.start_as_current_span("POST /orders"):
+        first.emit("order:created", {"id": 1})
+    first.close()
+
+    clock = FakeClock()
+    ran: list[str] = []
+    again = restarts.bus(clock=clock)
+    again.subscribe("order:created", calls(ran), name="fulfil")
+    assert again.recover() == 1
+    clock.advance(11)
+    assert len(ran) == 1
+    [producer] = of_kind(exporter, SpanKind.PRODUCER)
+    attempts = of_kind(exporter, SpanKind.CONSUMER)
+    assert [
+        (a.attributes["eventbus.attempt"], a.attributes["eventbus.outcome"])
+        for a in attempts
+        if a.attributes is not None
+    ] == [(1, "retrying"), (2, "succeeded")]
+    assert {(a.context.trace_id, parent_id(a)) for a in attempts} == {
+        (producer.context.trace_id, producer.context.span_id)
+    }
+
+
+# -- through a Redis stream, into another process ----------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.multiprocess
+def test_attempt_in_another_process_is_a_child_of_the_producer_span(
+    redis_url: str, children: Children, tracing
+) -> None:
+    """A child process's attempts on a Redis stream are children of this process's producer span."""
+    from eventbus.transports import RedisStreamsTransport  # the redis extra
+
+    provider, exporter = tracing
+    stream, group = f"otel-{uuid.uuid4().hex}", "fulfilment"
+    child = children.start(
+        [
+            sys.executable,
+            "-m",
+            "tests.test_otel_processes",
+            "--url",
+            redis_url,
+            "--stream",
+            stream,
+            "--group",
+            group,
+        ],
+        name="consumer",
+    )
+    child.expect("ready")
+
+    producer_bus = EventBus(transport=RedisStreamsTransport(redis_url, stream=stream, group=group))
+    try:
+        instrument(producer_bus, tracer_provider=provider)
+        with provider.get_tracer("tests").start_as_current_span("POST /orders") as request:
+            event = producer_bus.emit("order:created", {"id": 1})
+    finally:
+        producer_bus.close(timeout=10)
+    child.expect_line(lambda line: line == f"handled {event.id}", f"handled {event.id}")
+    child.send("stop")
+    spans: list[dict[str, Any]] = []
+    while True:
+        prefix, rest = child.expect_any("span ", "done")
+        if prefix == "done":
+            break
+        spans.append(json.loads(rest))
+    assert child.wait() == 0
+
+    [producer] = of_kind(exporter, SpanKind.PRODUCER)
+    assert producer.context.trace_id == request.get_span_context().trace_id
+    attempts = sorted(
+        (s for s in spans if s["kind"] == "CONSUMER"),
+        key=lambda s: s["attributes"]["eventbus.attempt"],
+    )
+    assert [
+        (a["attributes"]["eventbus.attempt"], a["attributes"]["eventbus.outcome"]) for a in attempts
+    ] == [
+        (1, "retrying"),
+        (2, "succeeded"),
+    ]
+    expected = (f"{producer.context.trace_id:032x}", f"{producer.context.span_id:016x}")
+    assert {(a["trace_id"], a["parent_span_id"]) for a in attempts} == {expected}
+    assert {a["attributes"]["messaging.message.id"] for a in attempts} == {event.id}
+    [work] = [s for s in spans if s["name"] == "reserve stock"]
+    assert work["trace_id"] == expected[0]
+    assert work["parent_span_id"] == attempts[-1]["span_id"]
+
+
+# -- the child process -------------------------------------------------------------------------
+
+
+def span_line(span: ReadableSpan) -> str:
+    """*span* as the child prints it: ``span <json>``."""
+    return "span " + json.dumps(
+        {
+            "name": span.name,
+            "kind": span.kind.name,
+            "trace_id": f"{span.context.trace_id:032x}",
+            "span_id": f"{span.context.span_id:016x}",
+            "parent_span_id": (f"{span.parent.span_id:016x}" if span.parent is not None else None),
+            "attributes": dict(span.attributes or {}),
+        }
+    )
+
+
+def consume(argv: list[str]) -> int:
+    """The Redis test's child: consume ``order:created`` with an instrumented bus whose
+    handler fails its first call (retried at once) and starts a span of its own."""
+    from eventbus.transports import RedisStreamsTransport
+
+    parser = argparse.ArgumentParser(description="a traced Redis consumer for test_otel_processes")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--stream", required=True)
+    parser.add_argument("--group", required=True)
+    args = parser.parse_args(argv)
+    log_to_stderr()
+    provider, exporter = tracer_provider()
+    tracer = provider.get_tracer("child")
+    transport = RedisStreamsTransport(args.url, stream=args.stream, group=args.group, block=0.05)
+    bus = EventBus(
+        transport=transport,
+        max_workers=2,
+        retry=RetryPolicy(max_attempts=2, wait=tenacity.wait_none()),
+    )
+    instrument(bus, tracer_provider=provider)
+    calls = 0
+
+    def fulfil(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("warehouse down")
+        with tracer.start_as_current_span("reserve stock"):
+            pass
+        out(f"handled {event.id}")
+
+    bus.subscribe("order:created", fulfil, name="fulfil")
+    consume_until_stop(bus, transport.consumer)
+    bus.close(timeout=30)
+    for span in exporter.get_finished_spans():
+        out(span_line(span))
+    provider.shutdown()
+    out("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(consume(sys.argv[1:]))
