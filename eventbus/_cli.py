@@ -9,6 +9,8 @@ file, or the database of a :class:`~eventbus.stores.PostgresStore` (``--store po
   them.
 * ``dead-letters purge ID... | --all``: delete dead letters.
 * ``status EVENT_ID``: where each delivery of an event stands.
+* ``dashboard [--port 8089] [--host 127.0.0.1]``: serve the web dashboard
+  (:mod:`eventbus.dashboard`, ``pip install 'eventbus[dashboard]'``) until interrupted.
 
 Exit codes: 0 done, 1 something named was not found (the rest was still done), 2 usage error
 (bad arguments, or a store path that is missing, a directory, not an SQLite database, not an
@@ -37,8 +39,10 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from socketserver import ThreadingMixIn
+from typing import Any, NoReturn, Protocol, TextIO
 from urllib.parse import unquote, urlsplit, urlunsplit
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from eventbus import stores
 from eventbus._envelope import Envelope, from_envelope
@@ -66,6 +70,9 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_SCHEMA = "eventbus"
 #: Seconds to wait for a PostgreSQL server before giving up on it.
 CONNECT_TIMEOUT = 5.0
+#: Where ``dashboard`` listens unless told otherwise: this machine only.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8089
 
 _REPLAY_HINT = (
     "a running service (after recover()) runs replays within its poll_interval, "
@@ -377,6 +384,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("event_id", metavar="EVENT_ID", help="an event id")
     status.set_defaults(command=_status)
+
+    dashboard = groups.add_parser(
+        "dashboard",
+        parents=[store],
+        help="serve the web dashboard (needs eventbus[dashboard]) until interrupted",
+    )
+    dashboard.add_argument(
+        "--port", default=str(DEFAULT_PORT), help=f"the TCP port (default: {DEFAULT_PORT})"
+    )
+    dashboard.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"the address to listen on (default: {DEFAULT_HOST}, this machine only)",
+    )
+    dashboard.set_defaults(command=_dashboard, check=_check_dashboard)
     return parser
 
 
@@ -394,6 +416,28 @@ def _add_targets(parser: argparse.ArgumentParser, *, verb: str, command: _Comman
 
 def _no_check(args: argparse.Namespace) -> None:
     """Commands whose arguments argparse checks on its own."""
+
+
+def _usage_error(text: str) -> NoReturn:
+    """One line on stderr (redirected by ``main``) and the usage exit code."""
+    print(f"eventbus: error: {text}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _check_dashboard(args: argparse.Namespace) -> None:
+    """A port from 1 to 65535 and a host; Flask importable (before the store is opened)."""
+    port = args.port.strip()
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        _usage_error(f"--port must be a whole number from 1 to 65535, got {args.port!r}")
+    args.port = int(port)
+    if not args.host.strip():
+        _usage_error("--host must not be empty")
+    try:
+        import eventbus.dashboard  # noqa: F401, PLC0415 - Flask is optional: only this command needs it
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("flask", "werkzeug", "jinja2"):
+            raise
+        _usage_error(f"the dashboard needs Flask: pip install 'eventbus[dashboard]' ({exc})")
 
 
 # -- the commands ----------------------------------------------------------------------------
@@ -492,6 +536,48 @@ def _status(store: _Store, args: argparse.Namespace, output: _Output) -> int:
         rows = [(d.handler, d.state, str(d.attempts), d.error or "-") for d in deliveries]
         output.print(_table(("HANDLER", "STATE", "ATTEMPTS", "ERROR"), rows, wide=args.wide))
     return EXIT_OK
+
+
+def _dashboard(store: _Store, args: argparse.Namespace, output: _Output) -> int:
+    """Serve the dashboard of *store* until interrupted (Ctrl-C, SIGTERM as KeyboardInterrupt
+    is not set up: the process just ends)."""
+    from eventbus.dashboard import create_app  # noqa: PLC0415 - checked importable already
+
+    app = create_app(store)
+    try:
+        server = make_server(
+            args.host, args.port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
+    except OSError as exc:
+        output.problem(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    host, port = server.server_address[:2]
+    output.print(f"eventbus dashboard of {args.where} on http://{_url_host(str(host))}:{port}/")
+    output.out.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per request (the stores are thread-safe), ended with the process."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line on stderr per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _report_missing(missing: list[str], done: int, verb: str, output: _Output) -> int:

@@ -27,6 +27,7 @@ PUBLIC_MODULES = (
     "eventbus.testing",
     "eventbus.typing",
     "eventbus.otel",
+    "eventbus.dashboard",
 )
 
 
