@@ -1,15 +1,17 @@
 """Traces that outlive the emitting bus: through an SQLite store across a close (or a crash)
-and recover(), and through a Redis stream into another process.
+and recover(), through an outbox (an SQLite store relayed to a Redis stream), and through a
+Redis stream or a RabbitMQ queue into another process.
 
 The trace context travels as W3C ``traceparent`` in the event's metadata, so the attempt span
 made by the bus that finally runs the delivery is a child of the producer span made by the bus
 that emitted it, in the same trace.
 
-Run as a script (``python -m tests.test_otel_processes consume ...``) this module is the
-child process of the Redis test: a consumer on an instrumented bus with a tracer provider of
-its own (in-memory exporter). It speaks the line protocol of tests/support/children.py:
-``consumer <name>``, ``recovered <n>``, ``ready``, then ``handled <event id>`` after each
-successful call; on ``stop`` it closes its bus, prints each finished span as ``span <json>``
+Run as a script (``python -m tests.test_otel_processes --kind redis|rabbitmq --url URL
+--name STREAM_OR_EXCHANGE --group GROUP``) this module is the child process of the Redis and
+RabbitMQ tests: a consumer on an instrumented bus with a tracer provider of its own (in-memory
+exporter). It speaks the line protocol of tests/support/children.py: ``consumer <name>``,
+``recovered <n>``, ``ready``, then ``handled <event id>`` after each successful call; on
+``stop`` it closes its bus, prints each finished span as ``span <json>``
 (name, kind, trace id, span id, parent span id, attributes) and ``done``.
 """
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +51,12 @@ def tracer_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
     return provider, exporter
 
 
+#: The ``tracing`` fixture: a tracer provider and its in-memory exporter.
+Tracing = tuple[TracerProvider, InMemorySpanExporter]
+
+
 @pytest.fixture
-def tracing() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+def tracing() -> Iterator[Tracing]:
     provider, exporter = tracer_provider()
     yield provider, exporter
     provider.shutdown()
@@ -96,7 +104,7 @@ class Restarts:
 
 
 @pytest.fixture
-def restarts(tmp_path: Path, tracing) -> Iterator[Restarts]:
+def restarts(tmp_path: Path, tracing: Tracing) -> Iterator[Restarts]:
     made = Restarts(tmp_path / "events.db", tracing[0])
     yield made
     made.close()
@@ -112,7 +120,9 @@ def calls(into: list[str]) -> Any:
 # -- through an SQLite store -------------------------------------------------------------------
 
 
-def test_delivery_left_pending_by_a_closed_bus_runs_in_the_emits_trace(restarts, tracing):
+def test_delivery_left_pending_by_a_closed_bus_runs_in_the_emits_trace(
+    restarts: Restarts, tracing: Tracing
+) -> None:
     """A delivery left by close() runs after recover() as a child of the producer span."""
     _, exporter = tracing
     tracer = restarts.provider.get_tracer("tests")
@@ -140,7 +150,9 @@ def test_delivery_left_pending_by_a_closed_bus_runs_in_the_emits_trace(restarts,
     )
 
 
-def test_delivery_interrupted_by_a_crash_is_retried_in_the_emits_trace(restarts, tracing):
+def test_delivery_interrupted_by_a_crash_is_retried_in_the_emits_trace(
+    restarts: Restarts, tracing: Tracing
+) -> None:
     """A delivery a crash interrupted is retried after recover() under the producer span."""
     _, exporter = tracing
     tracer = restarts.provider.get_tracer("tests")
@@ -166,7 +178,9 @@ def test_delivery_interrupted_by_a_crash_is_retried_in_the_emits_trace(restarts,
     assert attempt.attributes["eventbus.attempt"] == 2
 
 
-def test_retry_left_in_the_store_runs_in_the_emits_trace(restarts, tracing):
+def test_retry_left_in_the_store_runs_in_the_emits_trace(
+    restarts: Restarts, tracing: Tracing
+) -> None:
     """A retry left in the store by close() runs after recover() under the producer span."""
     _, exporter = tracing
     tracer = restarts.provider.get_tracer("tests")
@@ -199,39 +213,112 @@ def test_retry_left_in_the_store_runs_in_the_emits_trace(restarts, tracing):
     }
 
 
-# -- through a Redis stream, into another process ----------------------------------------------
+# -- through an outbox: an SQLite store relayed to a Redis stream -----------------------------
+
+
+@pytest.mark.integration
+def test_attempt_after_an_outbox_relay_is_a_child_of_the_producer_span(
+    redis_url: str, tmp_path: Path, tracing: Tracing
+) -> None:
+    """An event committed to an outbox and relayed to a Redis stream keeps the emit's trace:
+    the consumer's attempt is a child of the producer span."""
+    from eventbus.transports import RedisStreamsTransport  # the redis extra
+
+    provider, exporter = tracing
+    stream, group = f"otel-outbox-{uuid.uuid4().hex}", "fulfilment"
+
+    def transport() -> RedisStreamsTransport:
+        return RedisStreamsTransport(redis_url, stream=stream, group=group, block=0.05)
+
+    handled: list[str] = []
+    got = threading.Event()
+
+    def fulfil(event: Event) -> None:
+        handled.append(event.id)
+        got.set()
+
+    consumer = EventBus(transport=transport(), max_workers=2)
+    producer_bus = EventBus(store=SQLiteStore(tmp_path / "outbox.db"), transport=transport())
+    try:
+        instrument(consumer, tracer_provider=provider)
+        instrument(producer_bus, tracer_provider=provider)
+        consumer.subscribe("order:created", fulfil, name="fulfil")
+        consumer.start()
+        with provider.get_tracer("tests").start_as_current_span("POST /orders") as request:
+            event = producer_bus.emit("order:created", {"id": 1})
+        assert producer_bus.drain(10)  # relayed to the stream
+        assert got.wait(10), "the consumer never got the relayed event"
+    finally:
+        producer_bus.close(timeout=10)
+        consumer.close(timeout=10)  # lets the attempt finish, and its span end
+
+    assert handled == [event.id]
+    [producer] = of_kind(exporter, SpanKind.PRODUCER)
+    assert producer.context.trace_id == request.get_span_context().trace_id
+    assert parent_id(producer) == request.get_span_context().span_id
+    [attempt] = of_kind(exporter, SpanKind.CONSUMER)
+    assert (attempt.context.trace_id, parent_id(attempt)) == (
+        producer.context.trace_id,
+        producer.context.span_id,
+    )
+    assert attempt.attributes is not None
+    assert attempt.attributes["messaging.message.id"] == event.id
+    assert (attempt.attributes["eventbus.attempt"], attempt.attributes["eventbus.outcome"]) == (
+        1,
+        "succeeded",
+    )
+
+
+# -- through a Redis stream or a RabbitMQ queue, into another process --------------------------
+
+
+def make_transport(kind: str, url: str, name: str, group: str) -> Any:
+    """A transport of *kind* (``redis``: the stream *name*; ``rabbitmq``: the exchange *name*)
+    for *group*: the parent's producer and the child's consumer are made here alike."""
+    if kind == "redis":
+        from eventbus.transports import RedisStreamsTransport  # the redis extra
+
+        return RedisStreamsTransport(url, stream=name, group=group, block=0.05)
+    if kind == "rabbitmq":
+        from eventbus.transports import RabbitMQTransport  # the rabbitmq extra
+
+        return RabbitMQTransport(url, exchange=name, group=group)
+    raise ValueError(f"unknown transport kind {kind!r}")
 
 
 @pytest.mark.integration
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
 def test_attempt_in_another_process_is_a_child_of_the_producer_span(
-    redis_url: str, children: Children, tracing
+    kind: str, request: pytest.FixtureRequest, children: Children, tracing: Tracing
 ) -> None:
-    """A child process's attempts on a Redis stream are children of this process's producer span."""
-    from eventbus.transports import RedisStreamsTransport  # the redis extra
-
+    """A child process's attempts on a Redis stream or a RabbitMQ queue are children of this
+    process's producer span."""
+    url: str = request.getfixturevalue(f"{kind}_url")
     provider, exporter = tracing
-    stream, group = f"otel-{uuid.uuid4().hex}", "fulfilment"
+    name, group = f"otel-{uuid.uuid4().hex}", f"fulfilment-{uuid.uuid4().hex[:8]}"
     child = children.start(
         [
             sys.executable,
             "-m",
             "tests.test_otel_processes",
+            "--kind",
+            kind,
             "--url",
-            redis_url,
-            "--stream",
-            stream,
+            url,
+            "--name",
+            name,
             "--group",
             group,
         ],
         name="consumer",
     )
-    child.expect("ready")
+    child.expect("ready")  # consuming: with RabbitMQ, the group's queue is bound by now
 
-    producer_bus = EventBus(transport=RedisStreamsTransport(redis_url, stream=stream, group=group))
+    producer_bus = EventBus(transport=make_transport(kind, url, name, group))
     try:
         instrument(producer_bus, tracer_provider=provider)
-        with provider.get_tracer("tests").start_as_current_span("POST /orders") as request:
+        with provider.get_tracer("tests").start_as_current_span("POST /orders") as request_span:
             event = producer_bus.emit("order:created", {"id": 1})
     finally:
         producer_bus.close(timeout=10)
@@ -246,7 +333,7 @@ def test_attempt_in_another_process_is_a_child_of_the_producer_span(
     assert child.wait() == 0
 
     [producer] = of_kind(exporter, SpanKind.PRODUCER)
-    assert producer.context.trace_id == request.get_span_context().trace_id
+    assert producer.context.trace_id == request_span.get_span_context().trace_id
     attempts = sorted(
         (s for s in spans if s["kind"] == "CONSUMER"),
         key=lambda s: s["attributes"]["eventbus.attempt"],
@@ -283,19 +370,19 @@ def span_line(span: ReadableSpan) -> str:
 
 
 def consume(argv: list[str]) -> int:
-    """The Redis test's child: consume ``order:created`` with an instrumented bus whose
-    handler fails its first call (retried at once) and starts a span of its own."""
-    from eventbus.transports import RedisStreamsTransport
-
-    parser = argparse.ArgumentParser(description="a traced Redis consumer for test_otel_processes")
+    """The cross-process tests' child: consume ``order:created`` from a Redis stream or a
+    RabbitMQ queue (``--kind``) with an instrumented bus whose handler fails its first call
+    (retried at once) and starts a span of its own."""
+    parser = argparse.ArgumentParser(description="a traced consumer for test_otel_processes")
+    parser.add_argument("--kind", choices=["redis", "rabbitmq"], default="redis")
     parser.add_argument("--url", required=True)
-    parser.add_argument("--stream", required=True)
+    parser.add_argument("--name", required=True, help="the stream (redis) or exchange (rabbitmq)")
     parser.add_argument("--group", required=True)
     args = parser.parse_args(argv)
     log_to_stderr()
     provider, exporter = tracer_provider()
     tracer = provider.get_tracer("child")
-    transport = RedisStreamsTransport(args.url, stream=args.stream, group=args.group, block=0.05)
+    transport = make_transport(args.kind, args.url, args.name, args.group)
     bus = EventBus(
         transport=transport,
         max_workers=2,
@@ -314,7 +401,7 @@ def consume(argv: list[str]) -> int:
         out(f"handled {event.id}")
 
     bus.subscribe("order:created", fulfil, name="fulfil")
-    consume_until_stop(bus, transport.consumer)
+    consume_until_stop(bus, getattr(transport, "consumer", f"{args.kind}-{os.getpid()}"))
     bus.close(timeout=30)
     for span in exporter.get_finished_spans():
         out(span_line(span))
