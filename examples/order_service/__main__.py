@@ -2,6 +2,8 @@
 repository root (``make example`` creates ``.venv``).
 
 * ``demo``: place orders, ship some, drain, print a per-handler summary and the dead letters.
+  ``demo --trace`` (and ``serve --trace``) also writes OpenTelemetry spans to stderr, one
+  trace per order (needs ``opentelemetry-sdk``; see ``tracing.py``).
 * ``serve``: the HTTP API (``--port``, default 8000) until Ctrl-C or SIGTERM; durable: its
   event store is in the orders database, ``var/orders.sqlite3`` (each order is committed with
   its event), and a restart picks up what a crash left.
@@ -27,6 +29,7 @@ import sys
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eventbus import TransportError
 from examples.order_service.burst import BurstError, check, load_burst, place_burst, save_burst
@@ -39,6 +42,7 @@ from examples.order_service.demo import (
 )
 from examples.order_service.logging_setup import configure_logging
 from examples.order_service.server import serve
+from examples.order_service.tracing import TracingUnavailableError, console_tracer_provider
 from examples.order_service.wiring import (
     VAR_DIR,
     Settings,
@@ -48,6 +52,9 @@ from examples.order_service.wiring import (
     python_command,
 )
 from examples.order_service.worker import run_worker
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 BURST_FILE = VAR_DIR / "burst.json"
 #: The orders database of ``serve``, ``worker`` and ``check``: orders and events in one file.
@@ -100,9 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--tracebacks", action="store_true", help="show the traceback of every failed attempt"
     )
+    traced = argparse.ArgumentParser(add_help=False)
+    traced.add_argument(
+        "--trace",
+        action="store_true",
+        help="write OpenTelemetry spans to stderr, one trace per order (needs opentelemetry-sdk)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", parents=[common], help="run the demo and print a summary per handler"
+        "demo", parents=[common, traced], help="run the demo and print a summary per handler"
     )
     demo.add_argument(
         "--backoff",
@@ -146,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     server = commands.add_parser(
         "serve",
-        parents=[common, split],
+        parents=[common, split, traced],
         help="serve the HTTP API (with --redis or --amqp: publish only; workers run the handlers)",
     )
     server.add_argument("--host", default="127.0.0.1")
@@ -211,13 +224,28 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if settled else EXIT_FAILURE
     if args.command in ("serve", "worker"):
         _check_transport(args)
+    tracer_provider = None
+    if getattr(args, "trace", False):
+        try:
+            tracer_provider = console_tracer_provider()
+        except TracingUnavailableError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
     configure_logging(json=args.json, level=args.log_level, tracebacks=args.tracebacks)
+    try:
+        return _run_app(args, tracer_provider)
+    finally:
+        if tracer_provider is not None:
+            tracer_provider.shutdown()
+
+
+def _run_app(args: argparse.Namespace, tracer_provider: TracerProvider | None) -> int:
+    """``demo``, ``worker`` and ``serve``."""
     if args.command == "demo":
         settings = demo_settings(
             db_path=args.db, outbox_dir=args.outbox, latency=args.latency, backoff=args.backoff
         )
         remove_database(settings)  # each run starts from an empty database: same story
-        with build_app(settings) as app:
+        with build_app(settings, tracer_provider=tracer_provider) as app:
             result = run_demo(app, sys.stdout)
         return 0 if result.drained else 1
     if args.command == "worker":
@@ -249,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
         amqp_exchange=args.exchange,
         amqp_group=args.group,
     )
-    return serve(settings, host=args.host, port=args.port)
+    return serve(settings, host=args.host, port=args.port, tracer_provider=tracer_provider)
 
 
 def _burst(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -40,6 +40,7 @@ import tenacity
 
 from eventbus import DeadLetter, EventBus
 from examples.order_service.handlers import ALL_HANDLERS
+from examples.order_service.tracing import span
 from examples.order_service.wiring import (
     VAR_DIR,
     OrderApp,
@@ -115,6 +116,8 @@ class DemoResult:
     emails: list[Path]
     drained: bool
     seconds: float
+    #: Event id -> the id of the order it is about.
+    order_of: dict[str, str] = field(default_factory=dict)
 
 
 def demo_settings(
@@ -160,6 +163,9 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
     order_ids: list[str] = []
     event_ids: list[str] = []
     order_of: dict[str, str] = {}  # event id -> order id
+    # With tracing on (demo --trace): each order's "place order" span, the root of its trace.
+    tracer_provider = app.tracer_provider
+    trace_of: dict[str, Any] = {}  # order id -> the SpanContext of its "place order" span
 
     def as_request() -> AbstractContextManager[None]:
         # What the web layer does per request: bind a request id that every log line,
@@ -167,25 +173,18 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
         return structlog.contextvars.bound_contextvars(request_id=f"demo-{len(event_ids) + 1}")
 
     def place(order: _DemoOrder) -> None:
-        with as_request():
+        with as_request(), span(tracer_provider, "place order") as current:
             accepted = orders.create_order(order.as_json(), metadata=_request_metadata())
+            if current is not None:
+                current.set_attribute("order.id", accepted.order.id)
+                trace_of[accepted.order.id] = current.get_span_context()
         order_ids.append(accepted.order.id)
         event_ids.append(accepted.event.id)
         order_of[accepted.event.id] = accepted.order.id
         items = ", ".join(f"{qty} x {sku}" for sku, qty in order.items)
         _say(out, f"  {accepted.order.id}  {order.email:<21} {items:<22}  {order.story}")
 
-    _say(out, "eventbus order-service demo")
-    events = (
-        "in memory (no store)"
-        if app.events_path is None
-        else "in the same file, each one committed with its order"
-    )
-    _say(out, f"  database  {display_path(app.settings.db_path)}")
-    _say(out, f"  events    {events}")
-    _say(out, f"  outbox    {display_path(app.settings.outbox_dir)}")
-    _say(out, f"  backoff   {_describe(app.settings.retry_wait)} between attempts")
-    _say(out, "")
+    _header(out, app)
     _say(out, "1. Placing orders (create_order returns at once; handlers run on the bus):")
     for order in (ADA, GRACE, LINUS):
         place(order)
@@ -200,7 +199,16 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
 
     _say(out, "3. Shipping the first two orders:")
     for order_id in order_ids[:2]:
-        with as_request():
+        # Shipping joins the order's trace: one trace per order, placement to shipping.
+        with (
+            as_request(),
+            span(
+                tracer_provider,
+                "ship order",
+                parent=trace_of.get(order_id),
+                attributes={"order.id": order_id},
+            ),
+        ):
             accepted = orders.ship_order(order_id, metadata=_request_metadata())
         event_ids.append(accepted.event.id)
         order_of[accepted.event.id] = order_id
@@ -229,7 +237,21 @@ def run_demo(app: OrderApp, out: TextIO, *, timeout: float = 30.0) -> DemoResult
     for order_id in order_ids:
         stored = orders.get_order(order_id)
         _say(out, f"  {stored.id}  {stored.status:<8}  {stored.customer_email}")
-    return DemoResult(order_ids, event_ids, stats, dead_letters, emails, drained, seconds)
+    return DemoResult(order_ids, event_ids, stats, dead_letters, emails, drained, seconds, order_of)
+
+
+def _header(out: TextIO, app: OrderApp) -> None:
+    _say(out, "eventbus order-service demo")
+    events = (
+        "in memory (no store)"
+        if app.events_path is None
+        else "in the same file, each one committed with its order"
+    )
+    _say(out, f"  database  {display_path(app.settings.db_path)}")
+    _say(out, f"  events    {events}")
+    _say(out, f"  outbox    {display_path(app.settings.outbox_dir)}")
+    _say(out, f"  backoff   {_describe(app.settings.retry_wait)} between attempts")
+    _say(out, "")
 
 
 def summarise(bus: EventBus, event_ids: Iterable[str]) -> dict[str, HandlerStats]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 from werkzeug.serving import make_server
@@ -29,6 +30,9 @@ from werkzeug.serving import make_server
 from eventbus import TransportError
 from examples.order_service.web import create_app
 from examples.order_service.wiring import Settings, build_app, display_path, display_url
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["serve"]
 
@@ -55,12 +59,20 @@ def _request_stop(signum: int, _: FrameType | None) -> None:
     raise _StopRequested(signum)
 
 
-def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> int:
+def serve(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    tracer_provider: TracerProvider | None = None,
+) -> int:
     """Serve the API until SIGINT or SIGTERM, then shut down cleanly; return the exit code.
 
     Must run in the main thread (signal handlers live there). ``port=0`` picks a free port.
+    With a *tracer_provider* (``serve --trace``), each request is a span and its events'
+    spans join its trace (see ``tracing.py``).
     """
-    app = build_app(settings)
+    app = build_app(settings, tracer_provider=tracer_provider)
     try:
         web = create_app(app, fake_controls=settings.transport_url is None)
         server = make_server(host, port, web, threaded=True)

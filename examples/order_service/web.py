@@ -28,6 +28,10 @@ bound with ``structlog.contextvars``: it appears in this request's log lines *an
 lines of every handler of the events it emits, since eventbus runs handlers in a copy of the
 emitter's context. It is echoed in the ``X-Request-ID`` response header.
 
+With tracing on (``serve --trace``: ``orders_app.tracer_provider``), each request is also an
+OpenTelemetry span (``"POST /api/orders/<order_id>/ship"``, kind ``SERVER``), current while
+the view runs, so the events it emits, and every attempt of their handlers, are in its trace.
+
 Redis mode (``serve --redis URL``), or AMQP mode (``serve --amqp URL``): this process only
 publishes; the handlers run in worker processes, which keep their deliveries' status and dead
 letters in memory. The API does not pretend to know them: ``GET /api/orders/<id>`` shows the
@@ -130,6 +134,9 @@ def create_app(orders_app: OrderApp, *, fake_controls: bool = False) -> Flask:
     @app.teardown_request
     def unbind_request_id(_: BaseException | None) -> None:
         structlog.contextvars.clear_contextvars()
+
+    if orders_app.tracer_provider is not None:
+        _trace_requests(app, orders_app.tracer_provider)
 
     # -- orders --------------------------------------------------------------------------
 
@@ -253,6 +260,50 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> ResponseReturnValue:
         return {"error": error.description}, error.code or 500
+
+
+def _trace_requests(app: Flask, provider: Any) -> None:
+    """A ``SERVER`` span around each request, current from ``before_request`` to
+    ``teardown_request`` (the same thread and context). Imported only with tracing on."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    from examples.order_service.tracing import SCOPE
+
+    tracer = provider.get_tracer(SCOPE)
+
+    @app.before_request
+    def start_span() -> None:
+        route = request.url_rule.rule if request.url_rule is not None else request.path
+        span = tracer.start_span(
+            f"{request.method} {route}",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method,
+                "url.path": request.path,
+                "http.route": route,
+                "request_id": g.request_id,
+            },
+        )
+        g.span = span
+        g.span_token = otel_context.attach(trace.set_span_in_context(span))
+
+    @app.after_request
+    def record_status(response: Response) -> Response:
+        span = g.get("span")
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+        return response
+
+    @app.teardown_request
+    def end_span(_: BaseException | None) -> None:
+        span = g.pop("span", None)
+        if span is None:
+            return
+        otel_context.detach(g.pop("span_token"))
+        span.end()
 
 
 def _workers_note(orders_app: OrderApp) -> dict[str, str]:

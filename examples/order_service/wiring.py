@@ -55,6 +55,8 @@ from examples.order_service.orders import OrderService
 from examples.order_service.repository import SqliteOrderRepository
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from eventbus.transports import RabbitMQTransport
 
 __all__ = [
@@ -218,6 +220,9 @@ class OrderApp:
     transport: RedisStreamsTransport | RabbitMQTransport | None = None
     #: A worker's count of stale entries it took over from stopped workers at startup.
     taken_over: int = 0
+    #: With tracing on (``--trace``): the provider the bus is instrumented with, for the
+    #: spans the demo and the web layer open around each order (``tracing.span``).
+    tracer_provider: TracerProvider | None = None
     _report: ShutdownReport | None = field(default=None, init=False, repr=False)
 
     @property
@@ -285,6 +290,7 @@ def build_app(
     *,
     bus: EventBus | None = None,
     mailer: Mailer | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> OrderApp:
     """Build the service from *settings* and recover what an earlier process left (see the
     module docstring). Tests may pass their own *bus* (e.g. from
@@ -296,10 +302,14 @@ def build_app(
     it to the stream (or the exchange); it has no handlers (the workers of
     :func:`build_worker` run them). Raises ``ValueError`` for a durable in-memory database,
     or redis or AMQP mode without a store (``durable=False``).
+
+    With a *tracer_provider* the bus is instrumented with it (``eventbus.otel``) before
+    anything is emitted or recovered, and the app keeps it for its own spans (see
+    :mod:`examples.order_service.tracing`); ``opentelemetry`` is imported only then.
     """
     settings = settings or Settings()
     if bus is None and settings.transport_url is not None:
-        return _build_api(settings, mailer)
+        return _build_api(settings, mailer, tracer_provider)
     events_path = None
     if bus is None:
         events_path = settings.store_path()
@@ -310,6 +320,7 @@ def build_app(
             store=None if events_path is None else _store(events_path),
         )
     try:
+        _instrument(bus, tracer_provider)
         repository = SqliteOrderRepository(settings.db_path)
     except BaseException:
         bus.close()
@@ -324,6 +335,7 @@ def build_app(
         # With a store in the orders database, each event is committed with its order.
         orders=OrderService(repository, bus, transactional=events_path is not None),
         events_path=events_path,
+        tracer_provider=tracer_provider,
     )
     if events_path is not None and settings.recover:
         try:
@@ -337,7 +349,9 @@ def build_app(
     return app
 
 
-def _build_api(settings: Settings, mailer: Mailer | None) -> OrderApp:
+def _build_api(
+    settings: Settings, mailer: Mailer | None, tracer_provider: TracerProvider | None
+) -> OrderApp:
     """Redis or AMQP mode's API process: a bus with the store as its outbox and the
     transport."""
     events_path = settings.store_path()
@@ -361,6 +375,7 @@ def _build_api(settings: Settings, mailer: Mailer | None) -> OrderApp:
         store.close()
         raise
     try:
+        _instrument(bus, tracer_provider)
         repository = SqliteOrderRepository(settings.db_path)
     except BaseException:
         bus.close()
@@ -373,7 +388,16 @@ def _build_api(settings: Settings, mailer: Mailer | None) -> OrderApp:
         orders=OrderService(repository, bus),
         events_path=events_path,
         transport=transport,
+        tracer_provider=tracer_provider,
     )
+
+
+def _instrument(bus: EventBus, tracer_provider: TracerProvider | None) -> None:
+    if tracer_provider is not None:
+        # Imported here: opentelemetry is needed only with tracing on.
+        from examples.order_service.tracing import instrument_bus
+
+        instrument_bus(bus, tracer_provider)
 
 
 def _store(path: Path) -> SQLiteStore:
