@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Makes sure the servers the tests start are installed (the tests start and stop their own
-# instances on free ports; this script starts nothing). Installs them from the system's
-# packages when it may (root with apt-get); otherwise prints the one command to run and fails,
-# so a missing server never shows up later as skipped tests or a coverage failure.
+# instances on free ports; this script starts nothing), and the headless browser the
+# dashboard's browser test drives (Chromium and its chromedriver). Installs them from the
+# system's packages when it may (root with apt-get); otherwise prints the one command to run
+# and fails, so a missing server never shows up later as skipped tests or a coverage failure.
 set -euo pipefail
 
 # PostgreSQL counts as installed when initdb is on the PATH or in Debian's versioned
@@ -24,11 +25,21 @@ have_rabbitmq() {
     command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]
 }
 
+# Chromium counts as installed when chromium (Debian) or chromium-browser (Ubuntu) and
+# chromedriver are on the PATH; tests/support/browser.py looks for the same names.
+have_chromium() {
+    { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } &&
+        command -v chromedriver >/dev/null 2>&1
+}
+
 missing=()
 brew_missing=()
+brew_casks=()
 command -v redis-server >/dev/null 2>&1 || { missing+=(redis-server); brew_missing+=(redis); }
 have_postgres || { missing+=(postgresql); brew_missing+=(postgresql@15); }
 have_rabbitmq || { missing+=(rabbitmq-server); brew_missing+=(rabbitmq); }
+# Homebrew ships both as casks (apps), not formulae.
+have_chromium || { missing+=(chromium chromium-driver); brew_casks+=(chromium chromedriver); }
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
@@ -61,7 +72,11 @@ fi
 if command -v apt-get >/dev/null 2>&1; then
     echo "make test needs ${missing[*]}: run  sudo apt-get install ${missing[*]}" >&2
 elif command -v brew >/dev/null 2>&1; then
-    echo "make test needs ${missing[*]}: run  brew install ${brew_missing[*]}" >&2
+    commands=()
+    [ ${#brew_missing[@]} -eq 0 ] || commands+=("brew install ${brew_missing[*]}")
+    [ ${#brew_casks[@]} -eq 0 ] || commands+=("brew install --cask ${brew_casks[*]}")
+    joined=$(printf ' && %s' "${commands[@]}")
+    echo "make test needs ${missing[*]}: run  ${joined# && }" >&2
 else
     echo "make test needs ${missing[*]} on the PATH (Debian: sudo apt-get install ${missing[*]})" >&2
 fi

@@ -191,7 +191,9 @@ def create_app(store: DashboardStore | str | os.PathLike[str]) -> Flask:
 def _open(store: DashboardStore | str | os.PathLike[str]) -> tuple[DashboardStore, str] | str:
     """The store to show and how pages name it; or why a path cannot be shown."""
     if not isinstance(store, str | os.PathLike):
-        return store, repr(store)
+        # An SQLite store by its file; a PostgreSQL one by its repr, which hides the password.
+        path = getattr(store, "path", None)
+        return store, str(path) if path is not None else repr(store)
     path = Path(store)
     if not path.exists():
         return f"no store at {path}: the file does not exist"
