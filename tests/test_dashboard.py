@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import io
 import re
-import socket
 import sqlite3
-import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -25,6 +22,8 @@ from eventbus._cli import main
 from eventbus.dashboard import create_app
 from eventbus.stores import SQLiteStore
 from eventbus.testing import FakeClock, InlineExecutor
+from tests.support.children import Children
+from tests.support.net import free_port, wait_until_listening
 
 SECRET = "hunter2-do-not-show"
 SCRIPT = "<script>alert(1)</script>"
@@ -434,40 +433,22 @@ def test_dashboard_without_flask_names_the_extra(
     assert "pip install 'eventbus[dashboard]'" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.multiprocess
-def test_dashboard_serves_the_overview_over_http(path: Path) -> None:
-    port = _free_port()
-    child = subprocess.Popen(
+def test_dashboard_serves_the_overview_over_http(path: Path, children: Children) -> None:
+    port = free_port()
+    server = children.start(
         [sys.executable, "-m", "eventbus", "dashboard", "--store", str(path), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        name="dashboard",
+        stdin=False,
     )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                assert child.poll() is None, child.communicate()
-                assert time.monotonic() < deadline, "the dashboard did not listen in 20 s"
-                time.sleep(0.05)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
-            assert response.status == 200
-            html = response.read().decode()
-        assert "send_email" in html
-        assert '<meta http-equiv="refresh" content="10">' in html
-    finally:
-        child.terminate()
-        out, _ = child.communicate(timeout=10)
-    assert out.startswith(f"eventbus dashboard of {path} on http://127.0.0.1:{port}/")
+    wait_until_listening(server, port)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        assert response.status == 200
+        html = response.read().decode()
+    assert "send_email" in html
+    assert '<meta http-equiv="refresh" content="10">' in html
+    first = server.next_line(waiting_for="the dashboard's address")
+    assert first.startswith(f"eventbus dashboard of {path} on http://127.0.0.1:{port}/")
 
 
 # -- PostgresStore --------------------------------------------------------------------------
