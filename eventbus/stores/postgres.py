@@ -109,7 +109,7 @@ _RECONNECT_PAUSES = (0.05, 0.2, 1.0, 2.0, 5.0)
 _STOP = "stop:"
 #: The longest schema name: its notice channel ("eventbus." + schema) stays under 64 bytes.
 _MAX_SCHEMA = 54
-#: A notice's payload naming the session that sent it (it does not wake that session).
+#: A notice's payload naming the owner that sent it (it does not wake that owner's bus).
 _FROM = "from:"
 
 
@@ -197,7 +197,7 @@ class PostgresStore(RowReader):
         self._wake = threading.Event()  # a deferred write is queued
         self._threads: list[threading.Thread] = []
         self._leading: dict[str, psycopg.Connection[Any]] = {}  # role -> its lock's connection
-        self._me = ""  # the payload of this session's own notices
+        self._me = ""  # the payload of the notices this owner sends
         self._listening = threading.Event()  # the listener has run LISTEN
         self._listener: psycopg.Connection[Any] | None = None
         self._reporter: Reporter | None = None
@@ -470,7 +470,7 @@ class PostgresStore(RowReader):
         self._writes.flush()
 
     def lead(self, role: str) -> bool:
-        """Whether this session is the one of all processes sharing the store that does
+        """Whether this owner (this bus) is the one of all processes sharing the store that does
         *role* (``"relay"``: publishes the outbox, so that events reach the transport in
         commit order). The first to ask holds a session advisory lock on a connection of its
         own until it closes or that connection breaks; the others get ``False`` and ask again
@@ -833,7 +833,7 @@ class PostgresStore(RowReader):
                 taken.append((found.event.id, handler))
                 claim.deliveries.append(found)
             if waiting:
-                # Rows this claim locked and left: a session that skipped them meanwhile
+                # Rows this claim locked and left: an owner that skipped them meanwhile
                 # (SKIP LOCKED), or the holder of their key, must look again. Not this one:
                 # it would skip them again until the holder is done.
                 conn.execute("SELECT pg_notify(%s, %s)", (self._channel, _FROM + owner))
