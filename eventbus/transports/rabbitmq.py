@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -27,6 +26,7 @@ from eventbus._envelope import Envelope, from_envelope, to_envelope
 from eventbus._event import Event
 from eventbus.codec import JsonCodec
 from eventbus.exceptions import TransportError
+from eventbus.transports._urls import without_password
 from eventbus.typing import Reporter
 
 __all__ = ["RabbitMQTransport", "binding_key", "routing_key"]
@@ -134,7 +134,7 @@ class RabbitMQTransport:
         try:
             self._parameters = pika.URLParameters(url)
         except Exception as exc:  # noqa: BLE001 - pika raises assorted types for a bad URL
-            raise ValueError(f"not an AMQP URL: {_without_password(url)} ({exc})") from None
+            raise ValueError(f"not an AMQP URL: {without_password(url)} ({exc})") from None
         self._parameters.connection_attempts = 1
         self._parameters.socket_timeout = timeout
         self._parameters.stack_timeout = timeout
@@ -157,7 +157,7 @@ class RabbitMQTransport:
         self.max_deliveries = max_deliveries
         self.timeout = float(timeout)
         self.codec = codec if codec is not None else JsonCodec()
-        self._where = _without_password(url)
+        self._where = without_password(url)
         self._publish_lock = threading.Lock()
         self._publisher: pika.BlockingConnection | None = None
         self._publish_channel: BlockingChannel | None = None
@@ -553,17 +553,3 @@ def _describe(error: BaseException) -> str:
 
 def _text(value: object) -> str:
     return "" if value is None else str(value)[:_LOGGED_LIMIT]
-
-
-def _without_password(url: str) -> str:
-    """*url* with any password replaced by ``***`` (the host kept as written)."""
-    parts = urlsplit(url)
-    try:
-        password = parts.password
-    except ValueError:
-        return "<an unparsable URL>"
-    if password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -28,6 +27,7 @@ from eventbus._registry import handler_name
 from eventbus.codec import JsonCodec
 from eventbus.exceptions import CodecError, DuplicateInFlightError, TransportError
 from eventbus.transports._redis_rate import RedisRateLimiter, validate_rate
+from eventbus.transports._urls import without_password
 from eventbus.typing import HandlerT, RateLimiter, Reporter
 
 __all__ = ["RedisStreamsTransport"]
@@ -163,7 +163,7 @@ class RedisStreamsTransport:
         self._block = block
         self._trim = trim
         # Credentials left out of error messages, which may end up in logs or a health page.
-        self._where = _without_password(url)
+        self._where = without_password(url)
         # Typed as Any: redis-py's command methods return "Awaitable[T] | T" unions shared
         # with its asyncio client, which would need a cast at every call.
         self._redis: Any = self._client(self.socket_timeout)
@@ -696,16 +696,6 @@ def _loggable(text: str, limit: int) -> str:
 def _text(value: Any) -> str:
     """An entry id, or other text Redis itself made, as ``str`` (always ASCII)."""
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _without_password(url: str) -> str:
-    """*url* with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
