@@ -32,6 +32,7 @@ from eventbus.stores import MemoryStore, PostgresStore, SQLiteStore
 from eventbus.transports import RedisStreamsTransport
 from eventbus.typing import Store
 from tests.support.redis import RedisServer
+from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +47,7 @@ Connection = Any  # sqlite3.Connection or psycopg.Connection
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll *predicate* (Redis or store state) until it holds; fail naming *what* if the
-    deadline passes first."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting until {what}")
-        pause.wait(0.01)
+    poll_until(predicate, what, timeout, every=0.01)
 
 
 def relay_state(store: Store, event_id: str) -> str | None:

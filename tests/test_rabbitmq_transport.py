@@ -31,8 +31,10 @@ from structlog.testing import capture_logs
 from eventbus import Event, EventBus, TransportError
 from eventbus.transports import RabbitMQTransport
 from eventbus.transports.rabbitmq import binding_key, routing_key
+from tests.support import waiting as support
 from tests.support.net import free_port
 from tests.support.rabbitmq import RabbitMQServer
+from tests.support.waiting import poll_until
 
 #: Upper bound for waits that normally end at once; only a broken transport waits this long.
 WAIT = 15.0
@@ -42,43 +44,11 @@ SECRET = "s3cret-Pa55"
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll *predicate* (a queue's length, captured logs) until it holds; fail naming *what*
-    if the deadline passes first."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting until {what}")
-        pause.wait(0.02)
+    poll_until(predicate, what, timeout, every=0.02)
 
 
-class Tally:
-    """A thread-safe handler that records its events and signals once *expected* arrived."""
-
-    def __init__(self, expected: int = 1) -> None:
-        self._lock = threading.Lock()
-        self._expected = expected
-        self.events: list[Event] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: Event) -> None:
-        with self._lock:
-            self.events.append(event)
-            if len(self.events) >= self._expected:
-                self.done.set()
-
-    @property
-    def ids(self) -> list[str]:
-        with self._lock:
-            return [e.id for e in self.events]
-
-    @property
-    def names(self) -> list[str]:
-        with self._lock:
-            return [e.name for e in self.events]
-
-    def wait(self, what: str, timeout: float = WAIT) -> None:
-        assert self.done.wait(timeout), f"timed out after {timeout}s waiting until {what}"
+class Tally(support.Tally):
+    timeout = WAIT
 
 
 class Broker:

@@ -36,7 +36,9 @@ from eventbus import (
 from eventbus.stores import MemoryStore
 from eventbus.testing import FakeClock, InlineExecutor
 from eventbus.transports import RedisStreamsTransport
+from tests.support import waiting as support
 from tests.support.redis import RedisServer
+from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -57,38 +59,11 @@ class OrderPlaced:
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll *predicate* (Redis state, a counter) until it holds; fail naming *what* if the
-    deadline passes first."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting until {what}")
-        pause.wait(0.01)
+    poll_until(predicate, what, timeout, every=0.01)
 
 
-class Tally:
-    """A thread-safe handler that records its events and signals once *expected* arrived."""
-
-    def __init__(self, expected: int = 1) -> None:
-        self._lock = threading.Lock()
-        self._expected = expected
-        self.events: list[Event] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: Event) -> None:
-        with self._lock:
-            self.events.append(event)
-            if len(self.events) >= self._expected:
-                self.done.set()
-
-    @property
-    def ids(self) -> list[str]:
-        with self._lock:
-            return [e.id for e in self.events]
-
-    def wait(self, what: str) -> None:
-        assert self.done.wait(WAIT), f"timed out after {WAIT}s waiting until {what}"
+class Tally(support.Tally):
+    timeout = WAIT
 
 
 class Streams:

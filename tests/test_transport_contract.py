@@ -34,7 +34,9 @@ from eventbus import Event, EventBus, RetryPolicy, TransportError, signals
 from eventbus.transports import RabbitMQTransport, RedisStreamsTransport
 from eventbus.transports.rabbitmq import routing_key
 from eventbus.typing import Transport
+from tests.support import waiting as support
 from tests.support.net import free_port
+from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -57,41 +59,11 @@ class OrderPlaced:
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll *predicate* (server state, captured logs) until it holds; fail naming *what* if
-    the deadline passes first."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting until {what}")
-        pause.wait(0.02)
+    poll_until(predicate, what, timeout, every=0.02)
 
 
-class Tally:
-    """A thread-safe handler that records its events (and when each arrived, wall clock) and
-    signals once *expected* have arrived."""
-
-    def __init__(self, expected: int = 1) -> None:
-        self._lock = threading.Lock()
-        self._expected = expected
-        self.events: list[Event] = []
-        self.times: list[float] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: Event) -> None:
-        with self._lock:
-            self.events.append(event)
-            self.times.append(time.time())
-            if len(self.events) >= self._expected:
-                self.done.set()
-
-    @property
-    def ids(self) -> list[str]:
-        with self._lock:
-            return [e.id for e in self.events]
-
-    def wait(self, what: str) -> None:
-        assert self.done.wait(WAIT), f"timed out after {WAIT}s waiting until {what}"
+class Tally(support.Tally):
+    timeout = WAIT
 
 
 # -- the kinds -------------------------------------------------------------------------------
