@@ -16,12 +16,15 @@
 * :mod:`tests.support.net`: free ports, waiting for a child server to listen, HTTP calls;
   :mod:`tests.support.http`: polling a child server's JSON over HTTP with httpx.
 * :mod:`tests.support.executors`: an executor that holds jobs until the test runs them;
-  :mod:`tests.support.damaged_rows`: stored events with one field damaged.
+  :mod:`tests.support.damaged_rows`: stored events with one field damaged;
+  :mod:`tests.support.waiting`: a recording handler that signals once enough arrived, and a
+  bounded poll; :mod:`tests.support.browser`: headless Chromium for the dashboard.
 * ``crash_worker``, ``ordered_worker``, ``postgres_worker``, ``rabbitmq_worker``,
   ``rate_consumer``, ``redis_worker``, ``redis_poison_worker``: the scripts tests run as child
   processes (``python -m tests.support.<script>``, see :func:`~tests.support.children.script`).
 
 Nothing here imports pytest at import time except :mod:`tests.support.redis`,
-:mod:`tests.support.postgres`, :mod:`tests.support.rabbitmq` and
-:mod:`tests.support.damaged_rows`, so the worker scripts stay quick to start.
+:mod:`tests.support.postgres`, :mod:`tests.support.rabbitmq`,
+:mod:`tests.support.damaged_rows`, :mod:`tests.support.waiting` and
+:mod:`tests.support.browser`, so the worker scripts stay quick to start.
 """
