@@ -76,8 +76,12 @@ class GroupCommit(Generic[C]):
             self._queue.append(Write(write, several_statements=False, waiter=None))
 
     def flush(self) -> None:
-        """Commit whatever is queued; return once it is committed."""
-        if self._queue:
+        """Commit whatever is queued, and wait for a batch being committed now (it may hold
+        a deferred write queued before this call); return once both are committed."""
+        with self._mutex:
+            busy = bool(self._queue) or self._leading
+        if busy:
+            # Queued behind the batch in flight: a leader takes it only after that commit.
             self.commit(_nothing)
 
     def _waiter(self) -> threading.Lock:
