@@ -25,12 +25,14 @@ def scenarios() -> list[tuple[str, Callable[[Sizes], Section]]]:
         redis_streams,
         retry_storm,
         subscriptions,
+        tracing,
     )
 
     return [
         ("thread dispatch, 1 handler", lambda s: dispatch.thread_dispatch(s, 1)),
         ("thread dispatch, 4 handlers", lambda s: dispatch.thread_dispatch(s, 4)),
         ("thread dispatch, 2 workers", dispatch.thread_dispatch_two_workers),
+        ("instrumentation (OpenTelemetry)", tracing.instrumentation),
         ("emit() latency", latency.emit_latency),
         ("emit cost vs subscriptions", subscriptions.subscription_growth),
         ("inline mode", dispatch.inline),

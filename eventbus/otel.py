@@ -34,11 +34,12 @@ With no instrumentation the bus pays nothing for it: the hooks are chosen when
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from contextvars import Token
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -90,17 +91,35 @@ def uninstrument(bus: EventBus) -> None:
 
 
 class _Produce:
-    """One emit's producer span, as the bus sees it."""
+    """One emit's producer span, as the bus sees it: a context manager (a class rather than
+    a generator: this runs around every emit) that makes the span current."""
 
-    __slots__ = ("span",)
+    __slots__ = ("span", "token")
 
     def __init__(self, span: trace.Span) -> None:
         self.span = span
+        self.token: Token[otel_context.Context]  # set by __enter__
+
+    def __enter__(self) -> _Produce:
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        otel_context.detach(self.token)
+        if exc is not None:  # the emit was refused: the span says why
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        self.span.end()
 
     def inject(self, metadata: Mapping[str, str] | None) -> dict[str, str]:
         """*metadata* with this span's context added (``traceparent``)."""
         carrier = dict(metadata or {})
-        propagate.inject(carrier)
+        propagate.inject(carrier)  # the span is current
         return carrier
 
     def sent(self, event: Event) -> None:
@@ -110,16 +129,34 @@ class _Produce:
 
 
 class _Attempt:
-    """One attempt's consumer span, as the bus sees it."""
+    """One attempt's consumer span, as the bus sees it: a context manager (a class rather
+    than a generator: this runs around every attempt) that makes the span current."""
 
-    __slots__ = ("done", "handler", "span", "started", "tracing")
+    __slots__ = ("done", "handler", "key", "span", "started", "token", "tracing")
 
-    def __init__(self, tracing: _Tracing, span: trace.Span, handler: str) -> None:
+    def __init__(self, tracing: _Tracing, span: trace.Span, handler: str, key: Any) -> None:
         self.tracing = tracing
         self.span = span
         self.handler = handler
+        self.key = key
         self.started = time.perf_counter()
         self.done = False
+        self.token: Token[otel_context.Context]  # set by __enter__
+
+    def __enter__(self) -> _Attempt:
+        running = self.tracing.running
+        with self.tracing.lock:
+            running[self.key] = self
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        otel_context.detach(self.token)
+        running = self.tracing.running
+        with self.tracing.lock:
+            if running.get(self.key) is self:
+                del running[self.key]
+        self.span.end()
 
     def ended(self, state: str) -> None:
         """The attempt is over and its delivery is now *state*. Once per attempt."""
@@ -130,10 +167,10 @@ class _Attempt:
         # is retrying: both are the "retrying" outcome.
         outcome = _OUTCOMES.get(state, state)
         self.span.set_attribute("eventbus.outcome", outcome)
-        attributes = {**self.tracing.bus_attributes, "eventbus.handler": self.handler}
-        attributes["eventbus.outcome"] = outcome
-        self.tracing.deliveries.add(1, attributes)
-        self.tracing.duration.record(time.perf_counter() - self.started, attributes)
+        tracing = self.tracing
+        attributes = tracing.outcome_attributes(self.handler, outcome)
+        tracing.deliveries.add(1, attributes)
+        tracing.duration.record(time.perf_counter() - self.started, attributes)
 
 
 class _Tracing:
@@ -158,8 +195,12 @@ class _Tracing:
             "eventbus.delivery.wait", unit="s", description="From emit to the first attempt"
         )
         self.bus_attributes = {"eventbus.bus": bus._name}
-        self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], _Attempt] = {}
+        # Metric attributes per handler (and outcome), made once: they are the same for
+        # every attempt. Unbounded only if handler names are, and they are the bus's own.
+        self._handler_attributes: dict[str, dict[str, str]] = {}
+        self._outcome_attributes: dict[tuple[str, str], dict[str, str]] = {}
+        self.lock = threading.Lock()
+        self.running: dict[tuple[str, str], _Attempt] = {}
         self._gauges = _gauges_for(meter_provider, meter)
         self._gauges.add(self)
         # Failures, retries and dead letters are told through the bus's signals, on the
@@ -187,10 +228,23 @@ class _Tracing:
             dead = None
         return active, retrying, dead
 
+    def handler_attributes(self, handler: str) -> dict[str, str]:
+        attributes = self._handler_attributes.get(handler)
+        if attributes is None:
+            attributes = {**self.bus_attributes, "eventbus.handler": handler}
+            self._handler_attributes[handler] = attributes
+        return attributes
+
+    def outcome_attributes(self, handler: str, outcome: str) -> dict[str, str]:
+        attributes = self._outcome_attributes.get((handler, outcome))
+        if attributes is None:
+            attributes = {**self.handler_attributes(handler), "eventbus.outcome": outcome}
+            self._outcome_attributes[handler, outcome] = attributes
+        return attributes
+
     # -- the bus's hooks -----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def produce(self, event: object) -> Iterator[_Produce]:
+    def produce(self, event: object) -> _Produce:
         """Around one emit: a producer span, current while the event is made and sent."""
         name = event if isinstance(event, str) else _name_of(event)
         attributes = {
@@ -198,17 +252,13 @@ class _Tracing:
             "messaging.operation.type": "send",
             "messaging.destination.name": name,
         }
-        with self.tracer.start_as_current_span(
-            f"{name} publish", kind=SpanKind.PRODUCER, attributes=attributes
-        ) as span:
-            yield _Produce(span)
+        return _Produce(
+            self.tracer.start_span(f"{name} publish", kind=SpanKind.PRODUCER, attributes=attributes)
+        )
 
-    @contextlib.contextmanager
-    def attempt(
-        self, event: Event, handler: str, attempt: int, waited: float | None
-    ) -> Iterator[_Attempt]:
+    def attempt(self, event: Event, handler: str, attempt: int, waited: float | None) -> _Attempt:
         """Around one attempt: a consumer span in the event's trace, current meanwhile."""
-        parent = propagate.extract(dict(event.metadata))
+        parent = propagate.extract(event.metadata)
         span = self.tracer.start_span(
             f"{event.name} process",
             context=parent,
@@ -223,20 +273,8 @@ class _Tracing:
             },
         )
         if waited is not None:
-            self.wait.record(waited, {**self.bus_attributes, "eventbus.handler": handler})
-        attempt_ = _Attempt(self, span, handler)
-        key = (event.id, handler)
-        with self._lock:
-            self._running[key] = attempt_
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            yield attempt_
-        finally:
-            otel_context.detach(token)
-            with self._lock:
-                if self._running.get(key) is attempt_:
-                    del self._running[key]
-            span.end()
+            self.wait.record(waited, self.handler_attributes(handler))
+        return _Attempt(self, span, handler, (event.id, handler))
 
     # -- signal receivers ----------------------------------------------------------------
 
@@ -244,8 +282,8 @@ class _Tracing:
         """The span of the attempt of *handler* on *event* running now, if any: found by
         delivery, not as the current span, since a timeout fails an attempt from the
         clock's thread and close() may run under a span of the application's."""
-        with self._lock:
-            attempt = self._running.get((event.id, handler))
+        with self.lock:
+            attempt = self.running.get((event.id, handler))
         return None if attempt is None else attempt.span
 
     def _failed(self, sender: object, *, event: Event, delivery: Any, error: BaseException) -> None:
@@ -272,7 +310,7 @@ class _Tracing:
             return
         # Outside an attempt (close() abandoning it, recovery quarantining a row): a span of
         # its own in the event's trace.
-        parent = propagate.extract(dict(event.metadata))
+        parent = propagate.extract(event.metadata)
         with self.tracer.start_as_current_span(
             f"{event.name} dead_letter", context=parent, kind=SpanKind.INTERNAL
         ) as own:

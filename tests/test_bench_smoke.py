@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = (
     "thread dispatch, 1 handler",
     "thread dispatch, 4 handlers",
+    "instrumentation, 4 handlers",
     "emit() latency p50, 4 handlers, workers busy",
     "emit() latency p99, 4 handlers, workers busy",
     "emit cost vs subscriptions, 4 matching",
@@ -121,6 +122,22 @@ def test_every_scenario_is_reported(quick: tuple[dict[str, Any], str, Path]) -> 
         assert {r["dispatcher"] for r in doc["results"] if r["scenario"] == name} == (
             THREAD_DISPATCHERS
         )
+
+
+def test_instrumentation_rows(quick: tuple[dict[str, Any], str, Path]) -> None:
+    """The instrumentation scenario reports the untraced body, off, off again and on, each
+    as a ratio to the untraced body."""
+    doc, _, _ = quick
+    rows = [r for r in doc["results"] if r["scenario"] == "instrumentation, 4 handlers"]
+    assert [r["dispatcher"] for r in rows] == [
+        "eventbus, emit's untraced body (no tracing code on the path)",
+        "eventbus emit(), never instrumented",
+        "eventbus emit(), instrumented then uninstrumented",
+        "info: eventbus emit(), instrumented, no-op providers",
+        "info: eventbus emit(), instrumented, SDK providers (no exporter)",
+    ]
+    assert {r["ratio_to"] for r in rows} == {rows[0]["dispatcher"]}
+    assert rows[0]["ratio"] == 1.0
 
 
 def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str, Path]) -> None:
