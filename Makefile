@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test servers lint types unit unit-fast example example-fastapi bench clean
+.PHONY: test servers lint types unit unit-fast example example-dashboard example-fastapi bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ unit-fast: $(VENV)/.dev
 ## The order-service demo: creates orders, ships some, drains, prints a summary.
 example: $(VENV)/.dev
 	$(BIN)/python -m examples.order_service demo
+
+## The dashboard on the demo's database (run `make example` first): http://127.0.0.1:8089/
+example-dashboard: $(VENV)/.dev
+	$(BIN)/python -m eventbus dashboard --store examples/order_service/var/demo.sqlite3
 
 ## The asyncio example: a FastAPI service on http://127.0.0.1:8000 (Ctrl-C stops it).
 example-fastapi: $(VENV)/.dev

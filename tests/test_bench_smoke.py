@@ -27,6 +27,7 @@ SCENARIOS = (
     "thread dispatch, 1 handler",
     "thread dispatch, 4 handlers",
     "instrumentation, 4 handlers",
+    "instrumentation off, one emit() call, no handlers",
     "emit() latency p50, 4 handlers, workers busy",
     "emit() latency p99, 4 handlers, workers busy",
     "emit cost vs subscriptions, 4 matching",
@@ -126,18 +127,35 @@ def test_every_scenario_is_reported(quick: tuple[dict[str, Any], str, Path]) -> 
 
 def test_instrumentation_rows(quick: tuple[dict[str, Any], str, Path]) -> None:
     """The instrumentation scenario reports the untraced body, off, off again and on, each
-    as a ratio to the untraced body."""
+    as a ratio to the untraced body; then one emit() call against one untraced call, and the
+    difference as a share of the untraced body's dispatch."""
     doc, _, _ = quick
     rows = [r for r in doc["results"] if r["scenario"] == "instrumentation, 4 handlers"]
+    reference = "eventbus, emit's untraced body (no tracing code on the path)"
     assert [r["dispatcher"] for r in rows] == [
-        "eventbus, emit's untraced body (no tracing code on the path)",
+        reference,
         "eventbus emit(), never instrumented",
         "eventbus emit(), instrumented then uninstrumented",
         "info: eventbus emit(), instrumented, no-op providers",
         "info: eventbus emit(), instrumented, SDK providers (no exporter)",
     ]
-    assert {r["ratio_to"] for r in rows} == {rows[0]["dispatcher"]}
+    assert {r["ratio_to"] for r in rows} == {reference}
     assert rows[0]["ratio"] == 1.0
+    calls = [
+        r
+        for r in doc["results"]
+        if r["scenario"] == "instrumentation off, one emit() call, no handlers"
+    ]
+    assert [(r["dispatcher"], r["unit"]) for r in calls] == [
+        ("eventbus, emit's untraced body", "ns/call"),
+        ("eventbus emit(), never instrumented", "ns/call"),
+        (f"the difference, as a share of '{reference}' above", "% of us/event"),
+    ]
+    detail = calls[2]["detail"]
+    assert detail["extra_ns_per_emit"] == pytest.approx(calls[1]["value"] - calls[0]["value"])
+    assert detail["dispatch_us_per_event"] == rows[0]["value"]
+    share = detail["extra_ns_per_emit"] / (rows[0]["value"] * 1e3) * 100
+    assert calls[2]["value"] == pytest.approx(share)
 
 
 def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str, Path]) -> None:
@@ -148,6 +166,8 @@ def test_numbers_are_positive_and_counts_match(quick: tuple[dict[str, Any], str,
             assert not _available(row["scenario"]), row
             continue
         assert math.isfinite(row["value"]), row
+        if row["unit"] == "% of us/event":  # a difference: below zero when noise wins
+            continue
         assert row["value"] > 0, row
         assert row["ok"] is True, row
         if row["ratio"] is not None:
