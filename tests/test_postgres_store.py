@@ -189,6 +189,7 @@ def test_first_use_creates_the_tables_in_the_named_schema(make_store, postgres_d
         "deliveries",
         "dead_letters",
         "owners",
+        "attempts",
     }
     assert tables(postgres_dsn, "public") == set()
     assert not schema_exists(postgres_dsn, "eventbus")

@@ -1144,7 +1144,7 @@ def test_sqlite_store_shares_a_file_with_the_applications_tables(db_path):
         tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         rows = db.execute("SELECT id FROM customers").fetchall()
     db.close()
-    assert tables == {"customers", "events", "deliveries", "dead_letters", "owners"}
+    assert tables == {"customers", "events", "deliveries", "dead_letters", "owners", "attempts"}
     assert rows == [(7,)]
 
 
@@ -1164,3 +1164,96 @@ def test_sqlite_create_false_refuses_memory(tmp_path):
     """create=False with ":memory:" (always a new, empty database) raises ValueError."""
     with pytest.raises(ValueError, match="create=False"):
         SQLiteStore(":memory:", create=False)
+
+
+# -- attempt history (SQL stores) ------------------------------------------------------------
+
+SQL_KINDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)]
+
+
+def _sql(sessions: Sessions, query: str) -> list[tuple[Any, ...]]:
+    """Rows of *query* (with ``{t}`` before table names) on the sessions' data, read apart."""
+    if sessions.dsn is None:
+        with sqlite3.connect(sessions.path) as db:
+            found = db.execute(query.format(t="")).fetchall()
+        db.close()
+        return found
+    import psycopg
+
+    with psycopg.connect(sessions.dsn, autocommit=True) as conn:
+        cursor = conn.execute(query.format(t=f"{sessions.options['schema']}."))
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def history(sessions: Sessions) -> list[tuple[str, str, int, str]]:
+    return [
+        (e, h, int(n), err)
+        for e, h, n, err in _sql(
+            sessions,
+            "SELECT event_id, handler, attempt, error FROM {t}attempts ORDER BY failed_at, attempt",
+        )
+    ]
+
+
+def _as_schema_version_1(sessions: Sessions) -> None:
+    """Turn the sessions' store back into what schema version 1 wrote: no attempts table."""
+    if sessions.dsn is None:
+        with sqlite3.connect(sessions.path) as db:
+            db.execute("DROP TABLE attempts")
+            db.execute("PRAGMA user_version = 1")
+        db.close()
+    else:
+        _sql(sessions, "DROP TABLE {t}attempts")
+        _sql(sessions, "UPDATE {t}meta SET version = 1")
+
+
+@pytest.mark.parametrize("kind", SQL_KINDS)
+def test_each_failed_attempt_is_kept_in_the_history(make_sessions, kind):
+    """retrying() and dead() each add the failure (attempt number, error) to the history; a
+    delivery delayed before its first attempt (attempts 0) adds nothing."""
+    sessions = make_sessions(kind)
+    store = sessions.first()
+    ev = event()
+    store.add(ev, ["h", "later"])
+    store.retrying(ev.id, "later", 0, "", 0.0)
+    for n in (1, 2):
+        store.started(ev.id, "h", n)
+        store.retrying(ev.id, "h", n, f"TimeoutError: try {n}", 0.0)
+    store.started(ev.id, "h", 3)
+    store.dead(letter(ev))
+    assert history(sessions) == [
+        (ev.id, "h", 1, "TimeoutError: try 1"),
+        (ev.id, "h", 2, "TimeoutError: try 2"),
+        (ev.id, "h", 3, "ValueError: bad"),
+    ]
+
+
+@pytest.mark.parametrize("kind", SQL_KINDS)
+def test_a_schema_version_1_store_is_used_without_history_then_upgraded(make_sessions, kind):
+    """Opened with create=False, a store written by schema version 1 works as before and
+    writes no history; opened with create=True it gains the attempts table."""
+    sessions = make_sessions(kind)
+    sessions.first().close()
+    _as_schema_version_1(sessions)
+    old: Store
+    if kind == "postgres":
+        old = PostgresStore(sessions.dsn, create=False, schema=sessions.options["schema"])
+    else:
+        old = SQLiteStore(sessions.path, create=False)
+    try:
+        old.open()
+        ev = event()
+        old.add(ev, ["h"])
+        old.retrying(ev.id, "h", 1, "TimeoutError: once", 0.0)
+        old.dead(letter(ev))
+        assert old.status(ev.id)["h"].state == "dead"
+    finally:
+        old.close()
+    sessions.first().close()  # create=True: brings the schema up to date
+    assert history(sessions) == []
+    version = (
+        _sql(sessions, "PRAGMA user_version")
+        if kind == "sqlite"
+        else _sql(sessions, "SELECT version FROM {t}meta")
+    )
+    assert version == [(2,)]

@@ -39,8 +39,10 @@ from eventbus.typing import Reporter
 
 __all__ = ["PostgresStore"]
 
-#: The layout of the tables, kept in the ``meta`` table of the store's schema.
-SCHEMA_VERSION = 1
+#: The layout of the tables, kept in the ``meta`` table of the store's schema. Version 2
+#: added ``attempts`` (every failed attempt, for the dashboard): a version 1 store gets it
+#: when opened with ``create=True``, and one opened with ``create=False`` is used without it.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {s}.meta (
@@ -90,7 +92,16 @@ CREATE INDEX IF NOT EXISTS dead_letters_event ON {s}.dead_letters (event_id);
 CREATE TABLE IF NOT EXISTS {s}.owners (
     owner text PRIMARY KEY,
     heartbeat double precision NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS {s}.attempts (
+    seq bigint GENERATED ALWAYS AS IDENTITY,
+    event_id text NOT NULL,
+    handler text NOT NULL,
+    attempt integer NOT NULL,
+    error text NOT NULL,
+    failed_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON {s}.attempts (event_id, handler)
 """
 
 _OPEN_STATES = "('pending', 'running', 'retrying')"
@@ -190,6 +201,7 @@ class PostgresStore(RowReader):
         self._owner: str | None = None
         self._emits = 0
         self._store_id = ""
+        self._history = False  # the attempts table (schema version 2), known on opening
         self._server: tuple[str, str] = ("", "")  # (database, port) the pool talks to
         self._notified = threading.Event()  # a notice arrived since the last claim
         self._next_full_claim = 0.0
@@ -224,7 +236,9 @@ class PostgresStore(RowReader):
             # One connection of our own first: it says why it failed (no such database, a
             # wrong password), where the pool would only time out.
             with self._connect() as conn:
-                self._store_id = _create_schema(conn, self._s, self.schema, create=self._create)
+                self._store_id, self._history = _create_schema(
+                    conn, self._s, self.schema, create=self._create
+                )
                 self._server = (conn.info.dbname, str(conn.info.port))
             pool.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
@@ -702,12 +716,21 @@ class PostgresStore(RowReader):
     def retrying(
         self, event_id: str, handler: str, attempts: int, error: str, due_at: float
     ) -> None:
-        """Commit a failed attempt that will be retried at wall-clock time *due_at*."""
-        self._update(
+        """Commit a failed attempt that will be retried at wall-clock time *due_at*, and the
+        failure in the attempt history (attempt number *attempts*; 0 is a delivery delayed
+        before its first attempt, not a failure)."""
+        update = self._q(
             "UPDATE {s}.deliveries SET state = 'retrying', attempts = %s, error = %s, "
-            "due_at = %s WHERE event_id = %s AND handler = %s",
-            (attempts, error, due_at, event_id, handler),
+            "due_at = %s WHERE event_id = %s AND handler = %s"
         )
+        history = self._history and attempts > 0
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(update, (attempts, error, due_at, event_id, handler))
+            if history:
+                self._insert_attempt(conn, event_id, handler, attempts, error, time.time())
+
+        self._writes.commit(write)
 
     def dead(self, dead_letter: DeadLetter) -> None:
         """Commit a dead letter and mark its delivery dead."""
@@ -1000,14 +1023,35 @@ class PostgresStore(RowReader):
                 "AND NOT EXISTS (SELECT 1 FROM {s}.deliveries d WHERE d.event_id = e.id "
                 f"AND d.state IN {_OPEN_STATES}) "
                 "AND NOT EXISTS (SELECT 1 FROM {s}.dead_letters x WHERE x.event_id = e.id)), "
-                "gone AS (DELETE FROM {s}.deliveries WHERE event_id IN (SELECT id FROM doomed)) "
+                "gone AS (DELETE FROM {s}.deliveries WHERE event_id IN (SELECT id FROM doomed)), "
+                "forgotten AS "
+                "(DELETE FROM {s}.attempts WHERE event_id IN (SELECT id FROM doomed)) "
                 "DELETE FROM {s}.events WHERE id IN (SELECT id FROM doomed)"
             ),
             (time.time() - self._retention_seconds, self._retention),
         )
 
-    def _insert_dead_letter(self, conn: psycopg.Connection[Any], letter: DeadLetter) -> None:
+    def _insert_attempt(  # noqa: PLR0917 - one row's columns
+        self,
+        conn: psycopg.Connection[Any],
+        event_id: str,
+        handler: str,
+        attempt: int,
+        error: str,
+        failed_at: float,
+    ) -> None:
         conn.execute(
+            self._q(
+                "INSERT INTO {s}.attempts (event_id, handler, attempt, error, failed_at) "
+                "VALUES (%s, %s, %s, %s, %s)"
+            ),
+            (event_id, handler, attempt, error, failed_at),
+        )
+
+    def _insert_dead_letter(self, conn: psycopg.Connection[Any], letter: DeadLetter) -> None:
+        """The dead letter, its delivery marked dead, and its last failure in the history
+        (once: a dead letter already stored is left as it is)."""
+        inserted = conn.execute(
             self._q(
                 "INSERT INTO {s}.dead_letters "
                 "(id, event_id, handler, attempts, error, reason, traceback, failed_at) "
@@ -1031,6 +1075,11 @@ class PostgresStore(RowReader):
             ),
             (letter.attempts, letter.error, letter.event.id, letter.handler),
         )
+        if self._history and inserted.rowcount:
+            failed_at = letter.failed_at.timestamp()
+            self._insert_attempt(
+                conn, letter.event.id, letter.handler, letter.attempts, letter.error, failed_at
+            )
 
     def _quarantine(
         self,
@@ -1068,11 +1117,12 @@ def _run(op: Write[psycopg.Connection[Any]], conn: psycopg.Connection[Any]) -> N
 
 def _create_schema(
     conn: psycopg.Connection[Any], s: sql.Identifier, name: str, *, create: bool
-) -> str:
+) -> tuple[str, bool]:
     """Create the schema and tables if missing (one process at a time: an advisory lock),
-    stamp the version, and return the store's id. ``RuntimeError`` for a newer version,
-    ``ValueError`` for a schema holding other tables and none of ours, or (not *create*) for
-    no store at all."""
+    bring an older version up to date, stamp the version, and return the store's id and
+    whether it has the attempt history (an older store opened without *create* has not).
+    ``RuntimeError`` for a newer version, ``ValueError`` for a schema holding other tables
+    and none of ours, or (not *create*) for no store at all."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"eventbus:{name}",))
         tables = {
@@ -1097,8 +1147,8 @@ def _create_schema(
                         f"schema {name!r} was written with store schema version {version}; "
                         f"this eventbus reads version {SCHEMA_VERSION}: upgrade eventbus"
                     )
-                if version == SCHEMA_VERSION:
-                    return cast(str, store_id)
+                if version == SCHEMA_VERSION or not create:
+                    return cast(str, store_id), "attempts" in tables
         if not create:
             raise ValueError(
                 f"no eventbus store in schema {name!r} of database {conn.info.dbname!r}"
@@ -1117,7 +1167,7 @@ def _create_schema(
         )
         row = conn.execute(sql.SQL("SELECT store_id FROM {}.meta").format(s)).fetchone()
         assert row is not None
-        return cast(str, row[0])
+        return cast(str, row[0]), True
 
 
 def _safe_dsn(dsn: str) -> str:

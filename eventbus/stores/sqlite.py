@@ -66,11 +66,21 @@ CREATE TABLE IF NOT EXISTS owners (
     owner TEXT PRIMARY KEY,
     heartbeat REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS attempts (
+    event_id TEXT NOT NULL,
+    handler TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (event_id, handler);
 """
 
-#: The layout of the tables above, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
-#: The tables of an eventbus store, all present in every schema version so far.
+#: The layout of the tables above, kept in ``PRAGMA user_version``. Version 2 added
+#: ``attempts`` (every failed attempt, for the dashboard); opening a version 1 file with
+#: ``create=True`` adds it, and one opened with ``create=False`` is used without it.
+SCHEMA_VERSION = 2
+#: The tables of an eventbus store present in every schema version.
 _TABLES = frozenset({"events", "deliveries", "dead_letters", "owners"})
 
 _OPEN_STATES = "('pending', 'running', 'retrying')"
@@ -181,6 +191,8 @@ class SQLiteStore(RowReader):
         self.on_error: Callable[[BaseException], None] = print_error
         self._reporting: Callable[[BaseException], None] | None = None
         self._before_reporting: Callable[[BaseException], None] = print_error
+        #: Whether the file has the ``attempts`` table (schema version 2), set on connecting.
+        self._history = False
         self._db: sqlite3.Connection | None = self._connect()
 
     # -- connection ----------------------------------------------------------------------
@@ -214,6 +226,7 @@ class SQLiteStore(RowReader):
             if self._create:
                 with self._write(db):
                     _create_schema(db, self.path)
+            self._history = _has_table(db, "attempts")
         except BaseException:
             db.close()
             raise
@@ -527,18 +540,28 @@ class SQLiteStore(RowReader):
     def retrying(
         self, event_id: str, handler: str, attempts: int, error: str, due_at: float
     ) -> None:
-        """Commit a failed attempt that will be retried at wall-clock time *due_at*."""
-        self._update(
-            "UPDATE deliveries SET state = 'retrying', attempts = ?, error = ?, due_at = ? "
-            "WHERE event_id = ? AND handler = ?",
-            (attempts, error, due_at, event_id, handler),
-        )
-
-    def dead(self, dead_letter: DeadLetter) -> None:
-        """Commit a dead letter and mark its delivery dead."""
+        """Commit a failed attempt that will be retried at wall-clock time *due_at*, and the
+        failure in the attempt history (attempt number *attempts*; 0 is a delivery delayed
+        before its first attempt, not a failure)."""
+        history = self._history and attempts > 0
 
         def write(db: sqlite3.Connection) -> None:
-            _insert_dead_letter(db, dead_letter)
+            db.execute(
+                "UPDATE deliveries SET state = 'retrying', attempts = ?, error = ?, due_at = ? "
+                "WHERE event_id = ? AND handler = ?",
+                (attempts, error, due_at, event_id, handler),
+            )
+            if history:
+                _insert_attempt(db, event_id, handler, attempts, error)
+
+        self._writes.commit(write, several_statements=history)
+
+    def dead(self, dead_letter: DeadLetter) -> None:
+        """Commit a dead letter, its last failure in the attempt history, and mark its
+        delivery dead."""
+
+        def write(db: sqlite3.Connection) -> None:
+            _insert_dead_letter(db, dead_letter, history=self._history)
 
         self._writes.commit(write, several_statements=True)
 
@@ -763,6 +786,8 @@ class SQLiteStore(RowReader):
                 )
             ]
             db.executemany("DELETE FROM deliveries WHERE event_id = ?", [(i,) for i in doomed])
+            if self._history:
+                db.executemany("DELETE FROM attempts WHERE event_id = ?", [(i,) for i in doomed])
             db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in doomed])
 
     def _quarantine(
@@ -770,7 +795,7 @@ class SQLiteStore(RowReader):
     ) -> DeadLetter:
         """Inside a claim: a delivery that cannot be run becomes a dead letter saying *why*."""
         letter = self._quarantine_letter(event_row, handler, attempts, why)
-        _insert_dead_letter(db, letter)
+        _insert_dead_letter(db, letter, history=self._history)
         return letter
 
     def _stored_event(self, event_id: str) -> Envelope | None:
@@ -834,7 +859,22 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in message or "busy" in message
 
 
-def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter) -> None:
+def _insert_attempt(
+    db: sqlite3.Connection, event_id: str, handler: str, attempt: int, error: str
+) -> None:
+    db.execute(
+        "INSERT INTO attempts VALUES (?, ?, ?, ?, ?)",
+        (event_id, handler, attempt, error, time.time()),
+    )
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return db.execute(query, (name,)).fetchone() is not None
+
+
+def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter, *, history: bool) -> None:
+    """The dead letter, its delivery marked dead, and (with *history*) its last failure."""
     db.execute(
         "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -853,6 +893,17 @@ def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter) -> None
         "owner = NULL WHERE event_id = ? AND handler = ?",
         (dead_letter.attempts, dead_letter.error, dead_letter.event.id, dead_letter.handler),
     )
+    if history:
+        db.execute(
+            "INSERT INTO attempts VALUES (?, ?, ?, ?, ?)",
+            (
+                dead_letter.event.id,
+                dead_letter.handler,
+                dead_letter.attempts,
+                dead_letter.error,
+                dead_letter.failed_at.timestamp(),
+            ),
+        )
 
 
 def _check_is_ours(db: sqlite3.Connection, path: Path, *, complete: bool) -> None:
