@@ -4,6 +4,7 @@ filled by a real bus; and the `python -m eventbus dashboard` command."""
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import sqlite3
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tenacity
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -235,6 +237,79 @@ def test_pages_forbid_scripts_and_framing(client: FlaskClient) -> None:
     assert "default-src 'none'" in response.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+FAILURE_ROW = re.compile(
+    r'<tr><td>(\w+)</td><td class="n">(\d+)</td>\s*<td>[^<]* UTC</td><td>([^<]*)</td></tr>'
+)
+
+
+def failures(html: str) -> list[tuple[str, int, str]]:
+    """(handler, attempt, error) of the event page's failed attempts table."""
+    section = html.split("<h2>Failed attempts</h2>", 1)[1].split("<h2>", 1)[0]
+    return [(h, int(n), error) for h, n, error in FAILURE_ROW.findall(section)]
+
+
+def fill_with_retries(store: Any) -> str:
+    """One event: `flaky` fails twice then succeeds, `broken` fails all 3 attempts (a dead
+    letter), `fine` succeeds. Returns its id."""
+    tries = itertools.count(1)
+
+    def flaky(event: Event) -> None:
+        if (n := next(tries)) < 3:
+            raise TimeoutError(f"slow <b>{n}</b>")
+
+    def broken(event: Event) -> None:
+        raise ValueError("bad")
+
+    # The real clock: retries due at once go through the bus's retry queue.
+    bus = EventBus(
+        store=store,
+        executor=InlineExecutor(),
+        retry=RetryPolicy(max_attempts=3, wait=tenacity.wait_none()),
+    )
+    for handler in (flaky, broken, lambda event: None):
+        bus.subscribe("order:created", handler, name=getattr(handler, "__name__", "fine"))
+    event_id = bus.emit("order:created", {"order_id": 1}).id
+    bus.drain()
+    bus.close()
+    return event_id
+
+
+def test_event_page_lists_every_failed_attempt(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "history.sqlite3")
+    event_id = fill_with_retries(store)
+    html = page(create_app(store).test_client(), f"/events/{event_id}")
+    store.close()
+    assert failures(html) == [
+        ("broken", 1, "ValueError: bad"),
+        ("broken", 2, "ValueError: bad"),
+        ("broken", 3, "ValueError: bad"),
+        ("flaky", 1, "TimeoutError: slow &lt;b&gt;1&lt;/b&gt;"),
+        ("flaky", 2, "TimeoutError: slow &lt;b&gt;2&lt;/b&gt;"),
+    ]
+    assert 'flaky</td><td class="succeeded">succeeded' in html
+
+
+def test_event_page_of_an_event_that_never_failed(client: FlaskClient) -> None:
+    """fill()'s events each have one failure (send_email, dead at once) and none for audit."""
+    event_id = event_ids(page(client, "/events"))[0]
+    html = page(client, f"/events/{event_id}")
+    assert [(h, n) for h, n, _ in failures(html)] == [("send_email", 1)]
+
+
+def test_a_store_from_before_the_attempt_history_says_so(tmp_path: Path) -> None:
+    """A schema version 1 file opened without create (as the dashboard command does) has no
+    attempts table: the event page says how to add it instead of failing."""
+    file = tmp_path / "v1.sqlite3"
+    event_id = fill(SQLiteStore(file))[0]
+    with closing(sqlite3.connect(file)) as db:
+        db.execute("DROP TABLE attempts")
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+    html = page(create_app(file).test_client(), f"/events/{event_id}")
+    assert "predates the attempt history" in html
+    assert failures(html) == []
 
 
 # -- dead letters: replay and purge ----------------------------------------------------------------
@@ -475,6 +550,7 @@ def test_postgres_overview_search_event_and_replay(pg_store: Any) -> None:
     assert event_ids(page(client, f"/events?id={ids[0]}")) == [ids[0]]
     assert event_ids(page(client, "/events?name=order:created&since=2000-01-01T00:00")) != []
     event_html = page(client, f"/events/{ids[0]}")
+    assert [(h, n) for h, n, _ in failures(event_html)] == [("send_email", 1)]
     assert "Traceback (most recent call last)" in event_html
     assert SECRET not in event_html
     assert SCRIPT not in event_html

@@ -1,10 +1,11 @@
 """What the dashboard reads from a store, in SQL that runs on both stores' tables (SQLite's and
 PostgreSQL's differ only in placeholders, the schema prefix and rounding to the minute).
 
-The stores keep one row per delivery (state, attempt count, last error) and no history of
-attempts; the only times are the event's (``events.created``, the wall-clock time it was stored)
-and the dead letter's (``failed_at``). So "in the last hour" means "of an event stored in the
-last hour", and the chart counts deliveries by the minute their event was stored.
+The stores keep one row per delivery (state, attempt count, last error) and one per failed
+attempt (its number, error and time; stores of schema version 2 and later); successful attempts
+are not kept one by one. The times of a delivery are its event's (``events.created``, the
+wall-clock time it was stored) and its failures'. So "in the last hour" means "of an event
+stored in the last hour", and the chart counts deliveries by the minute their event was stored.
 """
 
 from __future__ import annotations
@@ -123,6 +124,16 @@ class DeliveryRow:
 
 
 @dataclass(frozen=True, slots=True)
+class FailureRow:
+    """One failed attempt (or a dead letter made without one: attempt 0)."""
+
+    handler: str
+    attempt: int
+    error: str
+    failed_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetterRow:
     id: str
     event_id: str
@@ -148,6 +159,10 @@ class EventDetail:
     stored_at: float
     deliveries: list[DeliveryRow] = field(default_factory=list)
     dead_letters: list[DeadLetterRow] = field(default_factory=list)
+    #: Every failed attempt, by handler then time; empty without a history (``history``).
+    failures: list[FailureRow] = field(default_factory=list)
+    #: Whether the store keeps failed attempts (a store of schema version 1 does not).
+    history: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +199,8 @@ class Queries:
 
     def __init__(self, store: object) -> None:
         self._db = _dialect(store)
+        # Both stores know on opening whether their schema has the attempts table.
+        self._history = bool(getattr(store, "_history", False))
 
     def handler_counts(self, now: float | None = None) -> list[HandlerCounts]:
         since = (time.time() if now is None else now) - HOUR
@@ -299,7 +316,21 @@ class Queries:
             stored_at=float(created),
             deliveries=deliveries,
             dead_letters=letters,
+            failures=self._failures(event_id),
+            history=self._history,
         )
+
+    def _failures(self, event_id: str) -> list[FailureRow]:
+        if not self._history:
+            return []
+        return [
+            FailureRow(handler, int(attempt), error, float(failed_at))
+            for handler, attempt, error, failed_at in self._db.rows(
+                "SELECT handler, attempt, error, failed_at FROM {t}attempts "
+                "WHERE event_id = ? ORDER BY handler, failed_at, attempt",
+                (event_id,),
+            )
+        ]
 
     def _letter_condition(self, where: DeadLetterFilter) -> tuple[str, list[Any]]:
         clauses: list[str] = []

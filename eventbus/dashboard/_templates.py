@@ -158,8 +158,24 @@ _EVENT = """{% extends "base.html" %}
 {% endfor %}
 </tbody>
 </table>
-<p class="note">The store keeps each delivery's state, attempt count and last error, not each
-attempt.</p>
+<h2>Failed attempts</h2>
+{% if not e.history %}
+<p class="note">This store predates the attempt history (schema version 1): open it once with
+eventbus to add it. Each delivery's attempt count and last error are above.</p>
+{% elif e.failures %}
+<table>
+<thead><tr><th>Handler</th><th>Attempt</th><th>Failed at</th><th>Error</th></tr></thead>
+<tbody>
+{% for f in e.failures %}
+<tr><td>{{ f.handler }}</td><td class="n">{{ f.attempt }}</td>
+<td>{{ f.failed_at|utc }} UTC</td><td>{{ f.error }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+{% else %}
+<p class="note">No attempt failed.</p>
+{% endif %}
+<p class="note">Successful attempts are counted, not kept one by one.</p>
 {% for x in e.dead_letters %}
 <h2 id="dead-letter-{{ x.id }}">Dead letter <code>{{ x.id }}</code> ({{ x.handler }})</h2>
 {% include "letter.html" %}
