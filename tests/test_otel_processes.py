@@ -1,17 +1,18 @@
-"""Traces that outlive the emitting bus: through an SQLite store across a close (or a crash)
-and recover(), through an outbox (an SQLite store relayed to a Redis stream), and through a
-Redis stream or a RabbitMQ queue into another process.
+"""Traces that outlive the emitting bus: through an SQLite store across a close, a crash (a
+SIGKILLed process) and recover(), through an outbox (an SQLite store relayed to a Redis
+stream), and through a Redis stream or a RabbitMQ queue into another process.
 
 The trace context travels as W3C ``traceparent`` in the event's metadata, so the attempt span
 made by the bus that finally runs the delivery is a child of the producer span made by the bus
 that emitted it, in the same trace.
 
-Run as a script (``python -m tests.test_otel_processes --kind redis|rabbitmq --url URL
---name STREAM_OR_EXCHANGE --group GROUP``) this module is the child process of the Redis and
-RabbitMQ tests: a consumer on an instrumented bus with a tracer provider of its own (in-memory
-exporter). It speaks the line protocol of tests/support/children.py: ``consumer <name>``,
-``recovered <n>``, ``ready``, then ``handled <event id>`` after each successful call; on
-``stop`` it closes its bus, prints each finished span as ``span <json>``
+Run as ``python -m tests.test_otel_processes crash PATH`` this module is the SIGKILL test's
+child (:func:`emit_then_hang`). Run as ``python -m tests.test_otel_processes --kind
+redis|rabbitmq --url URL --name STREAM_OR_EXCHANGE --group GROUP`` it is the child process of
+the Redis and RabbitMQ tests: a consumer on an instrumented bus with a tracer provider of its
+own (in-memory exporter). It speaks the line protocol of tests/support/children.py:
+``consumer <name>``, ``recovered <n>``, ``ready``, then ``handled <event id>`` after each
+successful call; on ``stop`` it closes its bus, prints each finished span as ``span <json>``
 (name, kind, trace id, span id, parent span id, attributes) and ``done``.
 """
 
@@ -176,6 +177,37 @@ def test_delivery_interrupted_by_a_crash_is_retried_in_the_emits_trace(
     )
     assert attempt.attributes is not None
     assert attempt.attributes["eventbus.attempt"] == 2
+
+
+@pytest.mark.multiprocess
+def test_delivery_cut_off_by_sigkill_is_retried_in_the_emits_trace(
+    restarts: Restarts, tracing: Tracing, children: Children
+) -> None:
+    """A child process emits under a span of its own and is SIGKILLed while its handler runs;
+    the attempt that recover() makes here is a child of the dead process's producer span."""
+    _, exporter = tracing
+    child = children.start(
+        [sys.executable, "-m", "tests.test_otel_processes", "crash", str(restarts.path)],
+        name="crashing",
+    )
+    event_id, trace_id, producer_id = child.expect("emitted ").split()
+    child.kill()
+
+    ran: list[str] = []
+    again = restarts.bus()
+    again.subscribe("order:created", calls(ran), name="fulfil")
+    assert again.recover() == 1
+    assert ran == [event_id]
+    [attempt] = of_kind(exporter, SpanKind.CONSUMER)
+    assert (f"{attempt.context.trace_id:032x}", f"{parent_id(attempt):016x}") == (
+        trace_id,
+        producer_id,
+    )
+    assert attempt.attributes is not None
+    assert (attempt.attributes["eventbus.attempt"], attempt.attributes["eventbus.outcome"]) == (
+        2,
+        "succeeded",
+    )
 
 
 def test_retry_left_in_the_store_runs_in_the_emits_trace(
@@ -410,5 +442,31 @@ def consume(argv: list[str]) -> int:
     return 0
 
 
+def emit_then_hang(path: str) -> int:
+    """The SIGKILL test's child: an instrumented bus on the SQLite store at *path* emits
+    ``order:created`` under a ``POST /orders`` span; once its handler runs (and never returns)
+    it prints ``emitted <event id> <trace id> <producer span id>`` and waits to be killed."""
+    log_to_stderr()
+    provider, exporter = tracer_provider()
+    bus = EventBus(store=SQLiteStore(path), max_workers=1)
+    instrument(bus, tracer_provider=provider)
+    running, killed = threading.Event(), threading.Event()
+
+    def fulfil(event: Event) -> None:
+        running.set()
+        killed.wait()  # never set: the test SIGKILLs this process
+
+    bus.subscribe("order:created", fulfil, name="fulfil")
+    with provider.get_tracer("child").start_as_current_span("POST /orders"):
+        event = bus.emit("order:created", {"id": 1})
+    running.wait()
+    [producer] = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.PRODUCER]
+    out(f"emitted {event.id} {producer.context.trace_id:032x} {producer.context.span_id:016x}")
+    killed.wait()
+    return 1
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["crash"]:
+        sys.exit(emit_then_hang(sys.argv[2]))
     sys.exit(consume(sys.argv[1:]))
