@@ -22,6 +22,7 @@ from flask.testing import FlaskClient
 from eventbus import Event, EventBus, RetryPolicy
 from eventbus._cli import main
 from eventbus.dashboard import create_app
+from eventbus.dashboard._queries import Queries
 from eventbus.stores import SQLiteStore
 from eventbus.testing import FakeClock, InlineExecutor
 from tests.support.children import Children
@@ -140,6 +141,7 @@ def test_overview_of_an_empty_store(tmp_path: Path) -> None:
 def test_search_by_event_id_prefix(path: Path, client: FlaskClient, store: SQLiteStore) -> None:
     first, second = event_ids(page(client, "/events"))[::-1]
     assert event_ids(page(client, f"/events?id={first}")) == [first]
+    assert event_ids(page(client, f"/events?event_id={first}")) == [first]
     assert second in event_ids(page(client, f"/events?id={second[:-1]}"))
     assert event_ids(page(client, "/events?id=zz")) == []
     assert event_ids(page(client, "/events?id=%25")) == []  # a LIKE wildcard taken literally
@@ -298,6 +300,19 @@ def test_event_page_of_an_event_that_never_failed(client: FlaskClient) -> None:
     assert [(h, n) for h, n, _ in failures(html)] == [("send_email", 1)]
 
 
+def test_chart_counts_deliveries_and_failed_attempts(tmp_path: Path) -> None:
+    """Over the last hour: 3 deliveries of the one event, 5 failed attempts (2 of `flaky`,
+    3 of `broken`), whichever minutes they fell in."""
+    store = SQLiteStore(tmp_path / "chart.sqlite3")
+    fill_with_retries(store)
+    minutes = Queries(store).per_minute()
+    html = page(create_app(store).test_client(), "/")
+    store.close()
+    assert len(minutes) == 60
+    assert (sum(m.deliveries for m in minutes), sum(m.failures for m in minutes)) == (3, 5)
+    assert "failed attempts (by the minute they" in html
+
+
 def test_a_store_from_before_the_attempt_history_says_so(tmp_path: Path) -> None:
     """A schema version 1 file opened without create (as the dashboard command does) has no
     attempts table: the event page says how to add it instead of failing."""
@@ -310,6 +325,13 @@ def test_a_store_from_before_the_attempt_history_says_so(tmp_path: Path) -> None
     html = page(create_app(file).test_client(), f"/events/{event_id}")
     assert "predates the attempt history" in html
     assert failures(html) == []
+    # The chart's failures are then the deliveries now dead: send_email's, one per event.
+    store = SQLiteStore(file, create=False)
+    minutes = Queries(store).per_minute()
+    overview = page(create_app(store).test_client(), "/")
+    store.close()
+    assert (sum(m.deliveries for m in minutes), sum(m.failures for m in minutes)) == (4, 2)
+    assert "of them now retrying or dead" in overview
 
 
 # -- dead letters: replay and purge ----------------------------------------------------------------

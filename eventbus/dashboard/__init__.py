@@ -108,6 +108,7 @@ def create_app(store: DashboardStore | str | os.PathLike[str]) -> Flask:
             handlers=queries.handler_counts(),
             states=STATES,
             chart=_chart(queries.per_minute()),
+            history=queries.history,
         )
 
     @app.get("/events")
@@ -117,7 +118,8 @@ def create_app(store: DashboardStore | str | os.PathLike[str]) -> Flask:
             raise BadRequest(f"unknown state {state!r}: one of {', '.join(STATES)}")
         since, until = _field("since"), _field("until")
         where = EventFilter(
-            id_prefix=_field("id"),
+            # "event_id" too: the dead letters page's name for the same filter.
+            id_prefix=_field("id") or _field("event_id"),
             name=_field("name"),
             handler=_field("handler"),
             state=state,
@@ -360,7 +362,7 @@ class _Chart:
 
 def _chart(minutes: list[Minute]) -> _Chart:
     """Bar geometry for the overview's SVG: one bar per minute, failures drawn over it."""
-    peak = max((m.deliveries for m in minutes), default=0)
+    peak = max((max(m.deliveries, m.failures) for m in minutes), default=0)
     room = _CHART_HEIGHT - 2 * _CHART_MARGIN
     step = _CHART_WIDTH // max(len(minutes), 1)
     bars = []
@@ -377,7 +379,7 @@ def _chart(minutes: list[Minute]) -> _Chart:
                 h=h,
                 fy=base - fh,
                 fh=fh,
-                label=f"{when} UTC: {minute.deliveries} deliveries, {minute.failures} failing",
+                label=f"{when} UTC: {minute.deliveries} deliveries, {minute.failures} failures",
             )
         )
     first = _hhmm(minutes[0].start) if minutes else ""

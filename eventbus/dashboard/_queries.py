@@ -5,7 +5,8 @@ The stores keep one row per delivery (state, attempt count, last error) and one 
 attempt (its number, error and time; stores of schema version 2 and later); successful attempts
 are not kept one by one. The times of a delivery are its event's (``events.created``, the
 wall-clock time it was stored) and its failures'. So "in the last hour" means "of an event
-stored in the last hour", and the chart counts deliveries by the minute their event was stored.
+stored in the last hour", and the chart counts deliveries by the minute their event was stored
+and failed attempts by the minute they failed.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class HandlerCounts:
 
 @dataclass(frozen=True, slots=True)
 class Minute:
-    """One bar of the chart: deliveries of events stored in that minute, and how many of
-    them are now retrying or dead."""
+    """One bar of the chart: deliveries of events stored in that minute, and the attempts
+    that failed in it (without an attempt history: how many of those deliveries are now
+    retrying or dead)."""
 
     start: float
     deliveries: int
@@ -218,8 +220,16 @@ class Queries:
             counts.hour[state] = counts.hour.get(state, 0) + int(hour or 0)
         return list(found.values())
 
+    @property
+    def history(self) -> bool:
+        """Whether the store keeps failed attempts (schema version 2 and later)."""
+        return self._history
+
     def per_minute(self, now: float | None = None) -> list[Minute]:
-        """The last hour, minute by minute, oldest first (60 bars, zeros included)."""
+        """The last hour, minute by minute, oldest first (60 bars, zeros included):
+        deliveries of the events stored in each minute, and the attempts that failed in it
+        (without an attempt history: how many of those deliveries are now retrying or
+        dead)."""
         end = (time.time() if now is None else now) // MINUTE * MINUTE + MINUTE
         start = end - HOUR
         rows = self._db.rows(
@@ -230,6 +240,20 @@ class Queries:
             (start, start, end),
         )
         by_minute = {int(m): (int(n), int(failed or 0)) for m, n, failed in rows}
+        if self._history:
+            failed_in = {
+                int(m): int(n)
+                for m, n in self._db.rows(
+                    f"SELECT {self._db.minute.replace('e.created', 'a.failed_at')} AS m, "
+                    "count(*) FROM {t}attempts a "
+                    "WHERE a.failed_at >= ? AND a.failed_at < ? GROUP BY m",
+                    (start, start, end),
+                )
+            }
+            by_minute = {
+                m: (by_minute.get(m, (0, 0))[0], failed_in.get(m, 0))
+                for m in by_minute.keys() | failed_in.keys()
+            }
         return [
             Minute(start + i * MINUTE, *by_minute.get(i, (0, 0))) for i in range(HOUR // MINUTE)
         ]

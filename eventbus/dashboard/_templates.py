@@ -87,9 +87,10 @@ last hour (the store keeps each delivery's state, not a history of attempts).</p
 <text x="{{ chart.width - 4 }}" y="{{ chart.height - 4 }}" font-size="10"
       text-anchor="end">{{ chart.last }} UTC</text>
 </svg>
-<p class="note"><span style="color:#7aa7d8">&#9632;</span> deliveries
-<span class="failures">&#9632;</span> of them now retrying or dead
-(by the minute their event was stored).</p>
+<p class="note"><span style="color:#7aa7d8">&#9632;</span> deliveries (by the minute their
+event was stored)
+{% if history %}<span class="failures">&#9632;</span> failed attempts (by the minute they
+failed).{% else %}<span class="failures">&#9632;</span> of them now retrying or dead.{% endif %}</p>
 {% endblock %}
 """
 
