@@ -26,6 +26,7 @@ from eventbus.dashboard._queries import Queries
 from eventbus.stores import SQLiteStore
 from eventbus.testing import FakeClock, InlineExecutor
 from tests.support.children import Children
+from tests.support.dashboard import page, token
 from tests.support.net import free_port, wait_until_listening
 
 SECRET = "hunter2-do-not-show"
@@ -87,18 +88,6 @@ def app(store: SQLiteStore) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
-
-
-def page(client: FlaskClient, url: str, status: int = 200) -> str:
-    response = client.get(url)
-    assert response.status_code == status, response.get_data(as_text=True)
-    return response.get_data(as_text=True)
-
-
-def token(client: FlaskClient) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', page(client, "/dead-letters"))
-    assert found is not None
-    return found.group(1)
 
 
 def event_ids(html: str) -> list[str]:

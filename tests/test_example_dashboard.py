@@ -28,6 +28,7 @@ from examples.order_service.handlers import (
 )
 from examples.order_service.wiring import Settings, build_app
 from tests.support.children import Children
+from tests.support.dashboard import page, token
 from tests.support.net import free_port, wait_until_listening
 
 #: handler -> (succeeded, dead) deliveries after the demo, as its story goes.
@@ -61,12 +62,6 @@ def client(demo: tuple[Settings, DemoResult]) -> FlaskClient:
     return create_app(settings.db_path).test_client()
 
 
-def page(client: FlaskClient, url: str) -> str:
-    response = client.get(url)
-    assert response.status_code == 200, response.get_data(as_text=True)
-    return response.get_data(as_text=True)
-
-
 def totals(html: str) -> dict[str, tuple[int, int]]:
     """handler -> (succeeded, dead) in total, from the overview's table (per handler: pending,
     running, retrying, succeeded, dead in the last hour, then the same in total)."""
@@ -84,12 +79,6 @@ def letter_of(client: FlaskClient, handler: str) -> str:
     ids = re.findall(r'href="/dead-letters/([0-9a-f]+)"', html)
     assert len(ids) == 1, html
     return ids[0]
-
-
-def token(client: FlaskClient) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', page(client, "/dead-letters"))
-    assert found is not None
-    return found.group(1)
 
 
 def test_overview_counts_every_handler_of_the_demo(client: FlaskClient) -> None:

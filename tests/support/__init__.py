@@ -18,7 +18,8 @@
 * :mod:`tests.support.executors`: an executor that holds jobs until the test runs them;
   :mod:`tests.support.damaged_rows`: stored events with one field damaged;
   :mod:`tests.support.waiting`: a recording handler that signals once enough arrived, and a
-  bounded poll; :mod:`tests.support.browser`: headless Chromium for the dashboard.
+  bounded poll; :mod:`tests.support.browser`: headless Chromium for the dashboard;
+  :mod:`tests.support.dashboard`: the dashboard's pages through Flask's test client.
 * ``crash_worker``, ``ordered_worker``, ``postgres_worker``, ``rabbitmq_worker``,
   ``rate_consumer``, ``redis_worker``, ``redis_poison_worker``: the scripts tests run as child
   processes (``python -m tests.support.<script>``, see :func:`~tests.support.children.script`).
