@@ -47,7 +47,7 @@ _OVERVIEW = """{% extends "base.html" %}
 {% block body %}
 <h1>Overview</h1>
 <p class="note">Refreshes every 10 seconds. "Last hour": deliveries of events stored in the
-last hour (the store keeps each delivery's state, not a history of attempts).</p>
+last hour, by their state now.</p>
 {% if handlers %}
 <table>
 <thead>
