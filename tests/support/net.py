@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import time
@@ -22,6 +23,40 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+#: Where :func:`server_port` looks, below the kernel's ephemeral ports (see there).
+_SERVER_PORTS_FROM = 20000
+_EPHEMERAL_FROM = 32768  # Linux's default when /proc does not say
+
+
+def _ephemeral_from() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _EPHEMERAL_FROM
+
+
+def server_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test may stop and start again, taken below
+    the kernel's ephemeral range.
+
+    A port from :func:`free_port` is an ephemeral one, and while its server is down a client
+    that keeps reconnecting to it may be given that very port as its own source port: on
+    Linux the connection then connects to itself, and holds the port, so the restarted
+    server fails with "address in use". A port no client is ever given avoids that."""
+    upper = _ephemeral_from()
+    lower = min(_SERVER_PORTS_FROM, max(1024, upper // 2))
+    for _ in range(200):
+        port = random.randrange(lower, upper)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()  # a crowded range: an ephemeral port still works, restarts aside
 
 
 def wait_until_listening(child: ChildProcess, port: int, timeout: float = STARTUP_DEADLINE) -> None:

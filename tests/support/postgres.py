@@ -46,7 +46,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.support.net import free_port
+from tests.support.net import server_port
 from tests.support.server import (
     NoServerAccount,
     ServerProcess,
@@ -202,7 +202,7 @@ class PostgresServer(ServerProcess):
     def __init__(self, bin_dir: Path | None = None, port: int | None = None) -> None:
         self.bin_dir = bin_dir or postgres_bin_dir()
         self._prefix, self._uid, self._gid = _server_account()
-        self.port = port if port is not None else free_port()
+        self.port = port if port is not None else server_port()
         self.user = SUPERUSER
         self.directory = _make_owned_tempdir("eventbus-postgres-", self._uid, self._gid)
         self.data_dir = self.directory / "data"

@@ -52,7 +52,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from tests.support.net import free_port
+from tests.support.net import server_port
 from tests.support.server import (
     NoServerAccount,
     ServerProcess,
@@ -147,10 +147,10 @@ def _server_account() -> tuple[list[str], int, int]:
         return [], 0, 0
 
 
-def _distinct_free_ports(count: int) -> list[int]:
+def _distinct_server_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
-        port = free_port()
+        port = server_port()
         if port not in ports:
             ports.append(port)
     return ports
@@ -202,7 +202,7 @@ class RabbitMQServer(ServerProcess):
         self.script = script or rabbitmq_server_path()
         self._epmd = _epmd_path()
         self._prefix, self._uid, self._gid = _server_account()
-        ports = _distinct_free_ports(3 if port is None else 2)
+        ports = _distinct_server_ports(3 if port is None else 2)
         self.port = port if port is not None else ports.pop()
         self.dist_port, self.epmd_port = ports[:2]
         self.nodename = f"rabbit-{self.port}@localhost"

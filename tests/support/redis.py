@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.net import free_port
+from tests.support.net import server_port
 from tests.support.server import ServerProcess, stop_process
 
 __all__ = ["INSTALL_HINT", "RedisServer", "find_redis_server", "redis_server_path"]
@@ -81,7 +81,7 @@ class RedisServer(ServerProcess):
     ) -> None:
         self.executable = executable or redis_server_path()
         self.persistent = persistent
-        self.port = port if port is not None else free_port()
+        self.port = port if port is not None else server_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="eventbus-redis-")
         self.directory = Path(self._tmp.name)
         self._process: subprocess.Popen[bytes] | None = None
