@@ -552,7 +552,7 @@ class SQLiteStore(RowReader):
                 (attempts, error, due_at, event_id, handler),
             )
             if history:
-                _insert_attempt(db, event_id, handler, attempts, error)
+                _insert_attempt(db, event_id, handler, attempts, error, time.time())
 
         self._writes.commit(write, several_statements=history)
 
@@ -859,12 +859,12 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in message or "busy" in message
 
 
-def _insert_attempt(
-    db: sqlite3.Connection, event_id: str, handler: str, attempt: int, error: str
+def _insert_attempt(  # noqa: PLR0917 - one row's columns
+    db: sqlite3.Connection, event_id: str, handler: str, attempt: int, error: str, failed_at: float
 ) -> None:
     db.execute(
         "INSERT INTO attempts VALUES (?, ?, ?, ?, ?)",
-        (event_id, handler, attempt, error, time.time()),
+        (event_id, handler, attempt, error, failed_at),
     )
 
 
@@ -894,15 +894,13 @@ def _insert_dead_letter(db: sqlite3.Connection, dead_letter: DeadLetter, *, hist
         (dead_letter.attempts, dead_letter.error, dead_letter.event.id, dead_letter.handler),
     )
     if history:
-        db.execute(
-            "INSERT INTO attempts VALUES (?, ?, ?, ?, ?)",
-            (
-                dead_letter.event.id,
-                dead_letter.handler,
-                dead_letter.attempts,
-                dead_letter.error,
-                dead_letter.failed_at.timestamp(),
-            ),
+        _insert_attempt(
+            db,
+            dead_letter.event.id,
+            dead_letter.handler,
+            dead_letter.attempts,
+            dead_letter.error,
+            dead_letter.failed_at.timestamp(),
         )
 
 
