@@ -239,9 +239,10 @@ class Queries:
             "WHERE e.created >= ? AND e.created < ? GROUP BY m",
             (start, start, end),
         )
-        by_minute = {int(m): (int(n), int(failed or 0)) for m, n, failed in rows}
+        deliveries = {int(m): int(n) for m, n, _ in rows}
+        failures = {int(m): int(failed or 0) for m, _, failed in rows}
         if self._history:
-            failed_in = {
+            failures = {
                 int(m): int(n)
                 for m, n in self._db.rows(
                     f"SELECT {self._db.minute.replace('e.created', 'a.failed_at')} AS m, "
@@ -250,12 +251,9 @@ class Queries:
                     (start, start, end),
                 )
             }
-            by_minute = {
-                m: (by_minute.get(m, (0, 0))[0], failed_in.get(m, 0))
-                for m in by_minute.keys() | failed_in.keys()
-            }
         return [
-            Minute(start + i * MINUTE, *by_minute.get(i, (0, 0))) for i in range(HOUR // MINUTE)
+            Minute(start + i * MINUTE, deliveries.get(i, 0), failures.get(i, 0))
+            for i in range(HOUR // MINUTE)
         ]
 
     def search(self, where: EventFilter, *, limit: int, offset: int) -> list[EventRow]:
@@ -291,18 +289,16 @@ class Queries:
             "ORDER BY e.created DESC, e.id LIMIT ? OFFSET ?",
             (*params, limit + 1, offset),
         )
-        rows = [EventRow(i, n, float(c), {}) for i, n, c in events]
+        rows = {i: EventRow(i, n, float(c), {}) for i, n, c in events}
         if rows:
             marks = ", ".join("?" * len(rows))
             for event_id, state, count in self._db.rows(
                 "SELECT event_id, state, count(*) FROM {t}deliveries "
                 f"WHERE event_id IN ({marks}) GROUP BY event_id, state",
-                [r.id for r in rows],
+                list(rows),
             ):
-                for row in rows:
-                    if row.id == event_id:
-                        row.states[state] = int(count)
-        return rows
+                rows[event_id].states[state] = int(count)
+        return list(rows.values())
 
     def event(self, event_id: str) -> EventDetail | None:
         found = self._db.rows(
