@@ -218,15 +218,21 @@ class _Tracing:
             signal.disconnect(receiver, sender=self._bus)
         self._gauges.discard(self)
 
-    def counts(self) -> tuple[int, int, int | None]:
-        """Active, retrying and dead-letter counts of the bus, for the gauges (the last
-        ``None`` when the store cannot be read now)."""
-        active, retrying = self._bus._counts()
+    def active(self) -> int:
+        """Deliveries of the bus queued or running (a snapshot)."""
+        return self._bus._counts()[0]
+
+    def retrying(self) -> int:
+        """Deliveries of the bus waiting for their backoff (a snapshot)."""
+        return self._bus._counts()[1]
+
+    def dead_letters(self) -> int | None:
+        """Dead letters the bus (or its store) holds; ``None`` when the store cannot be
+        read now."""
         try:
-            dead: int | None = len(self._bus.dead_letters())
+            return len(self._bus.dead_letters())
         except Exception:  # noqa: BLE001 - a store out of reach: no observation this time
-            dead = None
-        return active, retrying, dead
+            return None
 
     def handler_attributes(self, handler: str) -> dict[str, str]:
         attributes = self._handler_attributes.get(handler)
@@ -327,13 +333,18 @@ class _Gauges:
     def __init__(self, meter: metrics.Meter) -> None:
         self._tracings: weakref.WeakSet[_Tracing] = weakref.WeakSet()
         self._lock = threading.Lock()
-        for name, index, description in (
-            ("eventbus.deliveries.active", 0, "Deliveries queued or running"),
-            ("eventbus.deliveries.retrying", 1, "Deliveries waiting for their backoff"),
-            ("eventbus.dead_letters", 2, "Dead letters held"),
+        # Each gauge reads only its own figure: the dead letters are a store query.
+        for name, read, description in (
+            ("eventbus.deliveries.active", _Tracing.active, "Deliveries queued or running"),
+            (
+                "eventbus.deliveries.retrying",
+                _Tracing.retrying,
+                "Deliveries waiting for their backoff",
+            ),
+            ("eventbus.dead_letters", _Tracing.dead_letters, "Dead letters held"),
         ):
             meter.create_observable_gauge(
-                name, [self._observer(index)], unit="{delivery}", description=description
+                name, [self._observer(read)], unit="{delivery}", description=description
             )
 
     def add(self, tracing: _Tracing) -> None:
@@ -344,13 +355,15 @@ class _Gauges:
         with self._lock:
             self._tracings.discard(tracing)
 
-    def _observer(self, index: int) -> Callable[[Any], list[metrics.Observation]]:
+    def _observer(
+        self, read: Callable[[_Tracing], int | None]
+    ) -> Callable[[Any], list[metrics.Observation]]:
         def observe(options: Any) -> list[metrics.Observation]:
             with self._lock:
                 tracings = list(self._tracings)
             observations = []
             for tracing in tracings:
-                value = tracing.counts()[index]
+                value = read(tracing)
                 if value is not None:
                     observations.append(metrics.Observation(value, tracing.bus_attributes))
             return observations
