@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from examples.order_service.handlers import (
     UPDATE_ORDER_STATUS,
 )
 from examples.order_service.wiring import build_app, display_path
+from tests.support.children import run_order_service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,26 +92,16 @@ def test_demo_summary_matches_the_bus_records(tmp_path: Path) -> None:
 
 def test_demo_command_exits_zero_and_prints_the_summary(tmp_path: Path) -> None:
     """`python -m examples.order_service demo` exits 0 and prints the table and dead letters."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "examples.order_service",
-            "demo",
-            "--db",
-            str(tmp_path / "orders.sqlite3"),
-            "--outbox",
-            str(tmp_path / "outbox"),
-            "--latency",
-            "0",
-            "--backoff",
-            "0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    completed = run_order_service(
+        "demo",
+        "--db",
+        str(tmp_path / "orders.sqlite3"),
+        "--outbox",
+        str(tmp_path / "outbox"),
+        "--latency",
+        "0",
+        "--backoff",
+        "0",
     )
     assert completed.returncode == 0, completed.stderr
     assert parse_table(completed.stdout) == EXPECTED

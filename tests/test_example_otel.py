@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +24,8 @@ from examples.order_service.handlers import NOTIFY_WAREHOUSE, RESERVE_INVENTORY
 from examples.order_service.tracing import SDK_MISSING, tracer_provider
 from examples.order_service.web import create_app
 from examples.order_service.wiring import Settings, build_app
+from tests.support.children import run_order_service
 
-ROOT = Path(__file__).resolve().parents[1]
 ADA = {"email": "ada@example.com", "items": [{"sku": "KB-101", "quantity": 1}]}
 
 
@@ -171,27 +170,17 @@ def test_trace_without_the_sdk_says_what_to_install(
 def test_demo_trace_command_prints_spans_to_stderr(tmp_path: Path) -> None:
     """`demo --trace` exits 0, prints the usual report on stdout, and console-exporter spans
     (JSON) on stderr: a "place order" root per order."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "examples.order_service",
-            "demo",
-            "--trace",
-            "--db",
-            str(tmp_path / "demo.sqlite3"),
-            "--outbox",
-            str(tmp_path / "outbox"),
-            "--latency",
-            "0",
-            "--backoff",
-            "0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    completed = run_order_service(
+        "demo",
+        "--trace",
+        "--db",
+        str(tmp_path / "demo.sqlite3"),
+        "--outbox",
+        str(tmp_path / "outbox"),
+        "--latency",
+        "0",
+        "--backoff",
+        "0",
     )
     assert completed.returncode == 0, completed.stderr
     assert "Deliveries per handler" in completed.stdout

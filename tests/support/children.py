@@ -86,6 +86,18 @@ def order_service(*args: str) -> list[str]:
     return [sys.executable, "-m", "examples.order_service", *args]
 
 
+def run_order_service(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run the example's CLI to its end in the repository, its output captured as text."""
+    return subprocess.run(
+        order_service(*args),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class ChildProcess:
     """*argv* run in the repository, its *read* stream (``stdout`` or ``stderr``) read by lines.
 
