@@ -152,13 +152,11 @@ class Relay:
                 # never told us: crashed ones, SQLite writers elsewhere).
                 claim = self._claim_wanted or not self._queue
                 self._claim_wanted = False
-                head = self._queue[0] if self._queue else None
-                self._publishing = head is not None
             if claim and not failures:
                 self._claim()
-                with self._lock:
-                    head = self._queue[0] if self._queue else None
-                    self._publishing = head is not None
+            with self._lock:
+                head = self._queue[0] if self._queue else None
+                self._publishing = head is not None
             if head is None:
                 continue
             if self._publish(head, failures):
