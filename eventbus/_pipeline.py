@@ -44,13 +44,15 @@ from eventbus._watchdog import Watchdog, timeout_error
 from eventbus.signals import handler_succeeded as _succeeded_signal
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from eventbus._admission import Admission
     from eventbus._backends import Backend
     from eventbus._observe import InDelivery, Observer
     from eventbus._records import Records
     from eventbus._registry import Registry, Subscription
     from eventbus._retry_queue import RetryQueue
-    from eventbus._tracing import Tracing
+    from eventbus._tracing import AttemptSpan, Tracing
     from eventbus.exceptions import HandlerTimeoutError
     from eventbus.retry import RetryPolicy
     from eventbus.typing import Clock, Executor, RateLimiter
@@ -428,14 +430,11 @@ class Pipeline:
         if tracing is None:  # switched off since the event was admitted
             self.run(dispatch, index)
             return
-        progress = dispatch.progress
-        number = progress[index] // ATTEMPT + 1
-        waited = self.clock.monotonic() - dispatch.admitted_at if number == 1 else None
-        with tracing.attempt(dispatch.event, dispatch.subs[index].name, number, waited) as span:
+        with self._attempt_span(tracing, dispatch, index) as span:
             try:
                 self.run(dispatch, index)
             finally:  # also when a timed-out worker retires (RetireWorker)
-                span.ended(STATES[progress[index] & STATE_MASK])
+                span.ended(STATES[dispatch.progress[index] & STATE_MASK])
 
     async def _arun_job(self, dispatch: Dispatch, index: int) -> None:
         """What the event loops run: :meth:`arun`, inside the attempt's span if traced."""
@@ -443,14 +442,20 @@ class Pipeline:
         if tracing is None:
             await self.arun(dispatch, index)
             return
-        progress = dispatch.progress
-        number = progress[index] // ATTEMPT + 1
-        waited = self.clock.monotonic() - dispatch.admitted_at if number == 1 else None
-        with tracing.attempt(dispatch.event, dispatch.subs[index].name, number, waited) as span:
+        with self._attempt_span(tracing, dispatch, index) as span:
             try:
                 await self.arun(dispatch, index)
             finally:  # also when close() cancels it
-                span.ended(STATES[progress[index] & STATE_MASK])
+                span.ended(STATES[dispatch.progress[index] & STATE_MASK])
+
+    def _attempt_span(
+        self, tracing: Tracing, dispatch: Dispatch, index: int
+    ) -> AbstractContextManager[AttemptSpan]:
+        """The span of the attempt about to start: its number, and for a first attempt the
+        time since the emit."""
+        number = dispatch.progress[index] // ATTEMPT + 1
+        waited = self.clock.monotonic() - dispatch.admitted_at if number == 1 else None
+        return tracing.attempt(dispatch.event, dispatch.subs[index].name, number, waited)
 
     def _run_watched(self, dispatch: Dispatch, index: int, value: int, started: float) -> None:
         """run() for a handler with a timeout or a stall warning (see :mod:`_watchdog`)."""
